@@ -1,0 +1,152 @@
+"""Typed job configuration: YAML file, then `SYNPREF_*` environment overrides, then CLI flags.
+
+Every field has a default that runs on a laptop (local Ray, a Delta lake in ./lake, MLflow in
+sqlite). A cluster address, an ``s3://`` lake or a remote tracking URI are values here, nothing
+else. Environment overrides use ``SYNPREF_<SECTION>__<KEY>``, e.g.
+``SYNPREF_LAKE__ROOT=s3://bucket/lake`` or ``SYNPREF_INGEST__MAX_CHARS=50000``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LakeConfig(_Section):
+    """Where the Delta tables live."""
+
+    root: str = "./lake"
+    """Local path or object-store URI (``s3://bucket/prefix``) of the lake."""
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    """deltalake storage options (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...); also used to read
+    ``s3://`` input files. Credentials belong in the environment, not in a committed file."""
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking: every job run is an MLflow run in this experiment."""
+
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "synpref"
+    artifact_location: str = "./mlartifacts"
+    """Used only when the experiment is created; a remote server decides its own otherwise."""
+
+
+class RayConfig(_Section):
+    """Which Ray cluster runs the jobs."""
+
+    address: str | None = None
+    """``None`` starts (or joins) a local Ray; ``auto`` or ``ray://host:10001`` joins a cluster."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs for a *local* Ray only (ignored when joining a cluster)."""
+
+
+class IngestConfig(_Section):
+    """Normalisation and validation of raw preference files."""
+
+    max_chars: int = Field(default=100_000, ge=1)
+    """A message or response longer than this is quarantined as ``oversize``."""
+    max_turns: int = Field(default=256, ge=1)
+    """A history with more messages than this is quarantined as ``oversize``."""
+    binarize: Literal["all_pairs", "best_vs_worst"] = "all_pairs"
+    """Rated multi-completion records: every pair with different ratings, or best vs worst only.
+    Tied ratings never make a pair."""
+    batch_size: int = Field(default=2048, ge=1)
+    """Records per Ray Data batch in the normalise step."""
+    quarantine_sample: int = Field(default=50, ge=0)
+    """Quarantined rows logged to MLflow as an artifact for review."""
+
+
+class DemoConfig(_Section):
+    """The `synpref demo` main job."""
+
+    pairs: int = Field(default=2_000, ge=1)
+    seed: int = 0
+    workdir: str = "./demo_data"
+    """Where the generated demo corpus is written before it is ingested."""
+    extra_inputs: dict[str, list[str]] = Field(default_factory=dict)
+    """More sources to ingest, ``{source name: [paths]}``; missing paths are skipped with a note."""
+
+
+class SynprefConfig(BaseSettings):
+    """The whole configuration of one synpref process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SYNPREF_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    lake: LakeConfig = Field(default_factory=LakeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the YAML file (passed as init kwargs).
+        return env_settings, init_settings
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> SynprefConfig:
+    """Load ``path`` (default ``configs/local.yaml``), apply env overrides, then ``overrides``.
+
+    ``overrides`` are nested dicts from CLI flags; they win over everything else.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {data!r}")
+    try:
+        config = SynprefConfig(**data)
+        if overrides:
+            merged = _deep_merge(config.model_dump(), overrides)
+            config = SynprefConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    return config
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = [f"invalid configuration ({path}, SYNPREF_* environment, flags):"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        got = f" (got {error['input']!r})" if error["type"] != "missing" else ""
+        lines.append(f"  config key '{key}': {error['msg']}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,385 @@
+"""Ingest preference files into the lake: read -> normalise/validate -> stage -> commit.
+
+Ray Data reads records (one task per file), converts and validates them in ``map_batches`` with
+``normalise_batch`` (a pure Arrow function), and stages the result as Parquet next to the lake.
+The driver then commits in two idempotent merges: new pairs into ``pairs``, bad rows into
+``quarantine``. Nothing is dropped silently: every candidate row ends up kept, quarantined with
+a reason, or counted as already present from an earlier ingest.
+
+A pair is identified by (source, pair_id): re-ingesting the same input adds nothing, and the same
+pair repeated inside one source is kept once, its repeats quarantined as ``duplicate_in_source``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import ray
+
+from pipelines.config import IngestConfig
+from pipelines.lake import Lake
+from pipelines.preference_formats import (
+    BENCHMARK_FORMATS,
+    FormatError,
+    Limits,
+    Pair,
+    Rejection,
+    detect_format,
+    iter_items,
+)
+from pipelines.record_files import (
+    RecordFileDatasource,
+    file_sha256,
+    filesystem_for,
+    find_record_files,
+    fs_path,
+    read_records,
+)
+from storage_schemas import PAIRS, QUARANTINE
+
+log = logging.getLogger(__name__)
+
+DETECTION_SAMPLE = 50
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+STAGED_SCHEMA = pa.schema(
+    [pa.field("kind", pa.string(), nullable=False), pa.field("row_id", pa.string(), nullable=False)]
+    + [f.with_nullable(True) for f in PAIRS.schema]
+    + [f.with_nullable(True) for f in QUARANTINE.schema if f.name not in PAIRS.schema.names]
+)
+"""One schema for both outcomes of normalisation; ``kind`` is ``pair`` or ``quarantine``."""
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    """What to ingest: files or folders, the source name, and how to read them."""
+
+    paths: list[str]
+    source: str
+    format: str | None = None
+    """``None`` detects the format of each file from its first records."""
+    mapping: dict[str, str] | None = None
+    """Field paths for ``format="mapping"`` (see ``preference_formats.parse_mapping``)."""
+    benchmark: bool = False
+    """Tag the source as a benchmark (RM-Bench and JudgeBench formats always are)."""
+
+    def __post_init__(self) -> None:
+        if not SOURCE_NAME.fullmatch(self.source):
+            raise ValueError(
+                f"source name {self.source!r} must match {SOURCE_NAME.pattern} "
+                "(it names a table partition)"
+            )
+        if not self.paths:
+            raise ValueError("no input paths given")
+
+
+@dataclass
+class InputSummary:
+    path: str
+    format: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class IngestSummary:
+    """The accounting of one ingest: candidates = kept + already present + quarantined."""
+
+    source: str
+    source_kind: str
+    run_id: str
+    inputs: list[InputSummary]
+    records_read: int = 0
+    candidates: int = 0
+    pairs_inserted: int = 0
+    pairs_already_present: int = 0
+    quarantined_inserted: int = 0
+    quarantined_already_present: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    pairs_version: int | None = None
+    quarantine_version: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def quarantined(self) -> int:
+        return self.quarantined_inserted + self.quarantined_already_present
+
+    @property
+    def balanced(self) -> bool:
+        return (
+            self.candidates == self.pairs_inserted + self.pairs_already_present + self.quarantined
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"quarantined": self.quarantined, "balanced": self.balanced}
+
+    def text(self) -> str:
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(self.quarantine_reasons.items()))
+        lines = [
+            f"ingest {self.source} ({self.source_kind}) from {len(self.inputs)} file(s): "
+            + ", ".join(f"{i.path} [{i.format}]" for i in self.inputs),
+            f"  records read      {self.records_read:>10,}",
+            f"  candidate pairs   {self.candidates:>10,}"
+            f"  = kept {self.pairs_inserted + self.pairs_already_present:,}"
+            f" + quarantined {self.quarantined:,}"
+            + ("" if self.balanced else "  (UNBALANCED: rows unaccounted for)"),
+            f"  kept              {self.pairs_inserted:>10,} new, "
+            f"{self.pairs_already_present:,} already present (pairs v{self.pairs_version})",
+            f"  quarantined       {self.quarantined_inserted:>10,} new, "
+            f"{self.quarantined_already_present:,} already present"
+            f" (quarantine v{self.quarantine_version})" + (f": {reasons}" if reasons else ""),
+            f"  took {self.seconds:.1f}s"
+            f" ({self.candidates / max(self.seconds, 1e-9):,.0f} candidate pairs/s)",
+        ]
+        return "\n".join(lines)
+
+
+def row_id(source: str, source_file: str, source_row: int, source_item: int) -> str:
+    """Identity of one candidate row (position in its input); the quarantine key."""
+    text = f"{source}\x1f{source_file}\x1f{source_row}\x1f{source_item}"
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def normalise_batch(
+    batch: pa.Table,
+    *,
+    source: str,
+    source_kind: str,
+    formats: dict[str, str],
+    limits: Limits,
+    run_id: str,
+    mapping: dict[str, str] | None = None,
+    binarize: str = "all_pairs",
+) -> pa.Table:
+    """Raw records (``record_files.RAW_SCHEMA``) -> staged rows (``STAGED_SCHEMA``)."""
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    for source_file, source_row, record, read_error in zip(
+        batch["source_file"].to_pylist(),
+        batch["source_row"].to_pylist(),
+        batch["record"].to_pylist(),
+        batch["read_error"].to_pylist(),
+        strict=True,
+    ):
+        position = {"source": source, "source_file": source_file, "source_row": source_row}
+        if read_error is not None:
+            items: list[Pair | Rejection] = [Rejection(0, "malformed_json", read_error)]
+        else:
+            items = list(
+                iter_items(record, formats[source_file], limits, mapping=mapping, binarize=binarize)
+            )
+        for item in items:
+            common = position | {
+                "source_item": item.item,
+                "row_id": row_id(source, source_file, source_row, item.item),
+                "ingest_run_id": run_id,
+            }
+            if isinstance(item, Rejection):
+                rows.append(
+                    common
+                    | {
+                        "kind": "quarantine",
+                        "quarantine_id": common["row_id"],
+                        "reason": item.reason,
+                        "detail": item.detail,
+                        "record": record,
+                        "quarantined_at": now,
+                    }
+                )
+            else:
+                rows.append(common | _pair_columns(item, source_kind, now))
+    return pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
+
+
+def _pair_columns(pair: Pair, source_kind: str, now: datetime) -> dict[str, Any]:
+    return {
+        "kind": "pair",
+        "pair_id": pair.pair_id,
+        "source_kind": source_kind,
+        "history": pair.history,
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+        "source_meta": json.dumps(pair.meta, ensure_ascii=False, sort_keys=True)
+        if pair.meta
+        else None,
+        "history_turns": len(pair.history),
+        "history_chars": sum(len(m["content"]) for m in pair.history),
+        "chosen_chars": len(pair.chosen),
+        "rejected_chars": len(pair.rejected),
+        "ingested_at": now,
+    }
+
+
+def detect_file_format(path: str, fs: pafs.FileSystem) -> str:
+    """The format of a file from its first records; ambiguity is an error naming the file."""
+    seen: Counter[str] = Counter()
+    with fs.open_input_stream(fs_path(path), compression="detect") as stream:
+        for _, text, error in read_records(stream, path):
+            if error is None:
+                with contextlib.suppress(json.JSONDecodeError):
+                    seen[detect_format(json.loads(text)) or "unknown"] += 1
+            if sum(seen.values()) >= DETECTION_SAMPLE:
+                break
+    known = {fmt: n for fmt, n in seen.items() if fmt != "unknown"}
+    if len(known) != 1:
+        found = ", ".join(f"{f} x{n}" for f, n in seen.most_common()) or "no parseable records"
+        raise FormatError(
+            f"cannot detect the format of {path} ({found}); pass --format or --map field paths"
+        )
+    return next(iter(known))
+
+
+def ingest(
+    request: IngestRequest,
+    lake: Lake,
+    config: IngestConfig,
+    run_id: str,
+    progress: Any = print,
+) -> IngestSummary:
+    """Ingest ``request`` into ``lake``; ``run_id`` (the MLflow run) is stamped on every row."""
+    started = time.perf_counter()
+    input_fs = filesystem_for(request.paths[0], lake.storage_options)
+    files = find_record_files(request.paths, input_fs)
+    formats = {f.path: request.format or detect_file_format(f.path, input_fs) for f in files}
+    source_kind = (
+        "benchmark" if request.benchmark or BENCHMARK_FORMATS & set(formats.values()) else "corpus"
+    )
+    inputs = [
+        InputSummary(f.path, formats[f.path], f.size, file_sha256(f.path, input_fs)) for f in files
+    ]
+    summary = IngestSummary(request.source, source_kind, run_id, inputs)
+    progress(
+        f"[ingest] {request.source}: {len(files)} file(s), formats {sorted(set(formats.values()))}"
+    )
+
+    staging = f"{lake.root}/_staging/ingest-{run_id}"
+    lake_fs = filesystem_for(lake.root, lake.storage_options)
+    raw = ray.data.read_datasource(
+        RecordFileDatasource([fs_path(f.path) for f in files], filesystem=input_fs),
+    )
+    staged = raw.map_batches(
+        normalise_batch,
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        fn_kwargs={
+            "source": request.source,
+            "source_kind": source_kind,
+            "formats": {fs_path(p): fmt for p, fmt in formats.items()},
+            "limits": Limits(config.max_chars, config.max_turns),
+            "run_id": run_id,
+            "mapping": request.mapping,
+            "binarize": config.binarize,
+        },
+    )
+    staged.write_parquet(fs_path(staging), filesystem=lake_fs, partition_cols=["kind"])
+    progress(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
+    try:
+        if lake_fs.get_file_info(fs_path(staging)).type == pafs.FileType.NotFound:
+            staged_rows = pads.dataset(STAGED_SCHEMA.empty_table())  # the inputs held no record
+        else:
+            staged_rows = pads.dataset(fs_path(staging), filesystem=lake_fs, partitioning="hive")
+        _commit(staged_rows, lake, summary, run_id)
+    finally:
+        if lake_fs.get_file_info(fs_path(staging)).type != pafs.FileType.NotFound:
+            lake_fs.delete_dir(fs_path(staging))
+    summary.seconds = time.perf_counter() - started
+    progress(f"[ingest] committed in {summary.seconds:.1f}s")
+    return summary
+
+
+def _commit(staged: pads.Dataset, lake: Lake, summary: IngestSummary, run_id: str) -> None:
+    is_pair = pc.field("kind") == "pair"
+    positions = ["source_file", "source_row", "source_item"]
+    keys = staged.to_table(columns=["kind", "pair_id", "row_id", *positions])
+    summary.records_read = keys.group_by(["source_file", "source_row"]).aggregate([]).num_rows
+    summary.candidates = keys.num_rows
+
+    pair_keys = keys.filter(pc.equal(keys["kind"], "pair"))
+    repeats = _repeats_in_source(pair_keys)
+    kept = staged.filter(is_pair & (~pc.field("row_id").isin(repeats["row_id"].combine_chunks())))
+    pairs = lake.insert_new(PAIRS, kept)
+    summary.pairs_version = pairs.version
+    summary.pairs_inserted = pairs.rows_inserted
+    summary.pairs_already_present = pair_keys.num_rows - repeats.num_rows - pairs.rows_inserted
+
+    bad = staged.filter(~is_pair)
+    quarantined = lake.insert_new(QUARANTINE, bad)
+    repeat_rows = _repeat_quarantine_rows(staged, repeats, run_id)
+    repeated = lake.insert_new(QUARANTINE, repeat_rows)
+    summary.quarantine_version = repeated.version
+    summary.quarantined_inserted = quarantined.rows_inserted + repeated.rows_inserted
+    bad_count = bad.count_rows()
+    summary.quarantined_already_present = (
+        bad_count + repeat_rows.num_rows - (summary.quarantined_inserted)
+    )
+    reasons = Counter(bad.to_table(columns=["reason"])["reason"].to_pylist())
+    if repeats.num_rows:
+        reasons["duplicate_in_source"] += repeats.num_rows
+    summary.quarantine_reasons = dict(reasons)
+
+
+def _repeats_in_source(pair_keys: pa.Table) -> pa.Table:
+    """Rows whose pair occurs earlier in this source (by file, row, item), each with the
+    ``first_row_id`` of that first occurrence."""
+    ordered = pair_keys.sort_by(
+        [(c, "ascending") for c in ("pair_id", "source_file", "source_row", "source_item")]
+    )
+    firsts = (
+        ordered.group_by("pair_id", use_threads=False)  # ordered: "first" is the earliest
+        .aggregate([("row_id", "first")])
+        .rename_columns(["pair_id", "first_row_id"])
+    )
+    joined = ordered.select(["pair_id", "row_id"]).join(firsts, "pair_id")
+    repeats = joined.filter(pc.not_equal(joined["row_id"], joined["first_row_id"]))
+    return repeats.select(["row_id", "first_row_id"])
+
+
+def _repeat_quarantine_rows(staged: pads.Dataset, repeats: pa.Table, run_id: str) -> pa.Table:
+    if not repeats.num_rows:
+        return QUARANTINE.schema.empty_table()
+    rows = staged.to_table(filter=pc.field("row_id").isin(repeats["row_id"].combine_chunks()))
+    first = dict(
+        zip(repeats["row_id"].to_pylist(), repeats["first_row_id"].to_pylist(), strict=True)
+    )
+    firsts = staged.to_table(
+        columns=["row_id", "source_file", "source_row", "source_item"],
+        filter=pc.field("row_id").isin(repeats["first_row_id"].combine_chunks()),
+    )
+    where = {
+        r["row_id"]: f"{r['source_file']} row {r['source_row']} item {r['source_item']}"
+        for r in firsts.to_pylist()
+    }
+    now = datetime.now(UTC)
+    records = [
+        {
+            "quarantine_id": r["row_id"],
+            "source": r["source"],
+            "source_file": r["source_file"],
+            "source_row": r["source_row"],
+            "source_item": r["source_item"],
+            "reason": "duplicate_in_source",
+            "detail": f"same pair as {where[first[r['row_id']]]} (pair_id {r['pair_id']})",
+            "record": json.dumps(
+                {"history": r["history"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                ensure_ascii=False,
+            ),
+            "pair_id": r["pair_id"],
+            "ingest_run_id": run_id,
+            "quarantined_at": now,
+        }
+        for r in rows.to_pylist()
+    ]
+    return pa.Table.from_pylist(records, schema=QUARANTINE.schema)

@@ -1,0 +1,250 @@
+"""Delta Lake access: tables under one root (path or ``s3://``), idempotent writes, time travel.
+
+Every table is declared in ``storage_schemas``; this module creates it from its spec (schema,
+partitioning, CHECK constraints) on first use. Writes return the new table version so that jobs
+can record exactly what they wrote. Concurrent writers are expected (several Ray jobs on one
+lake): a commit that loses the race raises ``CommitFailedError`` and is retried on the new
+snapshot, which keeps key-based inserts idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from deltalake import CommitProperties, DeltaTable, QueryBuilder, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from storage_schemas import SCHEMA_VERSION, TABLES, TableSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ArrowData = pa.Table | pads.Dataset
+"""Data to write: an in-memory table, or a (re-scannable) dataset such as staged Parquet."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a write did: the table version it produced and how many rows it added or changed."""
+
+    table: str
+    version: int
+    rows_inserted: int
+    rows_updated: int = 0
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    uri: str
+    version: int
+    rows: int
+    files: int
+
+
+class Lake:
+    """The lake at ``root``: ``./lake``, ``/data/lake`` or ``s3://bucket/prefix``.
+
+    ``storage_options`` go to deltalake unchanged (e.g. ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+    ``AWS_ALLOW_HTTP``), so an object store is a matter of configuration.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, str] | None = None,
+        max_commit_attempts: int = 8,
+    ) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.max_commit_attempts = max_commit_attempts
+
+    def uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(name), storage_options=self.storage_options)
+
+    def table(self, spec: TableSpec, version: int | None = None) -> DeltaTable:
+        """Open the table, creating it from its spec when it does not exist yet."""
+        if version is None and not self.exists(spec.name):
+            self._create(spec)
+        return DeltaTable(
+            self.uri(spec.name), version=version, storage_options=self.storage_options
+        )
+
+    def _create(self, spec: TableSpec) -> None:
+        dt = DeltaTable.create(
+            self.uri(spec.name),
+            schema=spec.schema,
+            partition_by=list(spec.partition_by) or None,
+            name=spec.name,
+            description=spec.description,
+            storage_options=self.storage_options,
+            mode="ignore",  # another writer may create it at the same moment
+            commit_properties=CommitProperties(
+                custom_metadata={"synpref.schemaVersion": str(SCHEMA_VERSION)}
+            ),
+        )
+        existing = dt.metadata().configuration
+        missing = {
+            name: expr
+            for name, expr in spec.constraints.items()
+            if f"delta.constraints.{name}" not in existing
+        }
+        if missing:
+            self._retry(lambda: dt.alter.add_constraint(missing), f"add constraints to {spec.name}")
+        log.info("created Delta table %s at %s", spec.name, self.uri(spec.name))
+
+    def append(self, spec: TableSpec, data: pa.Table) -> WriteResult:
+        """Append rows as they are (use ``insert_new`` when re-runs must not duplicate)."""
+        data = conform(data, spec)
+
+        def attempt() -> WriteResult:
+            dt = self.table(spec)
+            write_deltalake(dt, data, mode="append")
+            return WriteResult(spec.name, dt.version(), data.num_rows)
+
+        return self._retry(attempt, f"append to {spec.name}")
+
+    def insert_new(self, spec: TableSpec, data: ArrowData) -> WriteResult:
+        """Insert the rows whose keys are not in the table yet; existing rows are untouched.
+
+        This is the idempotent write of the platform: re-running a job re-sends its rows and adds
+        nothing. ``data`` must be unique on the table's keys.
+        """
+        return self._merge(spec, data, update_existing=False)
+
+    def upsert(self, spec: TableSpec, data: ArrowData) -> WriteResult:
+        """Insert new keys and overwrite the non-key columns of existing ones."""
+        return self._merge(spec, data, update_existing=True)
+
+    def _merge(self, spec: TableSpec, data: ArrowData, update_existing: bool) -> WriteResult:
+        if isinstance(data, pa.Table):
+            data = conform(data, spec)
+            _check_unique(data, spec)
+            if data.num_rows == 0:
+                return WriteResult(spec.name, self.table(spec).version(), 0)
+        predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.keys)
+
+        def attempt() -> WriteResult:
+            dt = self.table(spec)
+            source = data if isinstance(data, pa.Table) else _conformed_reader(data, spec)
+            merger = dt.merge(
+                source=source,
+                predicate=predicate,
+                source_alias="s",
+                target_alias="t",
+                commit_properties=CommitProperties(
+                    custom_metadata={"synpref.operation": "upsert" if update_existing else "insert"}
+                ),
+            )
+            if update_existing:
+                merger = merger.when_matched_update_all()
+            metrics = merger.when_not_matched_insert_all().execute()
+            return WriteResult(
+                spec.name,
+                dt.version(),
+                int(metrics.get("num_target_rows_inserted", 0)),
+                int(metrics.get("num_target_rows_updated", 0)),
+            )
+
+        return self._retry(attempt, f"merge into {spec.name}")
+
+    def read(
+        self,
+        name: str,
+        version: int | None = None,
+        columns: list[str] | None = None,
+        where: str | None = None,
+        limit: int | None = None,
+    ) -> pa.Table:
+        """Rows of table ``name`` at ``version`` (time travel; latest when ``None``).
+
+        ``where`` is a SQL predicate (DataFusion dialect), e.g. ``"source = 'hh'"``. Reads go
+        through deltalake's DataFusion engine rather than ``to_pyarrow_dataset``, whose Python
+        filesystem wrapper aborts the interpreter at exit in deltalake 1.6.
+        """
+        dt = self._open(name, version)
+        projection = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+        sql = f"SELECT {projection} FROM t" + (f" WHERE {where}" if where else "")
+        sql += f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = pa.table(QueryBuilder().register("t", dt).execute(sql))
+        spec = TABLES.get(name)
+        if spec is None:
+            return rows
+        # DataFusion returns string_view; give callers the declared Arrow types.
+        return rows.cast(pa.schema([spec.schema.field(c) for c in rows.column_names]))
+
+    def version(self, name: str) -> int:
+        return self._open(name).version()
+
+    def history(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Commits of table ``name``, newest first (operation, timestamp, metrics)."""
+        return self._open(name).history(limit)
+
+    def tables(self) -> list[TableInfo]:
+        """Every declared table that exists in this lake, with its version and row count."""
+        infos = []
+        for name in TABLES:
+            if not self.exists(name):
+                continue
+            dt = self._open(name)
+            actions = pa.table(dt.get_add_actions(flatten=True))
+            rows = pc.sum(actions["num_records"]).as_py() if actions.num_rows else 0
+            infos.append(TableInfo(name, self.uri(name), dt.version(), rows or 0, actions.num_rows))
+        return infos
+
+    def _open(self, name: str, version: int | None = None) -> DeltaTable:
+        try:
+            return DeltaTable(self.uri(name), version=version, storage_options=self.storage_options)
+        except TableNotFoundError:
+            raise TableNotFoundError(
+                f"table {name!r} does not exist in lake {self.root} (yet): run a job that writes it"
+            ) from None
+
+    def _retry(self, operation: Callable[[], T], what: str) -> T:
+        for attempt in range(1, self.max_commit_attempts + 1):
+            try:
+                return operation()
+            except CommitFailedError:
+                if attempt == self.max_commit_attempts:
+                    raise
+                delay = min(0.05 * 2**attempt, 5.0) * (0.5 + random.random())
+                log.warning("%s: concurrent commit, retry %d in %.2fs", what, attempt, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def conform(data: pa.Table, spec: TableSpec) -> pa.Table:
+    """``data`` with exactly the spec's columns, order and types, or a clear error."""
+    missing = [name for name in spec.schema.names if name not in data.column_names]
+    if missing:
+        raise ValueError(f"table {spec.name}: data lacks columns {missing}")
+    data = data.select(spec.schema.names)
+    for field in spec.schema:
+        if not field.nullable and data[field.name].null_count:
+            raise ValueError(f"table {spec.name}: column {field.name} is NOT NULL but has nulls")
+    return data.cast(spec.schema)
+
+
+def _conformed_reader(data: pads.Dataset, spec: TableSpec) -> pa.RecordBatchReader:
+    return data.scanner(columns=spec.schema.names).to_reader().cast(spec.schema)
+
+
+def _check_unique(data: pa.Table, spec: TableSpec) -> None:
+    counts = data.group_by(list(spec.keys)).aggregate([([], "count_all")])
+    duplicated = counts.filter(pc.greater(counts["count_all"], 1))
+    if duplicated.num_rows:
+        raise ValueError(
+            f"table {spec.name}: {duplicated.num_rows} keys occur more than once in the data "
+            f"(keys {spec.keys}), e.g. {duplicated.slice(0, 1).to_pylist()[0]}"
+        )

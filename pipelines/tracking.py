@@ -1,0 +1,112 @@
+"""MLflow tracking shared by every job: one run per job, inputs and outputs recorded exactly.
+
+A run records the config (secrets masked) as params, each input file with its content hash and
+each Delta table it read or wrote at its version (``mlflow.data`` with ``DeltaDatasetSource``),
+so a lead can see what a curation iteration consumed and produced and time-travel to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.delta_dataset_source import DeltaDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+
+from pipelines.config import SynprefConfig, TrackingConfig
+from storage_schemas import SCHEMA_VERSION
+
+_SECRET = re.compile(r"secret|token|password|passwd|credential|session|access_key|api_key", re.I)
+MAX_PARAM_CHARS = 6000
+
+
+def ensure_experiment(tracking: TrackingConfig) -> str:
+    """The id of the configured experiment, created (with its artifact location) if missing."""
+    mlflow.set_tracking_uri(tracking.uri)
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = tracking.artifact_location
+    if "://" not in location:
+        location = Path(location).resolve().as_uri()
+    return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+
+
+@contextmanager
+def job_run(
+    config: SynprefConfig, job: str, params: Mapping[str, Any] | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one job; nested under the active run when there is one (the loop)."""
+    experiment_id = ensure_experiment(config.tracking)
+    run_name = f"{job}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        nested=mlflow.active_run() is not None,
+        tags={"synpref.job": job, "synpref.schema_version": str(SCHEMA_VERSION)},
+    ) as run:
+        flat = flatten({"config": config.model_dump(), **(params or {})})
+        mlflow.log_params({k: _param_value(k, v) for k, v in flat.items()})
+        yield run
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(key: str, value: Any) -> str:
+    if _SECRET.search(key):
+        return "***"
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+
+
+def log_input_file(path: str, sha256: str, context: str = "input", **tags: str) -> None:
+    """Record an input file with its content hash as an MLflow dataset input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mlflow warns about resolving generic paths
+        source = resolve_dataset_source(path)
+    dataset = MetaDataset(source=source, name=Path(path).name, digest=sha256[:36])
+    mlflow.log_input(dataset, context=context, tags=tags or None)
+
+
+def log_delta_table(
+    name: str, uri: str, version: int, context: str, rows: int | None = None
+) -> None:
+    """Record a Delta table at a version as an input (``context="input"``) or output of the run."""
+    dataset = MetaDataset(
+        source=DeltaDatasetSource(path=uri, delta_table_version=version),
+        name=name,
+        digest=f"v{version}",
+    )
+    mlflow.log_input(dataset, context=context)
+    mlflow.set_tag(f"synpref.{context}.{name}.version", str(version))
+    if rows is not None:
+        mlflow.log_metric(f"{name}_rows", rows)
+
+
+def run_location(run: mlflow.ActiveRun, tracking: TrackingConfig) -> str:
+    """Where a person finds the run: its URL on a server, or the `mlflow ui` command for sqlite."""
+    info = run.info
+    if tracking.uri.startswith(("http://", "https://")):
+        return f"{tracking.uri.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+    return (
+        f"run {info.run_id} in experiment '{tracking.experiment}' "
+        f"(view: mlflow ui --backend-store-uri {tracking.uri})"
+    )

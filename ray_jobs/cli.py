@@ -1,0 +1,40 @@
+"""The `synpref` command: one entry point for every job of the platform."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ray_jobs import demo, generate, ingest, lake_tables
+from ray_jobs.job import configure_logging, global_options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+@click.pass_context
+def cli(ctx: click.Context, **options: Any) -> None:
+    """synpref: curate LLM preference data at scale and train reward models on it.
+
+    Configuration: configs/local.yaml by default (local Ray, Delta lake in ./lake, MLflow in
+    sqlite:///mlruns.db), overridden by SYNPREF_<SECTION>__<KEY> environment variables, then by
+    the flags below. Every command that does work ends with a summary; --json prints it as one
+    JSON object.
+    """
+    ctx.obj = options
+
+
+cli.add_command(ingest.command)
+cli.add_command(lake_tables.tables_command)
+cli.add_command(lake_tables.history_command)
+cli.add_command(generate.command)
+cli.add_command(demo.command)
+
+
+def main() -> None:
+    configure_logging()
+    cli()
+
+
+if __name__ == "__main__":
+    main()
