@@ -135,18 +135,25 @@ def load_config(
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {data!r}")
     try:
         config = SynprefConfig(**data)
-        if overrides:
-            merged = _deep_merge(config.model_dump(), overrides)
-            config = SynprefConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
-    return config
+    if not overrides:
+        return config
+    # Flags win over the environment, so they are applied after the settings sources ran.
+    merged = _deep_merge(config.model_dump(), overrides)
+    sections = {}
+    for name, section in SynprefConfig.model_fields.items():
+        try:
+            sections[name] = section.annotation.model_validate(merged.get(name, {}))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, path, prefix=(name,))) from None
+    return SynprefConfig.model_construct(**sections)
 
 
-def _describe(exc: ValidationError, path: Path) -> str:
+def _describe(exc: ValidationError, path: Path, prefix: tuple[str, ...] = ()) -> str:
     lines = [f"invalid configuration ({path}, SYNPREF_* environment, flags):"]
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
+        key = ".".join(str(part) for part in (*prefix, *error["loc"]))
         got = f" (got {error['input']!r})" if error["type"] != "missing" else ""
         lines.append(f"  config key '{key}': {error['msg']}{got}")
     return "\n".join(lines)

@@ -168,7 +168,8 @@ def write_corpus(
     paths = [out / f"synthetic-{spec.seed}-{i:04d}.jsonl.gz" for i in range(shards)]
     with ExitStack() as stack:
         files = [
-            stack.enter_context(gzip.open(p, "wt", encoding="utf-8", compresslevel=1)) for p in paths
+            stack.enter_context(gzip.open(p, "wt", encoding="utf-8", compresslevel=1))
+            for p in paths
         ]
         for i, record in enumerate(CorpusGenerator(spec, benchmark_prompts).records()):
             line = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)
