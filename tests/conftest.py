@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray cluster per test session, a fresh lake and MLflow store per test."""
+"""Shared fixtures: one local Ray per test session; a fresh lake and MLflow store per test."""
 
 from __future__ import annotations
 
