@@ -64,8 +64,8 @@ class IngestConfig(_Section):
     binarize: Literal["all_pairs", "best_vs_worst"] = "all_pairs"
     """Rated multi-completion records: every pair with different ratings, or best vs worst only.
     Tied ratings never make a pair."""
-    batch_size: int = Field(default=2048, ge=1)
-    """Records per Ray Data batch in the normalise step."""
+    batch_size: int = Field(default=8192, ge=1)
+    """Records per Ray Data block (read and normalised together, one file per read task)."""
     quarantine_sample: int = Field(default=50, ge=0)
     """Quarantined rows logged to MLflow as an artifact for review."""
 

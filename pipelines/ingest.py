@@ -268,12 +268,17 @@ def ingest(
     staging = f"{lake.root}/_staging/ingest-{run_id}"
     lake_fs = filesystem_for(lake.root, lake.storage_options)
     raw = ray.data.read_datasource(
-        RecordFileDatasource([fs_path(f.path) for f in files], filesystem=input_fs),
+        RecordFileDatasource(
+            [fs_path(f.path) for f in files],
+            filesystem=input_fs,
+            records_per_block=config.batch_size,
+        ),
+        override_num_blocks=len(files),  # keeps read and normalise fused in one task
     )
     staged = raw.map_batches(
         normalise_batch,
         batch_format="pyarrow",
-        batch_size=config.batch_size,
+        batch_size=None,  # one block at a time, as read
         fn_kwargs={
             "source": request.source,
             "source_kind": source_kind,

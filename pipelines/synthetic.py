@@ -58,8 +58,8 @@ class CorpusGenerator:
         self.spec = spec
         self.rng = np.random.default_rng(spec.seed)
         self.words = _vocabulary(self.rng, spec.vocabulary)
-        ranks = np.arange(1, spec.vocabulary + 1)
-        self.word_p = (1 / ranks) / (1 / ranks).sum()
+        weights = 1 / np.arange(1, spec.vocabulary + 1)  # Zipf: word frequency ~ 1 / rank
+        self.word_cdf = np.cumsum(weights) / weights.sum()
         self.benchmark_prompts = benchmark_prompts or []
 
     def records(self) -> Iterator[dict[str, Any] | str]:
@@ -95,9 +95,9 @@ class CorpusGenerator:
 
     def _text(self, low: int, high: int) -> str:
         n = int(self.rng.integers(low, high))
-        words = self.words[self.rng.choice(len(self.words), size=n, p=self.word_p)]
-        sentences = np.array_split(words, max(1, n // 12))
-        return " ".join(" ".join(s).capitalize() + "." for s in sentences if len(s))
+        ranks = np.searchsorted(self.word_cdf, self.rng.random(n)).clip(max=len(self.words) - 1)
+        words = [self.words[i] for i in ranks.tolist()]
+        return " ".join(" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, n, 12))
 
     def _conversation_pair(self) -> tuple[list[dict[str, str]], str, str]:
         history: list[dict[str, str]] = []
@@ -111,7 +111,7 @@ class CorpusGenerator:
         words = text.split(" ")
         n = max(1, round(self.spec.near_duplicate_edit_rate * len(words)))
         for i in self.rng.choice(len(words), size=min(n, len(words)), replace=False):
-            words[int(i)] = str(self.words[int(self.rng.integers(len(self.words)))])
+            words[int(i)] = self.words[int(self.rng.integers(len(self.words)))]
         return " ".join(words)
 
     def _edited(self, pair: tuple[list[dict[str, str]], str, str]) -> tuple[Any, str, str]:
@@ -147,13 +147,13 @@ def _record(pair: tuple[list[dict[str, str]], str, str], truth: dict[str, Any]) 
     }
 
 
-def _vocabulary(rng: np.random.Generator, size: int) -> np.ndarray:
+def _vocabulary(rng: np.random.Generator, size: int) -> list[str]:
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
     words: set[str] = set()
     while len(words) < size:
         n = int(rng.integers(1, 4))
         words.add("".join(syllables[int(i)] for i in rng.integers(len(syllables), size=n)))
-    return np.array(sorted(words))
+    return sorted(words)
 
 
 def write_corpus(

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import mlflow
 import pyarrow as pa
@@ -25,7 +24,11 @@ RMBENCH_PROMPTS = {"chat": 129, "code": 228, "safety-refuse": 284, "safety-respo
 
 
 def ingest(config: SynprefConfig, paths, source: str, **options) -> dict:
-    return run_ingest(config, IngestRequest(paths=[str(p) for p in paths], source=source, **options), report=lambda _: None)
+    return run_ingest(
+        config,
+        IngestRequest(paths=[str(p) for p in paths], source=source, **options),
+        report=lambda _: None,
+    )
 
 
 def quarantine_reasons(lake: Lake, source: str) -> dict[str, int]:
@@ -70,7 +73,9 @@ def test_the_mlflow_run_records_input_hash_output_versions_and_counts(config, la
     assert run.data.tags["synpref.output.pairs.version"] == str(result["pairs_version"])
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert inputs["test.jsonl.gz"].dataset.digest == result["inputs"][0]["sha256"][:36]
-    assert json.loads(inputs["pairs"].dataset.source)["delta_table_version"] == result["pairs_version"]
+    assert (
+        json.loads(inputs["pairs"].dataset.source)["delta_table_version"] == result["pairs_version"]
+    )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"])}
     assert {"ingest_summary.json", "quarantine_sample.json"} <= artifacts
 
@@ -84,7 +89,10 @@ def test_rm_bench_ingests_nine_pairs_per_prompt_as_a_benchmark(config, lake):
     assert result["candidates"] == 9 * sum(RMBENCH_PROMPTS.values())
     assert result["balanced"]
     pairs = lake.read("pairs", columns=["source_meta", "source_kind"])
-    styles = {(m["chosen_style"], m["rejected_style"]) for m in map(json.loads, pairs["source_meta"].to_pylist())}
+    styles = {
+        (m["chosen_style"], m["rejected_style"])
+        for m in map(json.loads, pairs["source_meta"].to_pylist())
+    }
     assert len(styles) == 9
     assert set(pairs["source_kind"].to_pylist()) == {"benchmark"}
 
@@ -93,8 +101,15 @@ def test_judgebench_ingests_350_pairs(config, lake):
     path = shared_data(JUDGEBENCH)
     result = ingest(config, [path], "judgebench")
     assert result["source_kind"] == "benchmark"
-    assert (result["records_read"], result["pairs_inserted"], result["quarantined"]) == (350, 350, 0)
-    meta = [json.loads(m) for m in lake.read("pairs", columns=["source_meta"])["source_meta"].to_pylist()]
+    assert (result["records_read"], result["pairs_inserted"], result["quarantined"]) == (
+        350,
+        350,
+        0,
+    )
+    meta = [
+        json.loads(m)
+        for m in lake.read("pairs", columns=["source_meta"])["source_meta"].to_pylist()
+    ]
     assert {m["label"] for m in meta} == {"A>B", "B>A"}
 
 
@@ -131,7 +146,10 @@ def test_json_parquet_and_mapping_inputs(config, lake, tmp_path):
         mapping={"prompt": "q", "chosen": "answers.0.text", "rejected": "answers[1].text"},
     )
     # The same 20 pairs in two files: kept once, the repeats quarantined as such.
-    assert (result["pairs_inserted"], result["quarantine_reasons"]) == (20, {"duplicate_in_source": 20})
+    assert (result["pairs_inserted"], result["quarantine_reasons"]) == (
+        20,
+        {"duplicate_in_source": 20},
+    )
     assert result["records_read"] == 40
 
 
@@ -162,12 +180,19 @@ def test_invalid_utf8_lines_are_quarantined_not_fatal(config, lake, tmp_path):
 def test_normalise_batch_is_a_pure_arrow_function():
     raw = pa.Table.from_pylist(
         [
-            {"source_file": "f", "source_row": 0, "record": '{"prompt": "p", "chosen": "a", "rejected": "b"}', "read_error": None},
+            {
+                "source_file": "f",
+                "source_row": 0,
+                "record": '{"prompt": "p", "chosen": "a", "rejected": "b"}',
+                "read_error": None,
+            },
             {"source_file": "f", "source_row": 1, "record": "{not json", "read_error": None},
         ],
         schema=RAW_SCHEMA,
     )
-    out = normalise_batch(raw, source="s", source_kind="corpus", formats={"f": "prompt"}, limits=Limits(), run_id="r")
+    out = normalise_batch(
+        raw, source="s", source_kind="corpus", formats={"f": "prompt"}, limits=Limits(), run_id="r"
+    )
     assert out["kind"].to_pylist() == ["pair", "quarantine"]
     assert out["reason"].to_pylist() == [None, "malformed_json"]
 
@@ -179,7 +204,13 @@ def test_s3_input_into_an_s3_lake(config, s3_endpoint, tmp_path):
     client.create_bucket(Bucket="lake-ingest")
     files = write_corpus(CorpusSpec(pairs=50, seed=1), tmp_path / "c")
     client.upload_file(str(files[0]), "raw", "corpus/part-0.jsonl.gz")
-    s3_config = config.model_copy(update={"lake": config.lake.model_copy(update={"root": "s3://lake-ingest/lake", "storage_options": options})})
+    s3_config = config.model_copy(
+        update={
+            "lake": config.lake.model_copy(
+                update={"root": "s3://lake-ingest/lake", "storage_options": options}
+            )
+        }
+    )
     result = ingest(s3_config, ["s3://raw/corpus/"], "s3src")
     assert result["inputs"][0]["path"] == "s3://raw/corpus/part-0.jsonl.gz"
     assert result["balanced"] and result["pairs_inserted"] > 50

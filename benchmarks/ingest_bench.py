@@ -1,0 +1,157 @@
+"""Ingest throughput: `synpref ingest` on Ray Data vs plain single-process writes of the same rows.
+
+    python benchmarks/ingest_bench.py --pairs 1000000 --cpus 1 2
+
+Three measurements on the same generated corpus (jsonl.gz shards, planted duplicates, flips and
+bad rows), each into a fresh Delta table:
+
+- ``ray``: the real ingest path (read -> normalise/validate in Ray Data -> stage -> idempotent
+  merge), once per ``--cpus`` value so the parallel speed-up is visible;
+- ``plain_pipeline``: the same reading and normalisation code in one process, then one
+  ``write_deltalake`` append of the kept pairs (what a simple script does; no idempotency);
+- ``plain_write``: only the ``write_deltalake`` append of the already-normalised pair rows (the
+  I/O floor).
+
+Ratios are throughputs relative to ``plain_pipeline`` (the same work without Ray) and to
+``plain_write``. Results go to ``benchmarks/out/ingest_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+from deltalake import write_deltalake
+
+from pipelines.config import IngestConfig
+from pipelines.ingest import IngestRequest, detect_file_format, ingest, normalise_batch
+from pipelines.lake import Lake
+from pipelines.preference_formats import Limits
+from pipelines.record_files import read_records, records_table
+from pipelines.synthetic import CorpusSpec, write_corpus
+from storage_schemas import PAIRS
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def corpus(pairs: int, shards: int) -> list[Path]:
+    """The benchmark corpus, generated once and reused (it is seeded)."""
+    folder = OUT / f"corpus-{pairs}"
+    files = sorted(folder.glob("*.jsonl.gz"))
+    if len(files) != shards:
+        shutil.rmtree(folder, ignore_errors=True)
+        started = time.perf_counter()
+        files = write_corpus(CorpusSpec(pairs=pairs, seed=0), folder, shards=shards)
+        print(f"generated {pairs:,} pairs in {time.perf_counter() - started:.0f}s -> {folder}")
+    return files
+
+
+def run_ray(files: list[Path], cpus: int, workdir: Path) -> dict:
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        lake = Lake(str(workdir / f"lake-ray-{cpus}"))
+        started = time.perf_counter()
+        summary = ingest(
+            IngestRequest(paths=[str(f) for f in files], source="bench"),
+            lake,
+            IngestConfig(),
+            run_id="bench",
+            progress=print,
+        )
+        seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    assert summary.balanced
+    return {"seconds": seconds, "pairs": summary.pairs_inserted, "candidates": summary.candidates}
+
+
+def run_plain(files: list[Path], workdir: Path) -> tuple[dict, dict]:
+    """Single process: the same reading and normalisation, then one append of the pairs."""
+    fs = pafs.LocalFileSystem()
+    started = time.perf_counter()
+    formats = {str(f): detect_file_format(str(f), fs) for f in files}
+    staged = []
+    for f in files:
+        with fs.open_input_stream(str(f), compression="detect") as stream:
+            raw = records_table(str(f), list(read_records(stream, str(f))))
+        staged.append(
+            normalise_batch(
+                raw,
+                source="bench",
+                source_kind="corpus",
+                formats=formats,
+                limits=Limits(),
+                run_id="bench",
+            )
+        )
+    rows = pa.concat_tables(staged)
+    pairs = (
+        rows.filter(pc.equal(rows["kind"], "pair")).select(PAIRS.schema.names).cast(PAIRS.schema)
+    )
+    normalise_seconds = time.perf_counter() - started
+    write_deltalake(
+        str(workdir / "lake-plain-pipeline"), pairs, mode="append", partition_by=["source"]
+    )
+    pipeline_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    write_deltalake(
+        str(workdir / "lake-plain-write"), pairs, mode="append", partition_by=["source"]
+    )
+    write_seconds = time.perf_counter() - started
+    candidates = rows.num_rows
+    return (
+        {
+            "seconds": pipeline_seconds,
+            "normalise_seconds": normalise_seconds,
+            "pairs": pairs.num_rows,
+            "candidates": candidates,
+        },
+        {"seconds": write_seconds, "pairs": pairs.num_rows, "candidates": candidates},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=1_000_000)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+
+    files = corpus(args.pairs, args.shards)
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        workdir = Path(tmp)
+        for cpus in args.cpus:
+            results[f"ray_{cpus}cpu"] = run_ray(files, cpus, workdir)
+            print(f"ray {cpus} cpu: {results[f'ray_{cpus}cpu']}")
+        results["plain_pipeline"], results["plain_write"] = run_plain(files, workdir)
+        print(f"plain: {results['plain_pipeline']} / {results['plain_write']}")
+    for result in results.values():
+        result["pairs_per_s"] = result["candidates"] / result["seconds"]
+    base, floor = results["plain_pipeline"]["pairs_per_s"], results["plain_write"]["pairs_per_s"]
+    for result in results.values():
+        result["ratio_to_plain_pipeline"] = result["pairs_per_s"] / base
+        result["ratio_to_plain_write"] = result["pairs_per_s"] / floor
+    report = {"pairs": args.pairs, "shards": args.shards, "corpus_mb": size_mb, "results": results}
+    (OUT / "ingest_bench.json").write_text(json.dumps(report, indent=2))
+    print(f"\n{'path':<16}{'seconds':>9}{'pairs/s':>10}{'vs pipeline':>13}{'vs write':>10}")
+    for name, r in results.items():
+        print(
+            f"{name:<16}{r['seconds']:>9.1f}{r['pairs_per_s']:>10,.0f}"
+            f"{r['ratio_to_plain_pipeline']:>12.2f}x{r['ratio_to_plain_write']:>9.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The `synpref` CLI as a person and a script use it: summaries, --json, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ray_jobs.cli import cli
+from tests.conftest import HH_HARMLESS, REPO, shared_data
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture
+def run(config):
+    """Invoke the CLI in-process (sharing the session's Ray) against the test lake and store."""
+
+    def invoke(*args: str, expect: int = 0):
+        flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
+        result = CliRunner().invoke(cli, [*flags, *args], catch_exceptions=False)
+        assert result.exit_code == expect, result.output + (result.stderr or "")
+        return result
+
+    return invoke
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    for command in ("ingest", "tables", "history", "demo", "generate"):
+        assert command in out
+
+
+def test_ingest_tables_and_history_with_json_summaries(run):
+    path = shared_data(HH_HARMLESS)
+    summary = json.loads(run("ingest", str(path), "--source", "hh", "--json").stdout)
+    assert summary["records_read"] == 2312 and summary["balanced"]
+    assert summary["mlflow_run"] and "quarantine_reasons" in summary
+
+    text = run("ingest", str(path), "--source", "hh").stdout
+    assert "0 new, 2,303 already present" in text and "MLflow:" in text
+
+    tables = json.loads(run("tables", "--json").stdout)["tables"]
+    assert {t["name"]: t["rows"] for t in tables} == {"pairs": 2303, "quarantine": 9}
+    assert "pairs" in run("tables").stdout
+
+    history = json.loads(run("history", "pairs", "--json").stdout)["commits"]
+    assert [c["operation"] for c in history][-1] == "CREATE TABLE"
+    assert "MERGE" in run("history", "pairs").stdout
+
+
+def test_usage_errors_are_clear(run, config, tmp_path):
+    result = run("history", "nope", expect=1)
+    assert "unknown table 'nope'" in result.output
+    result = run("history", "pairs", expect=1)
+    assert "does not exist" in result.output
+    (tmp_path / "odd.jsonl").write_text('{"text": 1}\n')
+    result = run("ingest", str(tmp_path / "odd.jsonl"), "--source", "odd", expect=1)
+    assert "cannot detect the format" in result.output
+    result = run(
+        "ingest", str(tmp_path / "odd.jsonl"), "--source", "odd", "--map", "chosen", expect=1
+    )
+    assert "TARGET=FIELD.PATH" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  max_chars: -1\n")
+    result = run("--config", str(bad), "tables", expect=1)
+    assert "config key 'ingest.max_chars'" in result.output
+
+
+def test_generate_writes_a_corpus_with_ground_truth(run, tmp_path):
+    out = json.loads(
+        run("generate", str(tmp_path / "g"), "--pairs", "100", "--shards", "2", "--json").stdout
+    )
+    assert len(out["files"]) == 2
+    assert out["kinds"]["original"] == 100 and out["kinds"]["exact_dup"] == 2
+
+
+def test_demo_runs_the_main_job(run, config, monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNPREF_DEMO__PAIRS", "200")
+    monkeypatch.setenv("SYNPREF_DEMO__WORKDIR", str(tmp_path / "demo"))
+    monkeypatch.setenv(
+        "SYNPREF_DEMO__EXTRA_INPUTS",
+        json.dumps({"hh": [str(HH_HARMLESS)], "gone": ["/nonexistent/x.jsonl"]}),
+    )
+    text = run("demo").stdout
+    assert "lake " in text and "MLflow:" in text and "Ray dashboard:" in text
+    assert "skipped (not found): /nonexistent/x.jsonl" in text
+    result = json.loads(run("demo", "--json").stdout)
+    sources = {i["source"]: i for i in result["ingests"]}
+    assert sources["synthetic-demo"]["pairs_inserted"] == 0, "a second demo adds nothing"
+    assert all(i["balanced"] for i in result["ingests"])
