@@ -39,6 +39,7 @@ from pipelines.preference_formats import (
     Rejection,
     detect_format,
     iter_items,
+    parse_json,
 )
 from pipelines.record_files import (
     RecordFileDatasource,
@@ -230,7 +231,7 @@ def detect_file_format(path: str, fs: pafs.FileSystem) -> str:
         for _, text, error in read_records(stream, path):
             if error is None:
                 with contextlib.suppress(json.JSONDecodeError):
-                    seen[detect_format(json.loads(text)) or "unknown"] += 1
+                    seen[detect_format(parse_json(text)) or "unknown"] += 1
             if sum(seen.values()) >= DETECTION_SAMPLE:
                 break
     known = {fmt: n for fmt, n in seen.items() if fmt != "unknown"}
@@ -320,15 +321,15 @@ def _commit(staged: pads.Dataset, lake: Lake, summary: IngestSummary, run_id: st
     summary.pairs_inserted = pairs.rows_inserted
     summary.pairs_already_present = pair_keys.num_rows - repeats.num_rows - pairs.rows_inserted
 
+    # Two merges: bad rows stream from staging (they can be many), repeats are built in memory.
     bad = staged.filter(~is_pair)
     quarantined = lake.insert_new(QUARANTINE, bad)
     repeat_rows = _repeat_quarantine_rows(staged, repeats, run_id)
     repeated = lake.insert_new(QUARANTINE, repeat_rows)
     summary.quarantine_version = repeated.version
     summary.quarantined_inserted = quarantined.rows_inserted + repeated.rows_inserted
-    bad_count = bad.count_rows()
     summary.quarantined_already_present = (
-        bad_count + repeat_rows.num_rows - (summary.quarantined_inserted)
+        bad.count_rows() + repeat_rows.num_rows - summary.quarantined_inserted
     )
     reasons = Counter(bad.to_table(columns=["reason"])["reason"].to_pylist())
     if repeats.num_rows:

@@ -96,3 +96,39 @@ def test_demo_runs_the_main_job(run, config, monkeypatch, tmp_path):
     sources = {i["source"]: i for i in result["ingests"]}
     assert sources["synthetic-demo"]["pairs_inserted"] == 0, "a second demo adds nothing"
     assert all(i["balanced"] for i in result["ingests"])
+
+
+def test_the_job_module_runs_as_a_ray_job_against_a_running_cluster(config, tmp_path):
+    """`python -m ray_jobs.ingest` in its own process, joining the session's cluster by address
+    (what `ray job submit -- python -m ray_jobs.ingest ...` does on a real cluster)."""
+    import ray
+
+    from pipelines.synthetic import CorpusSpec, write_corpus
+
+    (corpus,) = write_corpus(CorpusSpec(pairs=40, seed=5), tmp_path / "c")
+    address = ray.get_runtime_context().gcs_address
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.ingest",
+            str(corpus),
+            "--source",
+            "job",
+            "--lake",
+            config.lake.root,
+            "--tracking-uri",
+            config.tracking.uri,
+            "--ray-address",
+            address,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    summary = json.loads(completed.stdout)
+    assert summary["balanced"] and summary["pairs_inserted"] > 40
+    assert "[ingest] job:" in completed.stderr, "progress lines go to stderr"
