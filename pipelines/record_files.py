@@ -101,7 +101,7 @@ def _with_scheme(original: str, path: str) -> str:
 def file_sha256(path: str, fs: pafs.FileSystem) -> str:
     """Content hash of an input file, recorded with the run so inputs can be verified later."""
     digest = hashlib.sha256()
-    with fs.open_input_stream(fs_path(path)) as stream:
+    with fs.open_input_stream(fs_path(path), compression=None) as stream:  # the bytes, as stored
         while chunk := stream.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -1,6 +1,7 @@
 """Ingest on Ray Data with real data: every row accounted for, idempotent, tracked in MLflow."""
 
 import gzip
+import hashlib
 import json
 
 import mlflow
@@ -71,6 +72,7 @@ def test_the_mlflow_run_records_input_hash_output_versions_and_counts(config, la
     assert run.data.metrics["quarantine.history_mismatch"] == 5
     assert run.data.params["request.source"] == "hh"
     assert run.data.tags["synpref.output.pairs.version"] == str(result["pairs_version"])
+    assert result["inputs"][0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert inputs["test.jsonl.gz"].dataset.digest == result["inputs"][0]["sha256"][:36]
     assert (
@@ -218,3 +220,29 @@ def test_s3_input_into_an_s3_lake(config, s3_endpoint, tmp_path):
     assert lake.read("pairs").num_rows == result["pairs_inserted"]
     staged = client.list_objects_v2(Bucket="lake-ingest", Prefix="lake/_staging/ingest-")
     assert staged.get("KeyCount", 0) == 0, "staging is cleaned up"
+
+
+def test_a_crash_between_the_two_commits_is_repaired_by_a_rerun(
+    config, lake, tmp_path, monkeypatch
+):
+    """Pairs committed, then the job dies before the quarantine commit: the re-run completes the
+    quarantine and adds no pair twice."""
+    files = write_corpus(CorpusSpec(pairs=100, seed=11, bad_row_rate=0.1), tmp_path / "c")
+    real_insert = Lake.insert_new
+
+    def crash_on_quarantine(self, spec, data):
+        if spec.name == "quarantine":
+            raise RuntimeError("worker lost")
+        return real_insert(self, spec, data)
+
+    monkeypatch.setattr(Lake, "insert_new", crash_on_quarantine)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        ingest(config, files, "crashy")
+    pairs_after_crash = lake.read("pairs").num_rows
+    assert not list((tmp_path / "lake" / "_staging").glob("ingest-*")), "staging is cleaned up"
+
+    monkeypatch.setattr(Lake, "insert_new", real_insert)
+    rerun = ingest(config, files, "crashy")
+    assert rerun["pairs_inserted"] == 0 and rerun["pairs_already_present"] == pairs_after_crash
+    assert rerun["quarantined_inserted"] == rerun["quarantined"] > 0
+    assert lake.read("pairs").num_rows == pairs_after_crash
