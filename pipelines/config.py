@@ -124,11 +124,15 @@ def load_config(
 
     ``overrides`` are nested dicts from CLI flags; they win over everything else.
     """
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if path is None and not DEFAULT_CONFIG.is_file():
+        path, text = DEFAULT_CONFIG, ""  # installed without the checkout: the field defaults
+    else:
+        path = Path(path) if path else DEFAULT_CONFIG
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -62,3 +62,12 @@ def test_missing_file_is_reported(tmp_path: Path):
 def test_a_bad_flag_value_names_its_key():
     with pytest.raises(ConfigError, match="config key 'ray.num_cpus'"):
         load_config(None, {"ray": {"num_cpus": 0}})
+
+
+def test_without_the_checkout_the_field_defaults_apply(monkeypatch, tmp_path):
+    import pipelines.config as config_module
+
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", tmp_path / "absent.yaml")
+    assert load_config().lake.root == "./lake"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
