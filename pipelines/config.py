@@ -70,6 +70,19 @@ class IngestConfig(_Section):
     """Quarantined rows logged to MLflow as an artifact for review."""
 
 
+class DedupConfig(_Section):
+    """Pair-aware exact dedup and label-conflict (flip) detection."""
+
+    casefold: bool = False
+    """Also fold case when normalising text (NFC and whitespace folding always apply)."""
+    conflict_policy: Literal["majority", "source_priority", "judge"] = "majority"
+    """How a flip is resolved: the side with more pairs, the side from the most trusted source,
+    or neither (left for the LLM judges). Ties are always left for judging."""
+    source_priority: list[str] = Field(default_factory=list)
+    """Sources from most to least trusted: picks cluster representatives and wins conflicts
+    under ``source_priority``; unlisted sources rank last."""
+
+
 class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
@@ -92,6 +105,7 @@ class SynprefConfig(BaseSettings):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

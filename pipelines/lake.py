@@ -123,11 +123,23 @@ class Lake:
         """
         return self._merge(spec, data, update_existing=False)
 
-    def upsert(self, spec: TableSpec, data: ArrowData) -> WriteResult:
-        """Insert new keys and overwrite the non-key columns of existing ones."""
-        return self._merge(spec, data, update_existing=True)
+    def upsert(
+        self, spec: TableSpec, data: ArrowData, compare: tuple[str, ...] | None = None
+    ) -> WriteResult:
+        """Insert new keys and overwrite the non-key columns of existing ones.
 
-    def _merge(self, spec: TableSpec, data: ArrowData, update_existing: bool) -> WriteResult:
+        With ``compare``, an existing row is rewritten only when one of those columns differs, so
+        a job that re-derives the same decisions (with a new run id) makes no commit.
+        """
+        return self._merge(spec, data, update_existing=True, compare=compare)
+
+    def _merge(
+        self,
+        spec: TableSpec,
+        data: ArrowData,
+        update_existing: bool,
+        compare: tuple[str, ...] | None = None,
+    ) -> WriteResult:
         if isinstance(data, pa.Table):
             data = conform(data, spec)
             _check_unique(data, spec)
@@ -148,7 +160,8 @@ class Lake:
                 ),
             )
             if update_existing:
-                merger = merger.when_matched_update_all()
+                changed = " OR ".join(f"s.`{c}` <> t.`{c}`" for c in compare or ())
+                merger = merger.when_matched_update_all(predicate=changed or None)
             metrics = merger.when_not_matched_insert_all().execute()
             return WriteResult(
                 spec.name,

@@ -3,6 +3,7 @@
 Schema version history (bump ``SCHEMA_VERSION`` and add a line on any change):
 
 - 1: ``pairs`` and ``quarantine``.
+- 2: ``dedup_clusters``, ``conflicts``, ``curation_status`` (hygiene: exact dedup and flips).
 
 Later capabilities register their tables here the same way (``dedup_clusters``,
 ``contamination``, ``attributes``, ``judgments``, ``labels``, ``rm_scores``, ``curated_sets``).
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MESSAGE = pa.struct(
     [
@@ -131,7 +132,91 @@ QUARANTINE = TableSpec(
     constraints={"reason_known": f"reason IN ({_sql_list(QUARANTINE_REASONS)})"},
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (PAIRS, QUARANTINE)}
+DEDUP_METHODS = ("exact", "near", "prompt")
+
+DEDUP_CLUSTERS = TableSpec(
+    name="dedup_clusters",
+    description=(
+        "Membership of pairs in duplicate clusters (one row per member, singletons omitted); "
+        "the representative is kept, the other members are duplicates of it."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("method", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("cluster_id", pa.string(), nullable=False),
+            pa.field("cluster_size", pa.int32(), nullable=False),
+            pa.field("representative_source", pa.string(), nullable=False),
+            pa.field("representative_pair_id", pa.string(), nullable=False),
+            pa.field("dedup_run_id", pa.string(), nullable=False),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("method", "source", "pair_id"),
+    partition_by=("method",),
+    constraints={
+        "method_known": f"method IN ({_sql_list(DEDUP_METHODS)})",
+        "cluster_has_members": "cluster_size >= 2",
+    },
+)
+
+CONFLICT_RESOLUTIONS = ("kept", "overruled", "unresolved")
+
+CONFLICTS = TableSpec(
+    name="conflicts",
+    description=(
+        "Pairs whose history and responses also occur with chosen and rejected swapped: one row "
+        "per pair involved, with the side it is on, the policy applied and its outcome."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("conflict_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("side", pa.string(), nullable=False),
+            pa.field("side_votes", pa.int32(), nullable=False),
+            pa.field("other_side_votes", pa.int32(), nullable=False),
+            pa.field("policy", pa.string(), nullable=False),
+            pa.field("resolution", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("dedup_run_id", pa.string(), nullable=False),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("conflict_id", "source", "pair_id"),
+    constraints={
+        "side_known": "side IN ('a', 'b')",
+        "resolution_known": f"resolution IN ({_sql_list(CONFLICT_RESOLUTIONS)})",
+    },
+)
+
+CURATION_STATUSES = ("kept", "exact_dup", "near_dup", "conflict", "contaminated")
+
+CURATION_STATUS = TableSpec(
+    name="curation_status",
+    description=(
+        "One row per pair: whether the hygiene step keeps it, and why not. Derived from the "
+        "decision tables (dedup_clusters, conflicts, ...) and rebuilt by each hygiene job."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("source", "pair_id"),
+    partition_by=("source",),
+    constraints={"status_known": f"status IN ({_sql_list(CURATION_STATUSES)})"},
+)
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec for spec in (PAIRS, QUARANTINE, DEDUP_CLUSTERS, CONFLICTS, CURATION_STATUS)
+}
 
 
 def table_spec(name: str) -> TableSpec:

@@ -152,3 +152,12 @@ def test_an_s3_lake_works_by_configuration(s3_endpoint):
     assert lake.insert_new(PAIRS, pairs_rows(range(3))).rows_inserted == 0
     assert [t.rows for t in lake.tables()] == [3]
     assert lake.read("pairs", version=0).num_rows == 0
+
+
+def test_upsert_with_compare_rewrites_only_changed_rows(lake: Lake):
+    lake.insert_new(PAIRS, pairs_rows(range(3)))
+    version = lake.version("pairs")
+    same = lake.upsert(PAIRS, pairs_rows(range(3)), compare=("chosen",))
+    assert (same.rows_updated, same.version) == (0, version), "nothing changed, no commit"
+    changed = lake.upsert(PAIRS, pairs_rows([1], chosen="other"), compare=("chosen",))
+    assert changed.rows_updated == 1

@@ -1,0 +1,351 @@
+"""Pair-aware exact deduplication and flip (label conflict) detection.
+
+Text-level dedup engines key on one column; a preference pair is a duplicate only when its
+history and both responses match, and the same history and responses with chosen and rejected
+swapped is a *conflict* between annotations, not a duplicate. Both are found from two content
+keys per pair, computed on normalised text:
+
+- ``exact_key``: hash of (history, chosen, rejected);
+- ``flip_key``: hash of (history, {chosen, rejected}) with the two responses in a fixed order,
+  plus the ``side`` (``a``/``b``) that says which order the pair uses.
+
+Normalisation: Unicode NFC, every run of whitespace collapsed to one space, ends stripped, and
+(``casefold=True``) case folded. Raw pairs are never changed: decisions are rows of
+``dedup_clusters`` and ``conflicts``, and ``curation_status`` says per pair what hygiene keeps.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipelines.lake import Lake
+from pipelines.preference_formats import pair_id as content_hash
+from storage_schemas import CONFLICTS, CURATION_STATUS, DEDUP_CLUSTERS, PAIRS
+
+ConflictPolicy = Literal["majority", "source_priority", "judge"]
+
+KEYS_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("exact_key", pa.string(), nullable=False),
+        pa.field("flip_key", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DedupOptions:
+    casefold: bool = False
+    conflict_policy: ConflictPolicy = "majority"
+    source_priority: tuple[str, ...] = ()
+    """Sources in order of trust: the representative of a cluster comes from the first one
+    (then the smallest pair_id); ``source_priority`` conflicts are won by it."""
+
+    def rank(self, source: str) -> int:
+        return (
+            self.source_priority.index(source)
+            if source in self.source_priority
+            else len(self.source_priority)
+        )
+
+
+def normalise_text(text: str, casefold: bool = False) -> str:
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return text.casefold() if casefold else text
+
+
+def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
+    """``pairs`` rows -> ``KEYS_SCHEMA`` rows (pure; runs in Ray Data ``map_batches``)."""
+    exact, flip, side = [], [], []
+    for history, chosen, rejected in zip(
+        batch["history"].to_pylist(),
+        batch["chosen"].to_pylist(),
+        batch["rejected"].to_pylist(),
+        strict=True,
+    ):
+        h = [
+            {"role": m["role"], "content": normalise_text(m["content"], casefold)} for m in history
+        ]
+        c, r = normalise_text(chosen, casefold), normalise_text(rejected, casefold)
+        first, second = sorted((c, r))
+        exact.append(content_hash(h, c, r))
+        flip.append(content_hash(h, first, second))
+        side.append("a" if c == first else "b")
+    return pa.table(
+        {
+            "source": batch["source"],
+            "pair_id": batch["pair_id"],
+            "exact_key": pa.array(exact, pa.string()),
+            "flip_key": pa.array(flip, pa.string()),
+            "side": pa.array(side, pa.string()),
+        },
+        schema=KEYS_SCHEMA,
+    )
+
+
+def _ranked(keys: pa.Table, options: DedupOptions) -> pa.Table:
+    ranks = [options.rank(s) for s in keys["source"].to_pylist()]
+    return keys.append_column("rank", pa.array(ranks, pa.int32()))
+
+
+def exact_clusters(keys: pa.Table, options: DedupOptions, run_id: str) -> pa.Table:
+    """``dedup_clusters`` rows (method ``exact``) for every exact key shared by two or more pairs.
+
+    The representative is the member from the highest-priority source, then the smallest
+    pair_id: deterministic and independent of input order.
+    """
+    ordered = _ranked(keys, options).sort_by(
+        [
+            ("exact_key", "ascending"),
+            ("rank", "ascending"),
+            ("pair_id", "ascending"),
+            ("source", "ascending"),
+        ]
+    )
+    groups = ordered.group_by("exact_key", use_threads=False).aggregate(
+        [("pair_id", "first"), ("source", "first"), ("pair_id", "count")]
+    )
+    groups = groups.filter(pc.greater_equal(groups["pair_id_count"], 2))
+    members = ordered.join(groups, "exact_key", join_type="inner")
+    now = datetime.now(UTC)
+    return pa.table(
+        {
+            "method": pa.array(["exact"] * members.num_rows, pa.string()),
+            "source": members["source"],
+            "pair_id": members["pair_id"],
+            "cluster_id": members["exact_key"],
+            "cluster_size": pc.cast(members["pair_id_count"], pa.int32()),
+            "representative_source": members["source_first"],
+            "representative_pair_id": members["pair_id_first"],
+            "dedup_run_id": pa.array([run_id] * members.num_rows, pa.string()),
+            "decided_at": pa.array([now] * members.num_rows, pa.timestamp("us", tz="UTC")),
+        },
+        schema=DEDUP_CLUSTERS.schema,
+    ).sort_by([("cluster_id", "ascending"), ("source", "ascending"), ("pair_id", "ascending")])
+
+
+def flip_conflicts(keys: pa.Table, options: DedupOptions, run_id: str) -> pa.Table:
+    """``conflicts`` rows for every flip key seen on both sides, resolved by the policy."""
+    ranked = _ranked(keys, options)
+    per_side = ranked.group_by(["flip_key", "side"]).aggregate(
+        [("pair_id", "count"), ("rank", "min")]
+    )
+    sides = per_side.group_by("flip_key").aggregate([("side", "count_distinct")])
+    conflicted = sides.filter(pc.equal(sides["side_count_distinct"], 2))["flip_key"]
+    votes = {
+        (row["flip_key"], row["side"]): (row["pair_id_count"], row["rank_min"])
+        for row in per_side.filter(pc.is_in(per_side["flip_key"], conflicted)).to_pylist()
+    }
+    rows = []
+    now = datetime.now(UTC)
+    members = ranked.filter(pc.is_in(ranked["flip_key"], conflicted))
+    for member in members.sort_by(
+        [
+            ("flip_key", "ascending"),
+            ("side", "ascending"),
+            ("source", "ascending"),
+            ("pair_id", "ascending"),
+        ]
+    ).to_pylist():
+        mine = votes[(member["flip_key"], member["side"])]
+        theirs = votes[(member["flip_key"], "b" if member["side"] == "a" else "a")]
+        resolution, reason = _resolve(mine, theirs, options)
+        rows.append(
+            {
+                "conflict_id": member["flip_key"],
+                "source": member["source"],
+                "pair_id": member["pair_id"],
+                "side": member["side"],
+                "side_votes": mine[0],
+                "other_side_votes": theirs[0],
+                "policy": options.conflict_policy,
+                "resolution": resolution,
+                "reason": reason,
+                "dedup_run_id": run_id,
+                "decided_at": now,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=CONFLICTS.schema)
+
+
+def _resolve(
+    mine: tuple[int, int], theirs: tuple[int, int], options: DedupOptions
+) -> tuple[str, str]:
+    """(resolution, reason) for one side; ``mine``/``theirs`` are (votes, best source rank)."""
+    if options.conflict_policy == "majority":
+        if mine[0] == theirs[0]:
+            return "unresolved", f"tie {mine[0]} vs {theirs[0]}: left for judging"
+        won = mine[0] > theirs[0]
+        return ("kept" if won else "overruled"), f"majority {mine[0]} vs {theirs[0]}"
+    if options.conflict_policy == "source_priority":
+        if mine[1] == theirs[1]:
+            return "unresolved", "both sides come from equally trusted sources: left for judging"
+        won = mine[1] < theirs[1]
+        return ("kept" if won else "overruled"), "source priority"
+    return "unresolved", "policy 'judge': left for LLM judging"
+
+
+def curation_status(
+    pairs: pa.Table, clusters: pa.Table, conflicts: pa.Table, run_id: str
+) -> pa.Table:
+    """One ``curation_status`` row per pair (``pairs`` needs source and pair_id).
+
+    Precedence: a conflict (overruled or unresolved) over being an exact duplicate over kept.
+    """
+    decided: dict[tuple[str, str], tuple[str, str]] = {}
+    duplicates = clusters.filter(
+        pc.or_(
+            pc.not_equal(clusters["pair_id"], clusters["representative_pair_id"]),
+            pc.not_equal(clusters["source"], clusters["representative_source"]),
+        )
+    )
+    for row in duplicates.to_pylist():
+        decided[(row["source"], row["pair_id"])] = (
+            f"{row['method']}_dup",
+            f"{row['method']} duplicate of {row['representative_source']}/"
+            f"{row['representative_pair_id']} (cluster of {row['cluster_size']})",
+        )
+    for row in conflicts.filter(pc.not_equal(conflicts["resolution"], "kept")).to_pylist():
+        decided[(row["source"], row["pair_id"])] = (
+            "conflict",
+            f"label conflict {row['conflict_id'][:12]}: {row['resolution']} ({row['reason']})",
+        )
+    kept = ("kept", "no duplicate or conflict found")
+    statuses = [
+        decided.get(key, kept)
+        for key in zip(pairs["source"].to_pylist(), pairs["pair_id"].to_pylist(), strict=True)
+    ]
+    n = pairs.num_rows
+    return pa.table(
+        {
+            "source": pairs["source"],
+            "pair_id": pairs["pair_id"],
+            "status": pa.array([s for s, _ in statuses], pa.string()),
+            "reason": pa.array([r for _, r in statuses], pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "decided_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
+        },
+        schema=CURATION_STATUS.schema,
+    )
+
+
+def status_counts(status: pa.Table) -> dict[str, dict[str, int]]:
+    """{source: {status: count}} for summaries and MLflow metrics."""
+    counts = status.group_by(["source", "status"]).aggregate([("pair_id", "count")])
+    result: dict[str, dict[str, int]] = {}
+    for row in counts.to_pylist():
+        result.setdefault(row["source"], {})[row["status"]] = row["pair_id_count"]
+    return result
+
+
+@dataclass
+class DedupSummary:
+    pairs_version: int
+    pairs: int
+    exact_clusters: int
+    exact_duplicates: int
+    conflicts: int
+    conflict_pairs_overruled: int
+    conflict_pairs_unresolved: int
+    by_source: dict[str, dict[str, int]]
+    cluster_sizes: dict[int, int]
+    written: dict[str, int | None]
+    """Table -> new version, or None when the run changed nothing in it."""
+    seconds: float
+
+    def text(self) -> str:
+        lines = [
+            f"dedup of pairs v{self.pairs_version}: {self.pairs:,} pairs",
+            f"  exact duplicates  {self.exact_duplicates:>10,} in {self.exact_clusters:,} clusters",
+            f"  label conflicts   {self.conflicts:>10,} ({self.conflict_pairs_overruled:,} pairs "
+            f"overruled, {self.conflict_pairs_unresolved:,} left for judging)",
+        ]
+        for source, counts in sorted(self.by_source.items()):
+            detail = ", ".join(f"{status} {n:,}" for status, n in sorted(counts.items()))
+            lines.append(f"  {source:<24} {detail}")
+        changed = [f"{t} v{v}" for t, v in self.written.items() if v is not None]
+        lines.append(
+            f"  wrote {', '.join(changed) if changed else 'nothing (no decision changed)'}"
+        )
+        lines.append(f"  took {self.seconds:.1f}s")
+        return "\n".join(lines)
+
+
+def compute_keys(lake: Lake, version: int, casefold: bool) -> pa.Table:
+    """Content keys of every pair at ``version``, computed in parallel on Ray Data.
+
+    Only the keys (about 100 bytes a pair) come back to the driver, where grouping is a
+    multi-threaded Arrow hash aggregation.
+    """
+    pairs = ray.data.read_delta(
+        lake.uri(PAIRS.name),
+        version=version,
+        storage_options=lake.storage_options or None,
+        columns=["source", "pair_id", "history", "chosen", "rejected"],
+    )
+    keys = pairs.map_batches(content_keys, batch_format="pyarrow", fn_kwargs={"casefold": casefold})
+    tables = [t for t in ray.get(keys.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables).cast(KEYS_SCHEMA) if tables else KEYS_SCHEMA.empty_table()
+
+
+DECISION_COLUMNS = {
+    DEDUP_CLUSTERS.name: (
+        "cluster_id",
+        "cluster_size",
+        "representative_source",
+        "representative_pair_id",
+    ),
+    CONFLICTS.name: ("side", "side_votes", "other_side_votes", "policy", "resolution", "reason"),
+    CURATION_STATUS.name: ("status", "reason"),
+}
+"""Columns whose change makes a re-run rewrite a decision row (run ids and times do not)."""
+
+
+def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> DedupSummary:
+    """Exact dedup and flip detection over all pairs; writes the decision tables."""
+    started = time.perf_counter()
+    version = lake.version(PAIRS.name)
+    keys = compute_keys(lake, version, options.casefold)
+    progress(
+        f"[dedup] content keys of {keys.num_rows:,} pairs (pairs v{version}) "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+    clusters = exact_clusters(keys, options, run_id)
+    conflicts = flip_conflicts(keys, options, run_id)
+    status = curation_status(keys, clusters, conflicts, run_id)
+    written = {}
+    for spec, rows in (
+        (DEDUP_CLUSTERS, clusters),
+        (CONFLICTS, conflicts),
+        (CURATION_STATUS, status),
+    ):
+        before = lake.version(spec.name) if lake.exists(spec.name) else None
+        result = lake.upsert(spec, rows, compare=DECISION_COLUMNS[spec.name])
+        written[spec.name] = result.version if result.version != before else None
+    progress(f"[dedup] decisions written in {time.perf_counter() - started:.1f}s")
+    sizes = clusters.group_by("cluster_id").aggregate([("cluster_size", "min")])
+    resolutions = conflicts["resolution"].to_pylist()
+    return DedupSummary(
+        pairs_version=version,
+        pairs=keys.num_rows,
+        exact_clusters=sizes.num_rows,
+        exact_duplicates=clusters.num_rows - sizes.num_rows,
+        conflicts=len(set(conflicts["conflict_id"].to_pylist())),
+        conflict_pairs_overruled=resolutions.count("overruled"),
+        conflict_pairs_unresolved=resolutions.count("unresolved"),
+        by_source=status_counts(status),
+        cluster_sizes=dict(Counter(sizes["cluster_size_min"].to_pylist())),
+        written=written,
+        seconds=time.perf_counter() - started,
+    )

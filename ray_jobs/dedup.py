@@ -1,0 +1,100 @@
+"""`synpref dedup`: pair-aware exact dedup and label-conflict detection over the lake's pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import click
+import mlflow
+from matplotlib.figure import Figure
+
+from pipelines.config import SynprefConfig
+from pipelines.dedup import DedupOptions, DedupSummary, dedup
+from pipelines.lake import Lake
+from pipelines.ray_cluster import connect
+from pipelines.tracking import job_run, log_delta_table, run_location
+from ray_jobs.job import (
+    configure_logging,
+    emit,
+    global_options,
+    json_option,
+    progress,
+    resolve_config,
+)
+from storage_schemas import PAIRS
+
+
+def run_dedup(config: SynprefConfig, report: Callable[[str], None] = progress) -> dict[str, Any]:
+    lake = Lake(config.lake.root, config.lake.storage_options)
+    options = DedupOptions(
+        casefold=config.dedup.casefold,
+        conflict_policy=config.dedup.conflict_policy,
+        source_priority=tuple(config.dedup.source_priority),
+    )
+    dashboard = connect(config.ray)
+    with job_run(config, "dedup") as run:
+        summary = dedup(lake, options, run.info.run_id, report)
+        _track(summary, lake)
+        location = run_location(run, config.tracking)
+    return asdict(summary) | {
+        "run_id": run.info.run_id,
+        "text": summary.text(),
+        "mlflow_run": location,
+        "ray_dashboard": dashboard,
+    }
+
+
+def _track(summary: DedupSummary, lake: Lake) -> None:
+    log_delta_table(PAIRS.name, lake.uri(PAIRS.name), summary.pairs_version, context="input")
+    for table, version in summary.written.items():
+        if version is not None:
+            log_delta_table(table, lake.uri(table), version, context="output")
+    mlflow.log_metrics(
+        {
+            "pairs": summary.pairs,
+            "exact_clusters": summary.exact_clusters,
+            "exact_duplicates": summary.exact_duplicates,
+            "conflicts": summary.conflicts,
+            "conflict_pairs_overruled": summary.conflict_pairs_overruled,
+            "conflict_pairs_unresolved": summary.conflict_pairs_unresolved,
+            **{
+                f"status.{source}.{status}": n
+                for source, counts in summary.by_source.items()
+                for status, n in counts.items()
+            },
+        }
+    )
+    mlflow.log_dict(asdict(summary), "dedup_summary.json")
+    if summary.cluster_sizes:
+        mlflow.log_figure(_cluster_size_plot(summary.cluster_sizes), "cluster_sizes.png")
+
+
+def _cluster_size_plot(sizes: dict[int, int]) -> Figure:
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    xs = sorted(sizes)
+    axes.bar([str(x) for x in xs], [sizes[x] for x in xs])
+    axes.set_xlabel("pairs in the cluster")
+    axes.set_ylabel("exact-duplicate clusters")
+    axes.set_yscale("log")
+    axes.set_title("Exact-duplicate cluster sizes")
+    figure.tight_layout()
+    return figure
+
+
+@click.command("dedup")
+@global_options
+@json_option
+@click.pass_context
+def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
+    """Find exact duplicate pairs and label conflicts (flips); write the decision tables."""
+    result = run_dedup(resolve_config(ctx, **options))
+    text = "\n".join([result.pop("text"), f"MLflow: {result['mlflow_run']}"])
+    emit(result, text, as_json)
+
+
+if __name__ == "__main__":
+    configure_logging()
+    command()

@@ -1,0 +1,203 @@
+"""Pair-aware exact dedup and flip detection: pure functions, then the job on real data."""
+
+import json
+
+import mlflow
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.dedup import (
+    KEYS_SCHEMA,
+    DedupOptions,
+    content_keys,
+    curation_status,
+    exact_clusters,
+    flip_conflicts,
+    normalise_text,
+)
+from pipelines.ingest import IngestRequest
+from ray_jobs.dedup import run_dedup
+from ray_jobs.ingest import run_ingest
+from tests.conftest import HH_HARMLESS, shared_data
+
+USER = [{"role": "user", "content": "Which is larger, 2 or 3?"}]
+
+
+def pairs(*rows):
+    """rows of (source, pair_id, history, chosen, rejected)."""
+    return pa.Table.from_pylist(
+        [
+            dict(zip(("source", "pair_id", "history", "chosen", "rejected"), r, strict=True))
+            for r in rows
+        ]
+    )
+
+
+def keys(*rows, casefold=False):
+    return content_keys(pairs(*rows), casefold=casefold)
+
+
+def test_normalisation_folds_unicode_forms_and_whitespace():
+    assert normalise_text("caf\u0065\u0301  au\tlait\n") == normalise_text("café au lait")
+    assert normalise_text("Hello") != normalise_text("hello")
+    assert normalise_text("Hello", casefold=True) == normalise_text("hello", casefold=True)
+
+
+def test_whitespace_variants_share_the_exact_key_and_flips_the_flip_key():
+    k = keys(
+        ("s", "1", USER, "3 is larger.", "2 is larger."),
+        (
+            "s",
+            "2",
+            [{"role": "user", "content": "Which is larger,  2 or 3? "}],
+            "3 is  larger.",
+            "2 is larger.",
+        ),
+        ("s", "3", USER, "2 is larger.", "3 is larger."),
+        ("s", "4", USER, "3 IS LARGER.", "2 is larger."),
+    ).to_pylist()
+    assert k[0]["exact_key"] == k[1]["exact_key"] != k[2]["exact_key"]
+    assert k[0]["flip_key"] == k[2]["flip_key"] and k[0]["side"] != k[2]["side"]
+    assert k[3]["exact_key"] != k[0]["exact_key"]
+    folded = keys(
+        ("s", "1", USER, "3 is larger.", "2"), ("s", "4", USER, "3 IS LARGER.", "2"), casefold=True
+    )
+    assert folded["exact_key"][0] == folded["exact_key"][1]
+
+
+def test_representative_is_the_most_trusted_source_then_the_smallest_pair_id():
+    k = keys(
+        ("web", "a1", USER, "x", "y"),
+        ("gold", "z9", USER, "x", "y"),
+        ("web", "a0", USER, "x ", "y"),
+    )
+    clusters = exact_clusters(k, DedupOptions(source_priority=("gold",)), "run").to_pylist()
+    assert {(c["source"], c["pair_id"]) for c in clusters} == {
+        ("web", "a1"),
+        ("gold", "z9"),
+        ("web", "a0"),
+    }
+    assert {c["representative_pair_id"] for c in clusters} == {"z9"}
+    plain = exact_clusters(k, DedupOptions(), "run").to_pylist()
+    assert {c["representative_pair_id"] for c in plain} == {"a0"}
+    assert all(c["cluster_size"] == 3 for c in plain)
+
+
+@pytest.mark.parametrize(
+    ("policy", "priority", "expected"),
+    [
+        ("majority", (), {"a": "kept", "b": "overruled"}),
+        ("source_priority", ("flipper",), {"a": "overruled", "b": "kept"}),
+        ("judge", (), {"a": "unresolved", "b": "unresolved"}),
+    ],
+)
+def test_flips_are_conflicts_resolved_by_the_policy(policy, priority, expected):
+    k = keys(
+        ("s1", "p1", USER, "3", "2"),
+        ("s2", "p2", USER, "3", "2"),
+        ("flipper", "p3", USER, "2", "3"),
+    )
+    conflicts = flip_conflicts(
+        k, DedupOptions(conflict_policy=policy, source_priority=priority), "run"
+    )
+    side_of = {r["pair_id"]: r["side"] for r in conflicts.to_pylist()}
+    outcome = {r["side"]: r["resolution"] for r in conflicts.to_pylist()}
+    assert side_of["p1"] == side_of["p2"] != side_of["p3"]
+    assert outcome[side_of["p1"]] == expected["a"] and outcome[side_of["p3"]] == expected["b"]
+
+
+def test_a_tie_is_never_resolved_silently():
+    k = keys(("s", "p1", USER, "3", "2"), ("s", "p2", USER, "2", "3"))
+    conflicts = flip_conflicts(k, DedupOptions(conflict_policy="majority"), "run")
+    assert set(conflicts["resolution"].to_pylist()) == {"unresolved"}
+
+
+def test_status_precedence_conflict_over_duplicate_over_kept():
+    k = keys(
+        ("s", "p1", USER, "3", "2"),
+        ("s", "p2", USER, "3 ", "2"),
+        ("s", "p3", USER, "2", "3"),
+        ("s", "p4", USER, "4", "5"),
+    )
+    options = DedupOptions(conflict_policy="majority")
+    status = curation_status(
+        k, exact_clusters(k, options, "r"), flip_conflicts(k, options, "r"), "r"
+    )
+    by_pair = {r["pair_id"]: r["status"] for r in status.to_pylist()}
+    assert by_pair == {"p1": "kept", "p2": "exact_dup", "p3": "conflict", "p4": "kept"}
+
+
+decision_rows = st.lists(
+    st.tuples(
+        st.sampled_from(["s1", "s2"]),
+        st.sampled_from(["Q1", "Q2"]),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(["a", "b", "c"]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(decision_rows, st.randoms())
+def test_decisions_are_deterministic_and_order_independent(rows, rnd):
+    table = pairs(
+        *[
+            (s, f"id{i}", [{"role": "user", "content": q}], c, r)
+            for i, (s, q, c, r) in enumerate(rows)
+        ]
+    )
+    options = DedupOptions(source_priority=("s2",))
+
+    def decide(t):
+        k = content_keys(t)
+        clusters = exact_clusters(k, options, "r").drop_columns(["decided_at"]).to_pylist()
+        conflicts = flip_conflicts(k, options, "r").drop_columns(["decided_at"]).to_pylist()
+        return sorted(map(json.dumps, clusters)), sorted(map(json.dumps, conflicts))
+
+    order = list(range(table.num_rows))
+    rnd.shuffle(order)
+    assert decide(table) == decide(table.take(order))
+
+
+def test_empty_input_makes_no_decisions():
+    empty = KEYS_SCHEMA.empty_table()
+    assert exact_clusters(empty, DedupOptions(), "r").num_rows == 0
+    assert flip_conflicts(empty, DedupOptions(), "r").num_rows == 0
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_dedup_job_on_real_and_planted_data(config, lake, tmp_path):
+    hh = shared_data(HH_HARMLESS)
+    quiet = {"report": lambda _: None}
+    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), **quiet)
+    flips = tmp_path / "flips.jsonl"
+    records = [
+        {"prompt": "Is the sky blue?", "chosen": "Yes, on a clear day.", "rejected": "No."},
+        {"prompt": "Is the sky blue?", "chosen": "No.", "rejected": "Yes, on a clear day."},
+        {"prompt": "Is  the sky blue?", "chosen": "Yes, on a clear day. ", "rejected": "No."},
+    ]
+    flips.write_text("\n".join(map(json.dumps, records)) + "\n")
+    run_ingest(config, IngestRequest(paths=[str(flips)], source="edits"), **quiet)
+
+    first = run_dedup(config, report=lambda _: None)
+    # HH's repeated prompts have different responses: no pair duplicates among its pairs.
+    assert first["by_source"]["hh"] == {"kept": 2303}
+    assert first["conflicts"] == 1 and first["exact_duplicates"] == 1
+    statuses = sorted(first["by_source"]["edits"].items())
+    assert statuses == [("conflict", 1), ("exact_dup", 1), ("kept", 1)]
+
+    status = lake.read("curation_status", where="source = 'edits'").to_pylist()
+    assert all(row["reason"] for row in status)
+    mlflow.set_tracking_uri(config.tracking.uri)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
+    assert {"dedup_summary.json", "cluster_sizes.png"} <= artifacts
+
+    again = run_dedup(config, report=lambda _: None)
+    assert set(again["written"].values()) == {None}, "re-running dedup changes nothing"
