@@ -83,6 +83,17 @@ class DedupConfig(_Section):
     under ``source_priority``; unlisted sources rank last."""
 
 
+class DecontaminationConfig(_Section):
+    """N-gram overlap of corpus pairs with the benchmark sources of the lake."""
+
+    n: int = Field(default=13, ge=5, le=13)
+    """N-gram size in words (the paper used 13, and 5 to 13 in its last revision)."""
+    min_tokens: int = Field(default=8, ge=1, le=13)
+    """Benchmark texts shorter than n words but at least this long are matched whole."""
+    include_responses: bool = False
+    """Also index the benchmarks' responses, not only their prompts."""
+
+
 class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
@@ -106,6 +117,7 @@ class SynprefConfig(BaseSettings):
     ray: RayConfig = Field(default_factory=RayConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

@@ -11,7 +11,7 @@ keys per pair, computed on normalised text:
 
 Normalisation: Unicode NFC, every run of whitespace collapsed to one space, ends stripped, and
 (``casefold=True``) case folded. Raw pairs are never changed: decisions are rows of
-``dedup_clusters`` and ``conflicts``, and ``curation_status`` says per pair what hygiene keeps.
+``dedup_clusters`` and ``conflicts``; ``curation_status`` says per pair what hygiene keeps.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipelines.curation_status import rebuild_status
 from pipelines.lake import Lake
 from pipelines.preference_formats import pair_id as content_hash
 from storage_schemas import CONFLICTS, CURATION_STATUS, DEDUP_CLUSTERS, PAIRS
@@ -196,59 +197,6 @@ def _resolve(
     return "unresolved", "policy 'judge': left for LLM judging"
 
 
-def curation_status(
-    pairs: pa.Table, clusters: pa.Table, conflicts: pa.Table, run_id: str
-) -> pa.Table:
-    """One ``curation_status`` row per pair (``pairs`` needs source and pair_id).
-
-    Precedence: a conflict (overruled or unresolved) over being an exact duplicate over kept.
-    """
-    decided: dict[tuple[str, str], tuple[str, str]] = {}
-    duplicates = clusters.filter(
-        pc.or_(
-            pc.not_equal(clusters["pair_id"], clusters["representative_pair_id"]),
-            pc.not_equal(clusters["source"], clusters["representative_source"]),
-        )
-    )
-    for row in duplicates.to_pylist():
-        decided[(row["source"], row["pair_id"])] = (
-            f"{row['method']}_dup",
-            f"{row['method']} duplicate of {row['representative_source']}/"
-            f"{row['representative_pair_id']} (cluster of {row['cluster_size']})",
-        )
-    for row in conflicts.filter(pc.not_equal(conflicts["resolution"], "kept")).to_pylist():
-        decided[(row["source"], row["pair_id"])] = (
-            "conflict",
-            f"label conflict {row['conflict_id'][:12]}: {row['resolution']} ({row['reason']})",
-        )
-    kept = ("kept", "no duplicate or conflict found")
-    statuses = [
-        decided.get(key, kept)
-        for key in zip(pairs["source"].to_pylist(), pairs["pair_id"].to_pylist(), strict=True)
-    ]
-    n = pairs.num_rows
-    return pa.table(
-        {
-            "source": pairs["source"],
-            "pair_id": pairs["pair_id"],
-            "status": pa.array([s for s, _ in statuses], pa.string()),
-            "reason": pa.array([r for _, r in statuses], pa.string()),
-            "run_id": pa.array([run_id] * n, pa.string()),
-            "decided_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
-        },
-        schema=CURATION_STATUS.schema,
-    )
-
-
-def status_counts(status: pa.Table) -> dict[str, dict[str, int]]:
-    """{source: {status: count}} for summaries and MLflow metrics."""
-    counts = status.group_by(["source", "status"]).aggregate([("pair_id", "count")])
-    result: dict[str, dict[str, int]] = {}
-    for row in counts.to_pylist():
-        result.setdefault(row["source"], {})[row["status"]] = row["pair_id_count"]
-    return result
-
-
 @dataclass
 class DedupSummary:
     pairs_version: int
@@ -307,7 +255,6 @@ DECISION_COLUMNS = {
         "representative_pair_id",
     ),
     CONFLICTS.name: ("side", "side_votes", "other_side_votes", "policy", "resolution", "reason"),
-    CURATION_STATUS.name: ("status", "reason"),
 }
 """Columns whose change makes a re-run rewrite a decision row (run ids and times do not)."""
 
@@ -323,16 +270,13 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
     )
     clusters = exact_clusters(keys, options, run_id)
     conflicts = flip_conflicts(keys, options, run_id)
-    status = curation_status(keys, clusters, conflicts, run_id)
     written = {}
-    for spec, rows in (
-        (DEDUP_CLUSTERS, clusters),
-        (CONFLICTS, conflicts),
-        (CURATION_STATUS, status),
-    ):
+    for spec, rows in ((DEDUP_CLUSTERS, clusters), (CONFLICTS, conflicts)):
         before = lake.version(spec.name) if lake.exists(spec.name) else None
         result = lake.upsert(spec, rows, compare=DECISION_COLUMNS[spec.name])
         written[spec.name] = result.version if result.version != before else None
+    status = rebuild_status(lake, keys.select(["source", "pair_id"]), run_id)
+    written[CURATION_STATUS.name] = status.version
     progress(f"[dedup] decisions written in {time.perf_counter() - started:.1f}s")
     sizes = clusters.group_by("cluster_id").aggregate([("cluster_size", "min")])
     resolutions = conflicts["resolution"].to_pylist()
@@ -344,7 +288,7 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
         conflicts=len(set(conflicts["conflict_id"].to_pylist())),
         conflict_pairs_overruled=resolutions.count("overruled"),
         conflict_pairs_unresolved=resolutions.count("unresolved"),
-        by_source=status_counts(status),
+        by_source=status.counts,
         cluster_sizes=dict(Counter(sizes["cluster_size_min"].to_pylist())),
         written=written,
         seconds=time.perf_counter() - started,

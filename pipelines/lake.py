@@ -197,6 +197,12 @@ class Lake:
         # DataFusion returns string_view; give callers the declared Arrow types.
         return rows.cast(pa.schema([spec.schema.field(c) for c in rows.column_names]))
 
+    def count(self, name: str, version: int | None = None, where: str | None = None) -> int:
+        """Number of rows of table ``name`` (matching the SQL predicate ``where``)."""
+        sql = "SELECT COUNT(*) AS n FROM t" + (f" WHERE {where}" if where else "")
+        result = pa.table(QueryBuilder().register("t", self._open(name, version)).execute(sql))
+        return int(result["n"][0].as_py())
+
     def version(self, name: str) -> int:
         return self._open(name).version()
 

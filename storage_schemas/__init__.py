@@ -3,7 +3,7 @@
 Schema version history (bump ``SCHEMA_VERSION`` and add a line on any change):
 
 - 1: ``pairs`` and ``quarantine``.
-- 2: ``dedup_clusters``, ``conflicts``, ``curation_status`` (hygiene: exact dedup and flips).
+- 2: ``dedup_clusters``, ``conflicts``, ``contamination``, ``curation_status`` (hygiene).
 
 Later capabilities register their tables here the same way (``dedup_clusters``,
 ``contamination``, ``attributes``, ``judgments``, ``labels``, ``rm_scores``, ``curated_sets``).
@@ -191,6 +191,34 @@ CONFLICTS = TableSpec(
     },
 )
 
+CONTAMINATION = TableSpec(
+    name="contamination",
+    description=(
+        "Corpus pairs sharing an n-gram with a benchmark text: one row per (pair, field, "
+        "benchmark pair), with one matched n-gram as evidence."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("field", pa.string(), nullable=False),
+            pa.field("benchmark_source", pa.string(), nullable=False),
+            pa.field("benchmark_pair_id", pa.string(), nullable=False),
+            pa.field("benchmark_field", pa.string(), nullable=False),
+            pa.field("ngram", pa.string(), nullable=False),
+            pa.field("n", pa.int32(), nullable=False),
+            pa.field("decontamination_run_id", pa.string(), nullable=False),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("source", "pair_id", "field", "benchmark_source", "benchmark_pair_id"),
+    partition_by=("source",),
+    constraints={
+        "field_known": "field IN ('history', 'chosen', 'rejected')",
+        "benchmark_field_known": "benchmark_field IN ('prompt', 'response')",
+    },
+)
+
 CURATION_STATUSES = ("kept", "exact_dup", "near_dup", "conflict", "contaminated")
 
 CURATION_STATUS = TableSpec(
@@ -215,7 +243,8 @@ CURATION_STATUS = TableSpec(
 )
 
 TABLES: dict[str, TableSpec] = {
-    spec.name: spec for spec in (PAIRS, QUARANTINE, DEDUP_CLUSTERS, CONFLICTS, CURATION_STATUS)
+    spec.name: spec
+    for spec in (PAIRS, QUARANTINE, DEDUP_CLUSTERS, CONFLICTS, CONTAMINATION, CURATION_STATUS)
 }
 
 

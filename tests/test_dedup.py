@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.curation_status import derive
 from pipelines.dedup import (
     KEYS_SCHEMA,
     DedupOptions,
     content_keys,
-    curation_status,
     exact_clusters,
     flip_conflicts,
     normalise_text,
@@ -20,6 +20,7 @@ from pipelines.dedup import (
 from pipelines.ingest import IngestRequest
 from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest
+from storage_schemas import CONTAMINATION
 from tests.conftest import HH_HARMLESS, shared_data
 
 USER = [{"role": "user", "content": "Which is larger, 2 or 3?"}]
@@ -122,8 +123,9 @@ def test_status_precedence_conflict_over_duplicate_over_kept():
         ("s", "p4", USER, "4", "5"),
     )
     options = DedupOptions(conflict_policy="majority")
-    status = curation_status(
-        k, exact_clusters(k, options, "r"), flip_conflicts(k, options, "r"), "r"
+    no_contamination = CONTAMINATION.schema.empty_table()
+    status = derive(
+        k, exact_clusters(k, options, "r"), flip_conflicts(k, options, "r"), no_contamination, "r"
     )
     by_pair = {r["pair_id"]: r["status"] for r in status.to_pylist()}
     assert by_pair == {"p1": "kept", "p2": "exact_dup", "p3": "conflict", "p4": "kept"}

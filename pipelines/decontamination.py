@@ -1,0 +1,234 @@
+"""Benchmark decontamination: corpus pairs that share an n-gram with a benchmark's text.
+
+Every source ingested as a benchmark (RM-Bench, JudgeBench, RewardBench-style files with
+``--benchmark``) contributes its prompts (the user turns of its histories) and, optionally,
+its responses. A corpus pair is contaminated when its history, its chosen or its rejected
+response contains one of their n-grams (13 words by default, as in the paper's last revision;
+5 to 13 allowed). A benchmark text shorter than n words, but at least ``min_tokens`` long, is
+matched as a whole wherever it occurs. Any benchmark prompt, however short, also matches a
+history turn that is exactly that prompt (after normalisation): a 3-word prompt is too generic
+to look for inside other text, but not as a whole turn.
+
+Tokens are the words (``\\w+``) of the NFC-normalised, case-folded text. The index of benchmark
+n-grams is built once on the driver and shared with the Ray Data actors that scan the corpus.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import ray
+
+from pipelines.curation_status import rebuild_status
+from pipelines.dedup import normalise_text
+from pipelines.lake import Lake
+from storage_schemas import CONTAMINATION, PAIRS
+
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class DecontaminationOptions:
+    n: int = 13
+    min_tokens: int = 8
+    include_responses: bool = False
+
+    def __post_init__(self) -> None:
+        if not 5 <= self.n <= 13:
+            raise ValueError(f"n-gram size must be 5 to 13, got {self.n}")
+        if not 1 <= self.min_tokens <= self.n:
+            raise ValueError(f"min_tokens must be 1 to n ({self.n}), got {self.min_tokens}")
+
+
+def tokens(text: str) -> list[str]:
+    return _WORD.findall(normalise_text(text, casefold=True))
+
+
+@dataclass(frozen=True)
+class BenchmarkIndex:
+    """Benchmark n-grams -> (benchmark source, benchmark pair_id, benchmark field)."""
+
+    grams: dict[str, tuple[str, str, str]]
+    lengths: tuple[int, ...]
+    first_tokens: frozenset[str]
+    prompts: dict[str, tuple[str, str, str]]
+    """Whole benchmark prompts (normalised words joined by spaces), matched against whole turns."""
+
+    @classmethod
+    def build(cls, benchmark: pa.Table, options: DecontaminationOptions) -> BenchmarkIndex:
+        """From ``pairs`` rows of benchmark sources; the first pair (by source, pair_id) that
+        holds an n-gram is its evidence, so the index does not depend on row order."""
+        grams: dict[str, tuple[str, str, str]] = {}
+        prompts: dict[str, tuple[str, str, str]] = {}
+        rows = benchmark.sort_by([("source", "ascending"), ("pair_id", "ascending")]).to_pylist()
+        for row in rows:
+            texts = [("prompt", m["content"]) for m in row["history"] if m["role"] == "user"]
+            if options.include_responses:
+                texts += [("response", row["chosen"]), ("response", row["rejected"])]
+            for field, text in texts:
+                words = tokens(text)
+                evidence = (row["source"], row["pair_id"], field)
+                if field == "prompt" and words:
+                    prompts.setdefault(" ".join(words), evidence)
+                for gram in _benchmark_grams(words, options):
+                    grams.setdefault(gram, evidence)
+        lengths = tuple(sorted({g.count(" ") + 1 for g in grams}, reverse=True))
+        return cls(grams, lengths, frozenset(g.split(" ", 1)[0] for g in grams), prompts)
+
+
+def _benchmark_grams(words: list[str], options: DecontaminationOptions) -> Iterator[str]:
+    if len(words) >= options.n:
+        for i in range(len(words) - options.n + 1):
+            yield " ".join(words[i : i + options.n])
+    elif len(words) >= options.min_tokens:
+        yield " ".join(words)
+
+
+def find_contamination(batch: pa.Table, index: BenchmarkIndex, run_id: str) -> pa.Table:
+    """``contamination`` rows for the corpus pairs of ``batch`` (benchmark rows are skipped)."""
+    hits: dict[tuple[str, str, str, str, str], tuple[str, str]] = {}
+    for row in batch.to_pylist():
+        if row["source_kind"] == "benchmark":
+            continue
+        fields = [("history", m["content"]) for m in row["history"]]
+        fields += [("chosen", row["chosen"]), ("rejected", row["rejected"])]
+        for field, text in fields:
+            words = tokens(text)
+            whole = " ".join(words)
+            found = (
+                [(whole, index.prompts[whole])]
+                if field == "history" and whole in index.prompts
+                else []
+            )
+            found += [(gram, index.grams[gram]) for gram in _matches(words, index)]
+            for gram, (source, pair_id, benchmark_field) in found:
+                key = (row["source"], row["pair_id"], field, source, pair_id)
+                hits.setdefault(key, (benchmark_field, gram))
+    now = datetime.now(UTC)
+    return pa.Table.from_pylist(
+        [
+            {
+                "source": key[0],
+                "pair_id": key[1],
+                "field": key[2],
+                "benchmark_source": key[3],
+                "benchmark_pair_id": key[4],
+                "benchmark_field": benchmark_field,
+                "ngram": gram,
+                "n": gram.count(" ") + 1,
+                "decontamination_run_id": run_id,
+                "decided_at": now,
+            }
+            for key, (benchmark_field, gram) in sorted(hits.items())
+        ],
+        schema=CONTAMINATION.schema,
+    )
+
+
+def _matches(words: list[str], index: BenchmarkIndex) -> Iterator[str]:
+    for n in index.lengths:
+        for i in range(len(words) - n + 1):
+            if words[i] in index.first_tokens:
+                gram = " ".join(words[i : i + n])
+                if gram in index.grams:
+                    yield gram
+
+
+class ContaminationFinder:
+    """Ray Data actor: holds the benchmark index once and scans batches of pairs."""
+
+    def __init__(self, index: BenchmarkIndex, run_id: str) -> None:
+        self.index = index
+        self.run_id = run_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return find_contamination(batch, self.index, self.run_id)
+
+
+@dataclass
+class DecontaminationSummary:
+    pairs_version: int
+    benchmarks: dict[str, int]
+    """Benchmark source -> pairs indexed."""
+    ngrams_indexed: int
+    corpus_pairs: int
+    contaminated_pairs: dict[str, int]
+    """Corpus source -> contaminated pairs."""
+    by_benchmark: dict[str, int]
+    """Benchmark source -> contaminated corpus pairs."""
+    contamination_version: int | None
+    status_version: int | None
+    """New ``curation_status`` version, or None when no verdict changed."""
+    by_source: dict[str, dict[str, int]]
+    seconds: float
+
+    def text(self) -> str:
+        lines = [
+            f"decontamination of pairs v{self.pairs_version} against "
+            + (
+                ", ".join(f"{b} ({n:,} pairs)" for b, n in sorted(self.benchmarks.items()))
+                or "no benchmark sources"
+            ),
+            f"  {self.ngrams_indexed:,} benchmark n-grams, "
+            f"{self.corpus_pairs:,} corpus pairs scanned",
+        ]
+        for source, n in sorted(self.contaminated_pairs.items()):
+            lines.append(f"  {source:<24} {n:,} contaminated")
+        for benchmark, n in sorted(self.by_benchmark.items()):
+            lines.append(f"  from {benchmark:<19} {n:,} pairs")
+        if not self.contaminated_pairs:
+            lines.append("  no contaminated pairs")
+        lines.append(f"  took {self.seconds:.1f}s")
+        return "\n".join(lines)
+
+
+def decontaminate(
+    lake: Lake, options: DecontaminationOptions, run_id: str, progress=print
+) -> DecontaminationSummary:
+    """Scan every corpus pair against every benchmark source; write ``contamination``."""
+    started = time.perf_counter()
+    version = lake.version(PAIRS.name)
+    columns = ["source", "source_kind", "pair_id", "history", "chosen", "rejected"]
+    benchmark = lake.read(PAIRS.name, version, columns, where="source_kind = 'benchmark'")
+    index = BenchmarkIndex.build(benchmark, options)
+    progress(
+        f"[decontaminate] {len(index.grams):,} n-grams from {benchmark.num_rows:,} benchmark pairs"
+    )
+    corpus = ray.data.read_delta(
+        lake.uri(PAIRS.name),
+        version=version,
+        storage_options=lake.storage_options or None,
+        columns=columns,
+    )
+    found = corpus.map_batches(
+        ContaminationFinder,
+        fn_constructor_kwargs={"index": index, "run_id": run_id},
+        batch_format="pyarrow",
+        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+    )
+    parts = [t for t in ray.get(found.to_arrow_refs()) if t.num_rows]
+    hits = pa.concat_tables(parts) if parts else CONTAMINATION.schema.empty_table()
+    result = lake.upsert(CONTAMINATION, hits, compare=("benchmark_field", "ngram", "n"))
+    status = rebuild_status(lake, lake.read(PAIRS.name, version, ["source", "pair_id"]), run_id)
+    contaminated = {
+        (r["source"], r["pair_id"]) for r in hits.select(["source", "pair_id"]).to_pylist()
+    }
+    by_benchmark = {(r["benchmark_source"], r["source"], r["pair_id"]) for r in hits.to_pylist()}
+    return DecontaminationSummary(
+        pairs_version=version,
+        benchmarks=dict(Counter(benchmark["source"].to_pylist())),
+        ngrams_indexed=len(index.grams),
+        corpus_pairs=lake.count(PAIRS.name, version, where="source_kind = 'corpus'"),
+        contaminated_pairs=dict(Counter(source for source, _ in contaminated)),
+        by_benchmark=dict(Counter(b for b, _, _ in by_benchmark)),
+        contamination_version=result.version,
+        status_version=status.version,
+        by_source=status.counts,
+        seconds=time.perf_counter() - started,
+    )

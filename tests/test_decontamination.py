@@ -1,0 +1,117 @@
+"""Decontamination against benchmark sources: pure matching, then the job on real benchmarks."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipelines.decontamination import (
+    BenchmarkIndex,
+    DecontaminationOptions,
+    find_contamination,
+    tokens,
+)
+from pipelines.ingest import IngestRequest
+from pipelines.synthetic import CorpusSpec, benchmark_prompts, write_corpus
+from ray_jobs.decontaminate import run_decontaminate
+from ray_jobs.ingest import run_ingest
+from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
+
+LONG = "Explain in detail how the water cycle moves moisture from the oceans to the mountains and back again"
+SHORT = "Name three primary colours please now"  # 6 words
+TINY = "Write a poem"
+
+
+def rows(*items, kind="corpus", source="corpus"):
+    return pa.Table.from_pylist(
+        [
+            {
+                "source": source,
+                "source_kind": kind,
+                "pair_id": pid,
+                "history": [{"role": "user", "content": prompt}],
+                "chosen": chosen,
+                "rejected": "no",
+            }
+            for pid, prompt, chosen in items
+        ]
+    )
+
+
+INDEX = BenchmarkIndex.build(
+    rows(
+        ("b1", LONG, "x"), ("b2", SHORT, "y"), ("b3", TINY, "z"), kind="benchmark", source="bench"
+    ),
+    DecontaminationOptions(n=13, min_tokens=5),
+)
+
+
+def hits(*items):
+    return find_contamination(rows(*items), INDEX, "run").to_pylist()
+
+
+def test_tokens_are_normalised_words():
+    assert tokens("Héllo,  WORLD!\n") == ["héllo", "world"]
+
+
+def test_long_prompts_match_by_13_grams_anywhere():
+    (hit,) = hits(("p1", "Please: " + LONG.upper() + "!!", "fine"))
+    assert (hit["field"], hit["benchmark_pair_id"], hit["n"]) == ("history", "b1", 13)
+    (in_response,) = hits(("p2", "unrelated", "As asked: " + LONG))
+    assert in_response["field"] == "chosen"
+    assert hits(("p3", " ".join(LONG.split()[:12]), "partial overlap of 12 words")) == []
+
+
+def test_short_prompts_match_whole_and_tiny_ones_only_as_a_whole_turn():
+    (short,) = hits(("p1", "so: " + SHORT + " thanks", "ok"))
+    assert short["benchmark_pair_id"] == "b2" and short["n"] == 6
+    (tiny,) = hits(("p2", "write a poem", "ok"))
+    assert tiny["benchmark_pair_id"] == "b3"
+    assert hits(("p3", "Please write a poem about cats", "ok")) == []
+
+
+def test_benchmark_rows_are_never_flagged_against_themselves():
+    assert find_contamination(rows(("b1", LONG, "x"), kind="benchmark"), INDEX, "r").num_rows == 0
+
+
+@pytest.mark.parametrize(("n", "min_tokens"), [(4, 3), (14, 3), (13, 0), (5, 6)])
+def test_bad_options_are_rejected(n, min_tokens):
+    with pytest.raises(ValueError, match="must be"):
+        DecontaminationOptions(n=n, min_tokens=min_tokens)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_planted_benchmark_prompts_are_all_caught_and_clean_pairs_are_not(config, lake, tmp_path):
+    quiet = {"report": lambda _: None}
+    run_ingest(
+        config, IngestRequest(paths=[str(shared_data(RM_BENCH))], source="rm-bench"), **quiet
+    )
+    run_ingest(
+        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **quiet
+    )
+    prompts = benchmark_prompts(JUDGEBENCH) + benchmark_prompts(RM_BENCH / "chat_filtered.json")
+    spec = CorpusSpec(pairs=400, seed=9, contamination_rate=0.1, bad_row_rate=0)
+    files = write_corpus(spec, tmp_path / "corpus", benchmark_prompts=prompts)
+    run_ingest(config, IngestRequest(paths=[str(f) for f in files], source="web"), **quiet)
+
+    result = run_decontaminate(config, report=lambda _: None)
+    pairs = lake.read(
+        "pairs", columns=["pair_id", "source_meta"], where="source = 'web'"
+    ).to_pylist()
+    planted = {
+        p["pair_id"]
+        for p in pairs
+        if json.loads(p["source_meta"])["truth"]["kind"] == "contaminated"
+    }
+    flagged = set(lake.read("contamination", columns=["pair_id"])["pair_id"].to_pylist())
+    assert len(planted) == 40
+    assert flagged == planted, "every planted pair caught, no clean pair flagged"
+    assert result["contaminated_pairs"] == {"web": 40}
+    assert set(result["by_benchmark"]) <= {"rm-bench", "judgebench"}
+    status = lake.read("curation_status", where="status = 'contaminated'")
+    assert set(status["pair_id"].to_pylist()) == planted
+    assert all("-gram with" in r for r in status["reason"].to_pylist())
+
+    again = run_decontaminate(config, report=lambda _: None)
+    assert again["contamination_version"] == result["contamination_version"]
+    assert again["status_version"] is None, "re-running changes nothing"
