@@ -70,6 +70,19 @@ class IngestConfig(_Section):
     """Quarantined rows logged to MLflow as an artifact for review."""
 
 
+class MinHashConfig(_Section):
+    """Near-duplicate pairs by MinHash-LSH over history, chosen and rejected together."""
+
+    enabled: bool = True
+    ngram: int = Field(default=3, ge=1)
+    """Word n-gram size of the shingles."""
+    bands: int = Field(default=25, ge=1)
+    rows: int = Field(default=4, ge=1)
+    """bands x rows hash functions per field; sharing one band's bucket makes a candidate."""
+    threshold: float = Field(default=0.6, gt=0, le=1)
+    """Estimated Jaccard similarity every field of a candidate needs to be confirmed."""
+
+
 class DedupConfig(_Section):
     """Pair-aware exact dedup and label-conflict (flip) detection."""
 
@@ -81,6 +94,7 @@ class DedupConfig(_Section):
     source_priority: list[str] = Field(default_factory=list)
     """Sources from most to least trusted: picks cluster representatives and wins conflicts
     under ``source_priority``; unlisted sources rank last."""
+    minhash: MinHashConfig = Field(default_factory=MinHashConfig)
 
 
 class DecontaminationConfig(_Section):

@@ -44,7 +44,8 @@ def derive(
             pc.not_equal(clusters["source"], clusters["representative_source"]),
         )
     )
-    for row in duplicates.to_pylist():
+    # near first, so that exact (the stronger finding) wins when a pair is in both
+    for row in duplicates.sort_by([("method", "descending")]).to_pylist():
         decided[(row["source"], row["pair_id"])] = (
             f"{row['method']}_dup",
             f"{row['method']} duplicate of {row['representative_source']}/"

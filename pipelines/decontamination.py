@@ -15,7 +15,6 @@ n-grams is built once on the driver and shared with the Ray Data actors that sca
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,11 +25,9 @@ import pyarrow as pa
 import ray
 
 from pipelines.curation_status import rebuild_status
-from pipelines.dedup import normalise_text
 from pipelines.lake import Lake
+from pipelines.text_normalisation import tokens
 from storage_schemas import CONTAMINATION, PAIRS
-
-_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -44,10 +41,6 @@ class DecontaminationOptions:
             raise ValueError(f"n-gram size must be 5 to 13, got {self.n}")
         if not 1 <= self.min_tokens <= self.n:
             raise ValueError(f"min_tokens must be 1 to n ({self.n}), got {self.min_tokens}")
-
-
-def tokens(text: str) -> list[str]:
-    return _WORD.findall(normalise_text(text, casefold=True))
 
 
 @dataclass(frozen=True)
@@ -210,7 +203,9 @@ def decontaminate(
         ContaminationFinder,
         fn_constructor_kwargs={"index": index, "run_id": run_id},
         batch_format="pyarrow",
-        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ),
     )
     parts = [t for t in ray.get(found.to_arrow_refs()) if t.num_rows]
     hits = pa.concat_tables(parts) if parts else CONTAMINATION.schema.empty_table()

@@ -9,17 +9,16 @@ keys per pair, computed on normalised text:
 - ``flip_key``: hash of (history, {chosen, rejected}) with the two responses in a fixed order,
   plus the ``side`` (``a``/``b``) that says which order the pair uses.
 
-Normalisation: Unicode NFC, every run of whitespace collapsed to one space, ends stripped, and
-(``casefold=True``) case folded. Raw pairs are never changed: decisions are rows of
+Normalisation (``text_normalisation``): Unicode NFC, whitespace runs collapsed, ends stripped,
+and (``casefold=True``) case folded. Raw pairs are never changed: decisions are rows of
 ``dedup_clusters`` and ``conflicts``; ``curation_status`` says per pair what hygiene keeps.
 """
 
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -29,7 +28,9 @@ import ray
 
 from pipelines.curation_status import rebuild_status
 from pipelines.lake import Lake
+from pipelines.near_dedup import MinHashOptions, near_duplicates
 from pipelines.preference_formats import pair_id as content_hash
+from pipelines.text_normalisation import normalise_text
 from storage_schemas import CONFLICTS, CURATION_STATUS, DEDUP_CLUSTERS, PAIRS
 
 ConflictPolicy = Literal["majority", "source_priority", "judge"]
@@ -52,6 +53,8 @@ class DedupOptions:
     source_priority: tuple[str, ...] = ()
     """Sources in order of trust: the representative of a cluster comes from the first one
     (then the smallest pair_id); ``source_priority`` conflicts are won by it."""
+    minhash: MinHashOptions | None = field(default_factory=MinHashOptions)
+    """Near-duplicate detection (``None``: exact dedup and flips only)."""
 
     def rank(self, source: str) -> int:
         return (
@@ -59,11 +62,6 @@ class DedupOptions:
             if source in self.source_priority
             else len(self.source_priority)
         )
-
-
-def normalise_text(text: str, casefold: bool = False) -> str:
-    text = " ".join(unicodedata.normalize("NFC", text).split())
-    return text.casefold() if casefold else text
 
 
 def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
@@ -203,11 +201,14 @@ class DedupSummary:
     pairs: int
     exact_clusters: int
     exact_duplicates: int
+    near_clusters: int
+    near_duplicates: int
     conflicts: int
     conflict_pairs_overruled: int
     conflict_pairs_unresolved: int
     by_source: dict[str, dict[str, int]]
-    cluster_sizes: dict[int, int]
+    cluster_sizes: dict[str, dict[int, int]]
+    """method -> {cluster size: clusters}"""
     written: dict[str, int | None]
     """Table -> new version, or None when the run changed nothing in it."""
     seconds: float
@@ -216,6 +217,7 @@ class DedupSummary:
         lines = [
             f"dedup of pairs v{self.pairs_version}: {self.pairs:,} pairs",
             f"  exact duplicates  {self.exact_duplicates:>10,} in {self.exact_clusters:,} clusters",
+            f"  near duplicates   {self.near_duplicates:>10,} in {self.near_clusters:,} clusters",
             f"  label conflicts   {self.conflicts:>10,} ({self.conflict_pairs_overruled:,} pairs "
             f"overruled, {self.conflict_pairs_unresolved:,} left for judging)",
         ]
@@ -260,7 +262,7 @@ DECISION_COLUMNS = {
 
 
 def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> DedupSummary:
-    """Exact dedup and flip detection over all pairs; writes the decision tables."""
+    """Exact dedup, flip detection and near-dedup over all pairs; writes the decision tables."""
     started = time.perf_counter()
     version = lake.version(PAIRS.name)
     keys = compute_keys(lake, version, options.casefold)
@@ -268,8 +270,17 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
         f"[dedup] content keys of {keys.num_rows:,} pairs (pairs v{version}) "
         f"in {time.perf_counter() - started:.1f}s"
     )
-    clusters = exact_clusters(keys, options, run_id)
+    exact = exact_clusters(keys, options, run_id)
     conflicts = flip_conflicts(keys, options, run_id)
+    near = DEDUP_CLUSTERS.schema.empty_table()
+    if options.minhash is not None:
+        # near-duplicates among the pairs that are not exact duplicates of another pair
+        repeats = exact.filter(pc.not_equal(exact["pair_id"], exact["representative_pair_id"]))
+        unique = keys.join(repeats, ["source", "pair_id"], join_type="left anti")
+        near = near_duplicates(
+            lake, version, unique, options.minhash, options.rank, run_id, progress
+        )
+    clusters = pa.concat_tables([exact, near])
     written = {}
     for spec, rows in ((DEDUP_CLUSTERS, clusters), (CONFLICTS, conflicts)):
         before = lake.version(spec.name) if lake.exists(spec.name) else None
@@ -278,18 +289,24 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
     status = rebuild_status(lake, keys.select(["source", "pair_id"]), run_id)
     written[CURATION_STATUS.name] = status.version
     progress(f"[dedup] decisions written in {time.perf_counter() - started:.1f}s")
-    sizes = clusters.group_by("cluster_id").aggregate([("cluster_size", "min")])
+    sizes = exact.group_by("cluster_id").aggregate([("cluster_size", "min")])
+    near_sizes = near.group_by("cluster_id").aggregate([("cluster_size", "min")])
     resolutions = conflicts["resolution"].to_pylist()
     return DedupSummary(
         pairs_version=version,
         pairs=keys.num_rows,
         exact_clusters=sizes.num_rows,
-        exact_duplicates=clusters.num_rows - sizes.num_rows,
+        exact_duplicates=exact.num_rows - sizes.num_rows,
+        near_clusters=near_sizes.num_rows,
+        near_duplicates=near.num_rows - near_sizes.num_rows,
         conflicts=len(set(conflicts["conflict_id"].to_pylist())),
         conflict_pairs_overruled=resolutions.count("overruled"),
         conflict_pairs_unresolved=resolutions.count("unresolved"),
         by_source=status.counts,
-        cluster_sizes=dict(Counter(sizes["cluster_size_min"].to_pylist())),
+        cluster_sizes={
+            "exact": dict(Counter(sizes["cluster_size_min"].to_pylist())),
+            "near": dict(Counter(near_sizes["cluster_size_min"].to_pylist())),
+        },
         written=written,
         seconds=time.perf_counter() - started,
     )

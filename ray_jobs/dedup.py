@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from pipelines.config import SynprefConfig
 from pipelines.dedup import DedupOptions, DedupSummary, dedup
 from pipelines.lake import Lake
+from pipelines.near_dedup import MinHashOptions
 from pipelines.ray_cluster import connect
 from pipelines.tracking import job_run, log_delta_table, run_location
 from ray_jobs.job import (
@@ -28,10 +29,14 @@ from storage_schemas import PAIRS
 
 def run_dedup(config: SynprefConfig, report: Callable[[str], None] = progress) -> dict[str, Any]:
     lake = Lake(config.lake.root, config.lake.storage_options)
+    minhash = config.dedup.minhash
     options = DedupOptions(
         casefold=config.dedup.casefold,
         conflict_policy=config.dedup.conflict_policy,
         source_priority=tuple(config.dedup.source_priority),
+        minhash=MinHashOptions(minhash.ngram, minhash.bands, minhash.rows, minhash.threshold)
+        if minhash.enabled
+        else None,
     )
     dashboard = connect(config.ray)
     with job_run(config, "dedup") as run:
@@ -56,6 +61,8 @@ def _track(summary: DedupSummary, lake: Lake) -> None:
             "pairs": summary.pairs,
             "exact_clusters": summary.exact_clusters,
             "exact_duplicates": summary.exact_duplicates,
+            "near_clusters": summary.near_clusters,
+            "near_duplicates": summary.near_duplicates,
             "conflicts": summary.conflicts,
             "conflict_pairs_overruled": summary.conflict_pairs_overruled,
             "conflict_pairs_unresolved": summary.conflict_pairs_unresolved,
@@ -67,19 +74,25 @@ def _track(summary: DedupSummary, lake: Lake) -> None:
         }
     )
     mlflow.log_dict(asdict(summary), "dedup_summary.json")
-    if summary.cluster_sizes:
+    if any(summary.cluster_sizes.values()):
         mlflow.log_figure(_cluster_size_plot(summary.cluster_sizes), "cluster_sizes.png")
 
 
-def _cluster_size_plot(sizes: dict[int, int]) -> Figure:
+def _cluster_size_plot(sizes: dict[str, dict[int, int]]) -> Figure:
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
-    xs = sorted(sizes)
-    axes.bar([str(x) for x in xs], [sizes[x] for x in xs])
+    all_sizes = sorted({size for counts in sizes.values() for size in counts})
+    width = 0.8 / max(1, len(sizes))
+    for offset, (method, counts) in enumerate(sorted(sizes.items())):
+        xs = [i + offset * width for i in range(len(all_sizes))]
+        axes.bar(xs, [counts.get(size, 0) for size in all_sizes], width, label=method)
+    axes.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(all_sizes))])
+    axes.set_xticklabels([str(size) for size in all_sizes])
     axes.set_xlabel("pairs in the cluster")
-    axes.set_ylabel("exact-duplicate clusters")
+    axes.set_ylabel("clusters")
     axes.set_yscale("log")
-    axes.set_title("Exact-duplicate cluster sizes")
+    axes.set_title("Duplicate cluster sizes")
+    axes.legend()
     figure.tight_layout()
     return figure
 

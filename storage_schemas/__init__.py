@@ -3,7 +3,8 @@
 Schema version history (bump ``SCHEMA_VERSION`` and add a line on any change):
 
 - 1: ``pairs`` and ``quarantine``.
-- 2: ``dedup_clusters``, ``conflicts``, ``contamination``, ``curation_status`` (hygiene).
+- 2: ``dedup_clusters``, ``conflicts``, ``contamination``, ``minhash_signatures``,
+  ``curation_status`` (hygiene).
 
 Later capabilities register their tables here the same way (``dedup_clusters``,
 ``contamination``, ``attributes``, ``judgments``, ``labels``, ``rm_scores``, ``curated_sets``).
@@ -219,6 +220,25 @@ CONTAMINATION = TableSpec(
     },
 )
 
+MINHASH_SIGNATURES = TableSpec(
+    name="minhash_signatures",
+    description=(
+        "MinHash signatures and LSH band buckets of pairs, kept so that near-duplicate "
+        "detection only hashes new pairs (incremental dedup). Raw little-endian arrays."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("params_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("signature", pa.binary(), nullable=False),
+            pa.field("buckets", pa.binary(), nullable=False),
+        ]
+    ),
+    keys=("params_id", "source", "pair_id"),
+    partition_by=("params_id",),
+)
+
 CURATION_STATUSES = ("kept", "exact_dup", "near_dup", "conflict", "contaminated")
 
 CURATION_STATUS = TableSpec(
@@ -244,7 +264,15 @@ CURATION_STATUS = TableSpec(
 
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (PAIRS, QUARANTINE, DEDUP_CLUSTERS, CONFLICTS, CONTAMINATION, CURATION_STATUS)
+    for spec in (
+        PAIRS,
+        QUARANTINE,
+        DEDUP_CLUSTERS,
+        CONFLICTS,
+        CONTAMINATION,
+        MINHASH_SIGNATURES,
+        CURATION_STATUS,
+    )
 }
 
 

@@ -15,9 +15,9 @@ from pipelines.dedup import (
     content_keys,
     exact_clusters,
     flip_conflicts,
-    normalise_text,
 )
 from pipelines.ingest import IngestRequest
+from pipelines.text_normalisation import normalise_text
 from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest
 from storage_schemas import CONTAMINATION

@@ -1,0 +1,167 @@
+"""MinHash-LSH near-duplicate pairs: signatures, candidates, clusters, the incremental job."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.ingest import IngestRequest
+from pipelines.near_dedup import (
+    MinHasher,
+    MinHashOptions,
+    candidate_edges,
+    confirmed_edges,
+    near_clusters,
+)
+from pipelines.synthetic import CorpusSpec, write_corpus
+from ray_jobs.dedup import run_dedup
+from ray_jobs.ingest import run_ingest
+
+OPTIONS = MinHashOptions()
+TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(120))
+
+
+def test_signatures_are_the_minimum_of_each_hash_function():
+    hasher = MinHasher(OPTIONS)
+    texts = [TEXT, TEXT.replace("word5 ", "other "), "", "one two"]
+    signatures = hasher.signatures(texts)
+    for text, signature in zip(texts, signatures, strict=True):
+        shingles = hasher.shingles(text)
+        if len(shingles):
+            expected = ((shingles[:, None] * hasher.a + hasher.b) >> np.uint64(32)).min(axis=0)
+            assert (signature == expected.astype(np.uint32)).all()
+        else:
+            assert (signature == np.iinfo(np.uint32).max).all()
+    assert len(hasher.shingles("one two")) == 1, "a text shorter than n is one shingle"
+
+
+def test_same_parameters_same_signature_in_any_process():
+    assert (MinHasher(OPTIONS).signatures([TEXT]) == MinHasher(OPTIONS).signatures([TEXT])).all()
+    assert MinHashOptions(bands=10).params_id != OPTIONS.params_id
+
+
+def pair_table(*triples):
+    return pa.Table.from_pylist(
+        [
+            {
+                "source": "s",
+                "pair_id": f"p{i}",
+                "history": [{"role": "user", "content": h}],
+                "chosen": c,
+                "rejected": r,
+            }
+            for i, (h, c, r) in enumerate(triples)
+        ]
+    )
+
+
+def edit(text: str, every: int) -> str:
+    words = text.split()
+    return " ".join("EDITED" if i % every == 0 else w for i, w in enumerate(words))
+
+
+def test_near_duplicates_need_all_three_fields_similar():
+    h, c, r = TEXT, TEXT[::-1], " ".join(reversed(TEXT.split()))
+    batch = pair_table(
+        (h, c, r),
+        (edit(h, 60), edit(c, 60), edit(r, 60)),  # a light edit of every field
+        (h, c, "a completely different rejected response " * 10),  # same history and chosen only
+        ("unrelated " * 50, "nothing alike " * 40, "at all " * 30),
+    )
+    hasher = MinHasher(OPTIONS)
+    signatures = hasher.pair_signatures(batch)
+    edges = confirmed_edges(
+        candidate_edges(hasher.buckets(signatures)), signatures, OPTIONS.threshold
+    )
+    assert edges.tolist() == [[0, 1]]
+    clusters = near_clusters(
+        batch, signatures, hasher.buckets(signatures), OPTIONS.threshold, lambda s: 0, "r"
+    )
+    assert clusters["pair_id"].to_pylist() == ["p0", "p1"]
+    assert set(clusters["representative_pair_id"].to_pylist()) == {"p0"}
+
+
+def test_big_buckets_are_chained_not_compared_all_to_all():
+    buckets = np.zeros((200, 2), dtype=np.uint64)  # everyone shares every bucket
+    edges = candidate_edges(buckets)
+    assert len(edges) == 199 and (edges[:, 0] < edges[:, 1]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"threshold": 0}, "threshold"), ({"bands": 0}, "positive")]
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MinHashOptions(**kwargs)
+
+
+def truth(lake, source):
+    rows = lake.read(
+        "pairs", columns=["pair_id", "source_meta"], where=f"source = '{source}'"
+    ).to_pylist()
+    return {r["pair_id"]: json.loads(r["source_meta"])["truth"] for r in rows}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path):
+    quiet = {"report": lambda _: None}
+    spec = CorpusSpec(
+        pairs=600, seed=4, near_duplicate_rate=0.1, near_duplicate_edit_rate=0.02, bad_row_rate=0
+    )
+    first = write_corpus(spec, tmp_path / "one")
+    run_ingest(config, IngestRequest(paths=[str(f) for f in first], source="one"), **quiet)
+    run_dedup(config, **quiet)
+
+    second = write_corpus(
+        CorpusSpec(
+            pairs=200,
+            seed=5,
+            near_duplicate_rate=0.1,
+            near_duplicate_edit_rate=0.02,
+            bad_row_rate=0,
+        ),
+        tmp_path / "two",
+    )
+    run_ingest(config, IngestRequest(paths=[str(f) for f in second], source="two"), **quiet)
+    result = run_dedup(config, **quiet)
+    signatures = lake.history("minhash_signatures")
+    assert [c["operation"] for c in signatures][:2] == ["MERGE", "MERGE"], (
+        "second run hashed only new pairs"
+    )
+    assert (
+        signatures[0]["operationMetrics"]["num_target_rows_inserted"] == 200 + 20 + 2
+    )  # originals, near-dups, flips (exact repeats were quarantined)
+
+    clusters = lake.read("dedup_clusters", where="method = 'near'").to_pylist()
+    cluster_of = {(c["source"], c["pair_id"]): c["cluster_id"] for c in clusters}
+    family, near_dups, originals = {}, [], {}  # family: the original a pair was planted from
+    truths = {source: truth(lake, source) for source in ("one", "two")}
+    for source, pairs in truths.items():
+        for pid, t in pairs.items():
+            if t["kind"] == "original":
+                family[(source, pid)] = originals[(source, t["id"])] = (source, pid)
+            elif t["kind"] == "near_dup":
+                near_dups.append((source, pid))
+    for source, pid in near_dups:
+        family[(source, pid)] = originals[(source, truths[source][pid]["of"])]
+    assert len(near_dups) == 80
+    found = [k for k in near_dups if k in cluster_of and cluster_of[k] == cluster_of.get(family[k])]
+    assert len(found) / len(near_dups) >= 0.95, "recall"
+    members: dict[str, set] = {}
+    for key, cluster in cluster_of.items():
+        members.setdefault(cluster, set()).add(family.get(key))
+    pure = [f for f in members.values() if len(f) == 1 and None not in f]
+    assert len(pure) / len(members) >= 0.95, "precision: a cluster holds one planted family"
+    assert result["near_duplicates"] == len(cluster_of) - len(members)
+
+    fresh = config.model_copy(
+        update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "fresh")})}
+    )
+    for source, files in (("one", first), ("two", second)):
+        run_ingest(fresh, IngestRequest(paths=[str(f) for f in files], source=source), **quiet)
+    full = run_dedup(fresh, **quiet)
+    assert (full["near_clusters"], full["near_duplicates"]) == (
+        result["near_clusters"],
+        result["near_duplicates"],
+    )
