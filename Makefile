@@ -27,7 +27,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"
 	$(BIN)/python benchmarks/ingest_bench.py
+	$(BIN)/python benchmarks/dedup_bench.py
 
 clean:
 	rm -rf lake mlruns.db mlartifacts demo_data benchmarks/out
