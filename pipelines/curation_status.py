@@ -39,9 +39,12 @@ def derive(
     """One ``curation_status`` row per pair of ``pairs`` (columns source, pair_id)."""
     decided: dict[tuple[str, str], tuple[str, str]] = {}
     duplicates = clusters.filter(
-        pc.or_(
-            pc.not_equal(clusters["pair_id"], clusters["representative_pair_id"]),
-            pc.not_equal(clusters["source"], clusters["representative_source"]),
+        pc.and_(
+            pc.not_equal(clusters["method"], "prompt"),  # prompt groups are not duplicates
+            pc.or_(
+                pc.not_equal(clusters["pair_id"], clusters["representative_pair_id"]),
+                pc.not_equal(clusters["source"], clusters["representative_source"]),
+            ),
         )
     )
     # near first, so that exact (the stronger finding) wins when a pair is in both

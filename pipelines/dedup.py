@@ -30,6 +30,7 @@ from pipelines.curation_status import rebuild_status
 from pipelines.lake import Lake
 from pipelines.near_dedup import MinHashOptions, near_duplicates
 from pipelines.preference_formats import pair_id as content_hash
+from pipelines.prompt_groups import PromptGroupOptions, prompt_groups
 from pipelines.text_normalisation import normalise_text
 from storage_schemas import CONFLICTS, CURATION_STATUS, DEDUP_CLUSTERS, PAIRS
 
@@ -42,6 +43,7 @@ KEYS_SCHEMA = pa.schema(
         pa.field("exact_key", pa.string(), nullable=False),
         pa.field("flip_key", pa.string(), nullable=False),
         pa.field("side", pa.string(), nullable=False),
+        pa.field("prompt_key", pa.string(), nullable=False),
     ]
 )
 
@@ -55,6 +57,8 @@ class DedupOptions:
     (then the smallest pair_id); ``source_priority`` conflicts are won by it."""
     minhash: MinHashOptions | None = field(default_factory=MinHashOptions)
     """Near-duplicate detection (``None``: exact dedup and flips only)."""
+    prompt_groups: PromptGroupOptions | None = None
+    """Prompt-level semantic groups (optional: it embeds every distinct prompt)."""
 
     def rank(self, source: str) -> int:
         return (
@@ -66,7 +70,7 @@ class DedupOptions:
 
 def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
     """``pairs`` rows -> ``KEYS_SCHEMA`` rows (pure; runs in Ray Data ``map_batches``)."""
-    exact, flip, side = [], [], []
+    exact, flip, side, prompt = [], [], [], []
     for history, chosen, rejected in zip(
         batch["history"].to_pylist(),
         batch["chosen"].to_pylist(),
@@ -81,6 +85,7 @@ def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
         exact.append(content_hash(h, c, r))
         flip.append(content_hash(h, first, second))
         side.append("a" if c == first else "b")
+        prompt.append(content_hash(h, "", ""))
     return pa.table(
         {
             "source": batch["source"],
@@ -88,6 +93,7 @@ def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
             "exact_key": pa.array(exact, pa.string()),
             "flip_key": pa.array(flip, pa.string()),
             "side": pa.array(side, pa.string()),
+            "prompt_key": pa.array(prompt, pa.string()),
         },
         schema=KEYS_SCHEMA,
     )
@@ -203,6 +209,8 @@ class DedupSummary:
     exact_duplicates: int
     near_clusters: int
     near_duplicates: int
+    prompt_groups: int
+    pairs_in_prompt_groups: int
     conflicts: int
     conflict_pairs_overruled: int
     conflict_pairs_unresolved: int
@@ -218,6 +226,8 @@ class DedupSummary:
             f"dedup of pairs v{self.pairs_version}: {self.pairs:,} pairs",
             f"  exact duplicates  {self.exact_duplicates:>10,} in {self.exact_clusters:,} clusters",
             f"  near duplicates   {self.near_duplicates:>10,} in {self.near_clusters:,} clusters",
+            f"  prompt groups     {self.prompt_groups:>10,} ({self.pairs_in_prompt_groups:,} pairs "
+            "whose histories say the same thing)",
             f"  label conflicts   {self.conflicts:>10,} ({self.conflict_pairs_overruled:,} pairs "
             f"overruled, {self.conflict_pairs_unresolved:,} left for judging)",
         ]
@@ -280,7 +290,10 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
         near = near_duplicates(
             lake, version, unique, options.minhash, options.rank, run_id, progress
         )
-    clusters = pa.concat_tables([exact, near])
+    prompts = DEDUP_CLUSTERS.schema.empty_table()
+    if options.prompt_groups is not None:
+        prompts = prompt_groups(lake, version, keys, options.prompt_groups, run_id)
+    clusters = pa.concat_tables([exact, near, prompts])
     written = {}
     for spec, rows in ((DEDUP_CLUSTERS, clusters), (CONFLICTS, conflicts)):
         before = lake.version(spec.name) if lake.exists(spec.name) else None
@@ -299,6 +312,8 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
         exact_duplicates=exact.num_rows - sizes.num_rows,
         near_clusters=near_sizes.num_rows,
         near_duplicates=near.num_rows - near_sizes.num_rows,
+        prompt_groups=len(set(prompts["cluster_id"].to_pylist())),
+        pairs_in_prompt_groups=prompts.num_rows,
         conflicts=len(set(conflicts["conflict_id"].to_pylist())),
         conflict_pairs_overruled=resolutions.count("overruled"),
         conflict_pairs_unresolved=resolutions.count("unresolved"),

@@ -15,9 +15,10 @@ Two pairs are near-duplicates only when their history, chosen and rejected are *
    the member from the most trusted source, then the smallest pair_id.
 
 Defaults: word 3-grams (prompts and responses are short; a 5-gram shingle loses too much to one
-edited word), 25 bands x 4 rows, threshold 0.6. A field with Jaccard 0.6 makes a pair a
-candidate with probability 0.97, and verification's estimate has a standard error of about
-0.05 at 100 hash functions. Measured recall and precision on planted near-duplicates are in
+edited word), 25 bands x 4 rows, threshold 0.5. A field with Jaccard 0.5 makes a pair a
+candidate with probability 0.80 (0.99 when all three fields are at 0.5, since any field's
+bucket counts), and verification's estimate has a standard error of about 0.05 at 100 hash
+functions. Measured recall and precision on planted near-duplicates are in
 docs/performance.md.
 """
 
@@ -52,7 +53,7 @@ class MinHashOptions:
     ngram: int = 3
     bands: int = 25
     rows: int = 4
-    threshold: float = 0.6
+    threshold: float = 0.5
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -214,6 +215,12 @@ def candidate_edges(buckets: np.ndarray) -> np.ndarray:
     return np.unique(np.sort(np.concatenate(edges), axis=1), axis=0)
 
 
+def components(edges: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes of the graph ``edges``."""
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
 def confirmed_edges(edges: np.ndarray, signatures: np.ndarray, threshold: float) -> np.ndarray:
     """The candidate edges whose three fields all have estimated Jaccard >= threshold."""
     if not len(edges):
@@ -233,11 +240,9 @@ def near_clusters(
     """``dedup_clusters`` rows (method ``near``) from the signatures of ``keys`` rows; ``rank``
     orders sources by trust for the choice of representatives."""
     edges = confirmed_edges(candidate_edges(buckets), signatures, threshold)
-    n = keys.num_rows
     if not len(edges):
         return DEDUP_CLUSTERS.schema.empty_table()
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
+    labels = components(edges, keys.num_rows)
     sizes = np.bincount(labels)
     members = np.flatnonzero(sizes[labels] >= 2)
     sources = keys["source"].to_pylist()

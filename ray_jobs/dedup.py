@@ -14,6 +14,7 @@ from pipelines.config import SynprefConfig
 from pipelines.dedup import DedupOptions, DedupSummary, dedup
 from pipelines.lake import Lake
 from pipelines.near_dedup import MinHashOptions
+from pipelines.prompt_groups import PromptGroupOptions
 from pipelines.ray_cluster import connect
 from pipelines.tracking import job_run, log_delta_table, run_location
 from ray_jobs.job import (
@@ -29,13 +30,16 @@ from storage_schemas import PAIRS
 
 def run_dedup(config: SynprefConfig, report: Callable[[str], None] = progress) -> dict[str, Any]:
     lake = Lake(config.lake.root, config.lake.storage_options)
-    minhash = config.dedup.minhash
+    minhash, prompts = config.dedup.minhash, config.dedup.prompt_groups
     options = DedupOptions(
         casefold=config.dedup.casefold,
         conflict_policy=config.dedup.conflict_policy,
         source_priority=tuple(config.dedup.source_priority),
         minhash=MinHashOptions(minhash.ngram, minhash.bands, minhash.rows, minhash.threshold)
         if minhash.enabled
+        else None,
+        prompt_groups=PromptGroupOptions(prompts.model, prompts.threshold)
+        if prompts.enabled
         else None,
     )
     dashboard = connect(config.ray)
@@ -63,6 +67,7 @@ def _track(summary: DedupSummary, lake: Lake) -> None:
             "exact_duplicates": summary.exact_duplicates,
             "near_clusters": summary.near_clusters,
             "near_duplicates": summary.near_duplicates,
+            "prompt_groups": summary.prompt_groups,
             "conflicts": summary.conflicts,
             "conflict_pairs_overruled": summary.conflict_pairs_overruled,
             "conflict_pairs_unresolved": summary.conflict_pairs_unresolved,

@@ -203,3 +203,48 @@ def test_dedup_job_on_real_and_planted_data(config, lake, tmp_path):
 
     again = run_dedup(config, report=lambda _: None)
     assert set(again["written"].values()) == {None}, "re-running dedup changes nothing"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_prompt_groups_on_hh_group_repeated_prompts_without_making_duplicates(
+    config, lake, tmp_path
+):
+    hh = shared_data(HH_HARMLESS)
+    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), report=lambda _: None)
+    paraphrases = tmp_path / "paraphrases.jsonl"
+    records = [
+        {
+            "prompt": "How do I bake sourdough bread at home?",
+            "chosen": "Start with a starter.",
+            "rejected": "Buy it.",
+        },
+        {
+            "prompt": "How can I bake sourdough bread at home?",
+            "chosen": "Feed a starter first.",
+            "rejected": "You can't.",
+        },
+    ]
+    paraphrases.write_text("\n".join(map(json.dumps, records)) + "\n")
+    run_ingest(
+        config, IngestRequest(paths=[str(paraphrases)], source="bread"), report=lambda _: None
+    )
+    config.dedup.prompt_groups.enabled = True
+    result = run_dedup(config, report=lambda _: None)
+
+    groups = lake.read("dedup_clusters", where="method = 'prompt'").to_pylist()
+    by_cluster: dict[str, set] = {}
+    for row in groups:
+        by_cluster.setdefault(row["cluster_id"], set()).add((row["source"], row["pair_id"]))
+    pairs = lake.read("pairs", columns=["source", "pair_id", "history"]).to_pylist()
+    same_history: dict[str, set] = {}
+    for p in pairs:
+        same_history.setdefault(json.dumps(p["history"]), set()).add((p["source"], p["pair_id"]))
+    repeated = [members for members in same_history.values() if len(members) > 1]
+    assert len(repeated) == 2, "HH harmless-base test has 2 repeated prompts"
+    for members in repeated:
+        assert any(members <= group for group in by_cluster.values())
+    assert any(
+        {m[0] for m in group} == {"bread"} and len(group) == 2 for group in by_cluster.values()
+    )
+    assert result["by_source"]["hh"] == {"kept": 2303}, "prompt groups are not duplicates"
+    assert result["prompt_groups"] == len(by_cluster)
