@@ -2,7 +2,8 @@
 
 Today it generates a seeded synthetic corpus (with planted duplicates, flips, contamination and
 bad rows), ingests it and the real datasets found beside the checkout (HH-RLHF, RM-Bench,
-JudgeBench), and prints the lake's tables and where to look next. It grows into the full
+JudgeBench), runs the hygiene step (dedup, label conflicts, near-duplicates, decontamination
+against the benchmarks), and prints the lake's tables and where to look next. It grows into the full
 curation loop as capabilities land; every step is a child run of one MLflow parent run.
 """
 
@@ -19,6 +20,8 @@ from pipelines.lake import Lake
 from pipelines.ray_cluster import connect
 from pipelines.synthetic import CorpusSpec, benchmark_prompts, write_corpus
 from pipelines.tracking import job_run, run_location
+from ray_jobs.decontaminate import run_decontaminate
+from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest
 from ray_jobs.job import emit, global_options, json_option, progress, resolve_config
 
@@ -47,10 +50,12 @@ def run_demo(config: SynprefConfig) -> dict[str, Any]:
         sources = {DEMO_SOURCE: [str(f) for f in files]} | {n: p for n, p in extra.items() if p}
         for source, paths in sources.items():
             ingests.append(run_ingest(config, IngestRequest(paths=paths, source=source)))
+        hygiene = [run_dedup(config), run_decontaminate(config)]
         location = run_location(parent, config.tracking)
     tables = Lake(config.lake.root, config.lake.storage_options).tables()
     return {
         "ingests": ingests,
+        "hygiene": hygiene,
         "skipped_inputs": skipped,
         "tables": [t.__dict__ for t in tables],
         "mlflow_run": location,
@@ -68,7 +73,7 @@ def _first_benchmark_prompts(paths: list[str]) -> list[str]:
 
 
 def _text(result: dict[str, Any]) -> str:
-    lines = [r["text"] for r in result["ingests"]]
+    lines = [r["text"] for r in result["ingests"] + result["hygiene"]]
     lines += [f"skipped (not found): {p}" for p in result["skipped_inputs"]]
     lines += ["", f"lake {result['lake']}:", f"  {'table':<16}{'version':>8}{'rows':>14}"]
     lines += [f"  {t['name']:<16}{t['version']:>8}{t['rows']:>14,}" for t in result["tables"]]
@@ -76,7 +81,7 @@ def _text(result: dict[str, Any]) -> str:
         "",
         f"MLflow: {result['mlflow_run']}",
         f"Ray dashboard: {result['ray_dashboard'] or 'not available (ray[default] dashboard off)'}",
-        "Next: synpref tables | synpref history pairs | synpref ingest PATH --source NAME",
+        "Next: synpref tables | synpref history curation_status | synpref ingest PATH --source X",
     ]
     return "\n".join(lines)
 
@@ -86,10 +91,10 @@ def _text(result: dict[str, Any]) -> str:
 @json_option
 @click.pass_context
 def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
-    """Run the main job on the embedded defaults: generate, ingest, summarise."""
+    """Run the main job on the embedded defaults: generate, ingest, dedup, decontaminate."""
     result = run_demo(resolve_config(ctx, **options))
     text = _text(result)
-    for r in result["ingests"]:
+    for r in result["ingests"] + result["hygiene"]:
         r.pop("text")
     emit(result, text, as_json)
 

@@ -96,6 +96,10 @@ def test_demo_runs_the_main_job(run, config, monkeypatch, tmp_path):
     sources = {i["source"]: i for i in result["ingests"]}
     assert sources["synthetic-demo"]["pairs_inserted"] == 0, "a second demo adds nothing"
     assert all(i["balanced"] for i in result["ingests"])
+    dedup, decontamination = result["hygiene"]
+    assert dedup["conflicts"] >= 2 and dedup["near_duplicates"] >= 5
+    assert set(dedup["written"].values()) == {None}, "the second demo changes no decision"
+    assert decontamination["status_version"] is None
 
 
 def test_the_job_module_runs_as_a_ray_job_against_a_running_cluster(config, tmp_path):
