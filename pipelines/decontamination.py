@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipelines.curation_status import rebuild_status
@@ -193,12 +194,7 @@ def decontaminate(
     progress(
         f"[decontaminate] {len(index.grams):,} n-grams from {benchmark.num_rows:,} benchmark pairs"
     )
-    corpus = ray.data.read_delta(
-        lake.uri(PAIRS.name),
-        version=version,
-        storage_options=lake.storage_options or None,
-        columns=columns,
-    )
+    corpus = lake.dataset(PAIRS.name, version, columns, pc.field("source_kind") == "corpus")
     found = corpus.map_batches(
         ContaminationFinder,
         fn_constructor_kwargs={"index": index, "run_id": run_id},
@@ -210,7 +206,8 @@ def decontaminate(
     parts = [t for t in ray.get(found.to_arrow_refs()) if t.num_rows]
     hits = pa.concat_tables(parts) if parts else CONTAMINATION.schema.empty_table()
     result = lake.upsert(CONTAMINATION, hits, compare=("benchmark_field", "ngram", "n"))
-    status = rebuild_status(lake, lake.read(PAIRS.name, version, ["source", "pair_id"]), run_id)
+    corpus_keys = lake.read(PAIRS.name, version, ["source", "pair_id"], "source_kind = 'corpus'")
+    status = rebuild_status(lake, corpus_keys, run_id)
     contaminated = {
         (r["source"], r["pair_id"]) for r in hits.select(["source", "pair_id"]).to_pylist()
     }

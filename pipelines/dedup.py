@@ -242,17 +242,18 @@ class DedupSummary:
         return "\n".join(lines)
 
 
+CORPUS = pc.field("source_kind") == "corpus"
+"""Hygiene applies to training data; benchmark sources are only read to decontaminate."""
+
+
 def compute_keys(lake: Lake, version: int, casefold: bool) -> pa.Table:
-    """Content keys of every pair at ``version``, computed in parallel on Ray Data.
+    """Content keys of every corpus pair at ``version``, computed in parallel on Ray Data.
 
     Only the keys (about 100 bytes a pair) come back to the driver, where grouping is a
     multi-threaded Arrow hash aggregation.
     """
-    pairs = ray.data.read_delta(
-        lake.uri(PAIRS.name),
-        version=version,
-        storage_options=lake.storage_options or None,
-        columns=["source", "pair_id", "history", "chosen", "rejected"],
+    pairs = lake.dataset(
+        PAIRS.name, version, ["source", "pair_id", "history", "chosen", "rejected"], CORPUS
     )
     keys = pairs.map_batches(content_keys, batch_format="pyarrow", fn_kwargs={"casefold": casefold})
     tables = [t for t in ray.get(keys.to_arrow_refs()) if t.num_rows]

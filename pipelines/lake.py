@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import ray
 from deltalake import CommitProperties, DeltaTable, QueryBuilder, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -196,6 +197,22 @@ class Lake:
             return rows
         # DataFusion returns string_view; give callers the declared Arrow types.
         return rows.cast(pa.schema([spec.schema.field(c) for c in rows.column_names]))
+
+    def dataset(
+        self,
+        name: str,
+        version: int | None = None,
+        columns: list[str] | None = None,
+        filter: pc.Expression | None = None,
+    ) -> ray.data.Dataset:
+        """Table ``name`` at ``version`` as a Ray Dataset, read in parallel by the workers."""
+        return ray.data.read_delta(
+            self.uri(name),
+            version=version,
+            storage_options=self.storage_options or None,
+            columns=columns,
+            filter=filter,
+        )
 
     def count(self, name: str, version: int | None = None, where: str | None = None) -> int:
         """Number of rows of table ``name`` (matching the SQL predicate ``where``)."""

@@ -276,9 +276,9 @@ def near_clusters(
 def stored_signatures(
     lake: Lake, version: int, options: MinHashOptions, progress: Callable[[str], None]
 ) -> pa.Table:
-    """Signatures of every pair at ``version``: the stored ones, plus the missing ones computed
-    on Ray Data and stored (incremental: a re-run hashes only pairs added since)."""
-    pairs = lake.read(PAIRS.name, version, ["source", "pair_id"])
+    """Signatures of every corpus pair at ``version``: the stored ones, plus the missing ones
+    computed on Ray Data and stored (incremental: a re-run hashes only pairs added since)."""
+    pairs = lake.read(PAIRS.name, version, ["source", "pair_id"], "source_kind = 'corpus'")
     where = f"params_id = '{options.params_id}'"
     if lake.exists(MINHASH_SIGNATURES.name):
         stored = lake.read(MINHASH_SIGNATURES.name, columns=["source", "pair_id"], where=where)
@@ -287,11 +287,11 @@ def stored_signatures(
         missing = pairs
     if missing.num_rows:
         started = time.perf_counter()
-        rows = ray.data.read_delta(
-            lake.uri(PAIRS.name),
-            version=version,
-            storage_options=lake.storage_options or None,
-            columns=["source", "pair_id", "history", "chosen", "rejected"],
+        rows = lake.dataset(
+            PAIRS.name,
+            version,
+            ["source", "pair_id", "history", "chosen", "rejected"],
+            pc.field("source_kind") == "corpus",
         )
         if missing.num_rows < pairs.num_rows:
             wanted = missing["pair_id"].combine_chunks()

@@ -80,12 +80,7 @@ def prompt_groups(
     """``dedup_clusters`` rows (method ``prompt``) for groups of two or more pairs; ``keys`` are
     the content keys of all pairs (source, pair_id, prompt_key)."""
     firsts = keys.group_by("prompt_key", use_threads=False).aggregate([("pair_id", "first")])
-    pairs = ray.data.read_delta(
-        lake.uri(PAIRS.name),
-        version=version,
-        storage_options=lake.storage_options or None,
-        columns=["pair_id", "history"],
-    )
+    pairs = lake.dataset(PAIRS.name, version, ["pair_id", "history"])
     wanted = firsts.rename_columns(["prompt_key", "pair_id"])
     embedded = pairs.map_batches(
         _with_prompt_key, batch_format="pyarrow", fn_kwargs={"first_pairs": wanted}

@@ -75,8 +75,8 @@ def _first_benchmark_prompts(paths: list[str]) -> list[str]:
 def _text(result: dict[str, Any]) -> str:
     lines = [r["text"] for r in result["ingests"] + result["hygiene"]]
     lines += [f"skipped (not found): {p}" for p in result["skipped_inputs"]]
-    lines += ["", f"lake {result['lake']}:", f"  {'table':<16}{'version':>8}{'rows':>14}"]
-    lines += [f"  {t['name']:<16}{t['version']:>8}{t['rows']:>14,}" for t in result["tables"]]
+    lines += ["", f"lake {result['lake']}:", f"  {'table':<20}{'version':>8}{'rows':>14}"]
+    lines += [f"  {t['name']:<20}{t['version']:>8}{t['rows']:>14,}" for t in result["tables"]]
     lines += [
         "",
         f"MLflow: {result['mlflow_run']}",

@@ -23,8 +23,8 @@ def tables_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     config = resolve_config(ctx, **options)
     infos = Lake(config.lake.root, config.lake.storage_options).tables()
     lines = [f"lake {config.lake.root} (schema v{SCHEMA_VERSION})"]
-    lines += [f"  {'table':<16}{'version':>8}{'rows':>14}{'files':>8}"]
-    lines += [f"  {i.name:<16}{i.version:>8}{i.rows:>14,}{i.files:>8}" for i in infos]
+    lines += [f"  {'table':<20}{'version':>8}{'rows':>14}{'files':>8}"]
+    lines += [f"  {i.name:<20}{i.version:>8}{i.rows:>14,}{i.files:>8}" for i in infos]
     if not infos:
         lines.append("  (no tables yet: run `synpref ingest` or `synpref demo`)")
     emit(
