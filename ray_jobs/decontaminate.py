@@ -13,11 +13,12 @@ from pipelines.config import SynprefConfig
 from pipelines.decontamination import DecontaminationOptions, decontaminate
 from pipelines.lake import Lake
 from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table, run_location
+from pipelines.tracking import job_run, log_delta_table
 from ray_jobs.job import (
     configure_logging,
-    emit,
+    emit_job_result,
     global_options,
+    job_result,
     json_option,
     progress,
     resolve_config,
@@ -53,13 +54,7 @@ def run_decontaminate(
             }
         )
         mlflow.log_dict(asdict(summary), "decontamination_report.json")
-        location = run_location(run, config.tracking)
-    return asdict(summary) | {
-        "run_id": run.info.run_id,
-        "text": summary.text(),
-        "mlflow_run": location,
-        "ray_dashboard": dashboard,
-    }
+    return job_result(asdict(summary), summary.text(), run, config.tracking, dashboard)
 
 
 @click.command("decontaminate")
@@ -69,8 +64,7 @@ def run_decontaminate(
 def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Flag corpus pairs sharing n-grams with benchmark prompts; write `contamination`."""
     result = run_decontaminate(resolve_config(ctx, **options))
-    text = "\n".join([result.pop("text"), f"MLflow: {result['mlflow_run']}"])
-    emit(result, text, as_json)
+    emit_job_result(result, as_json)
 
 
 if __name__ == "__main__":

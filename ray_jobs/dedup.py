@@ -16,11 +16,12 @@ from pipelines.lake import Lake
 from pipelines.near_dedup import MinHashOptions
 from pipelines.prompt_groups import PromptGroupOptions
 from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table, run_location
+from pipelines.tracking import job_run, log_delta_table
 from ray_jobs.job import (
     configure_logging,
-    emit,
+    emit_job_result,
     global_options,
+    job_result,
     json_option,
     progress,
     resolve_config,
@@ -46,13 +47,7 @@ def run_dedup(config: SynprefConfig, report: Callable[[str], None] = progress) -
     with job_run(config, "dedup") as run:
         summary = dedup(lake, options, run.info.run_id, report)
         _track(summary, lake)
-        location = run_location(run, config.tracking)
-    return asdict(summary) | {
-        "run_id": run.info.run_id,
-        "text": summary.text(),
-        "mlflow_run": location,
-        "ray_dashboard": dashboard,
-    }
+    return job_result(asdict(summary), summary.text(), run, config.tracking, dashboard)
 
 
 def _track(summary: DedupSummary, lake: Lake) -> None:
@@ -109,8 +104,7 @@ def _cluster_size_plot(sizes: dict[str, dict[int, int]]) -> Figure:
 def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Find exact duplicate pairs and label conflicts (flips); write the decision tables."""
     result = run_dedup(resolve_config(ctx, **options))
-    text = "\n".join([result.pop("text"), f"MLflow: {result['mlflow_run']}"])
-    emit(result, text, as_json)
+    emit_job_result(result, as_json)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from pipelines.ingest import IngestRequest, IngestSummary, ingest
 from pipelines.lake import Lake
 from pipelines.preference_formats import FORMATS, FormatError, parse_mapping
 from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table, log_input_file, run_location
+from pipelines.tracking import job_run, log_delta_table, log_input_file
 from ray_jobs.job import (
     configure_logging,
-    emit,
+    emit_job_result,
     global_options,
+    job_result,
     json_option,
     progress,
     resolve_config,
@@ -39,12 +40,7 @@ def run_ingest(
     with job_run(config, "ingest", {"request": asdict(request)}) as run:
         summary = ingest(request, lake, config.ingest, run.info.run_id, report)
         _track(summary, lake, config.ingest.quarantine_sample)
-        location = run_location(run, config.tracking)
-    return summary.as_dict() | {
-        "text": summary.text(),
-        "mlflow_run": location,
-        "ray_dashboard": dashboard,
-    }
+    return job_result(summary.as_dict(), summary.text(), run, config.tracking, dashboard)
 
 
 def _track(summary: IngestSummary, lake: Lake, sample_size: int) -> None:
@@ -112,8 +108,7 @@ def command(
         result = run_ingest(config, request)
     except (FormatError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    text = "\n".join([result.pop("text"), f"MLflow: {result['mlflow_run']}"])
-    emit(result, text, as_json)
+    emit_job_result(result, as_json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from pipelines.config import ConfigError, SynprefConfig, load_config
+from pipelines.config import ConfigError, SynprefConfig, TrackingConfig, load_config
+from pipelines.tracking import run_location
 
 GLOBAL_OPTIONS = ("config_path", "lake", "tracking_uri", "ray_address")
 
@@ -60,6 +61,24 @@ def resolve_config(ctx: click.Context, **options: Any) -> SynprefConfig:
 def progress(message: str) -> None:
     """A progress line for people; on stderr so that --json keeps stdout clean."""
     click.echo(message, err=True)
+
+
+def job_result(
+    summary: dict[str, Any], text: str, run: Any, tracking: TrackingConfig, dashboard: str | None
+) -> dict[str, Any]:
+    """A job's summary plus where a person finds its MLflow run and the Ray dashboard."""
+    return summary | {
+        "run_id": run.info.run_id,
+        "text": text,
+        "mlflow_run": run_location(run, tracking),
+        "ray_dashboard": dashboard,
+    }
+
+
+def emit_job_result(result: dict[str, Any], as_json: bool) -> None:
+    """End a job command with its summary and the MLflow run (or all of it as JSON)."""
+    text = "\n".join([result.pop("text"), f"MLflow: {result['mlflow_run']}"])
+    emit(result, text, as_json)
 
 
 def emit(summary: dict[str, Any], text: str, as_json: bool) -> None:

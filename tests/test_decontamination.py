@@ -111,8 +111,12 @@ def test_planted_benchmark_prompts_are_all_caught_and_clean_pairs_are_not(config
     status = lake.read("curation_status", where="status = 'contaminated'")
     assert set(status["pair_id"].to_pylist()) == planted
     assert all("-gram with" in r for r in status["reason"].to_pylist())
-    assert lake.count("curation_status", where="source = 'rm-bench'") == 0, "benchmarks are not curated"
-    assert lake.count("curation_status") == 400 + 12 + 4 + 40  # originals, near-dups, flips, planted
+    assert lake.count("curation_status", where="source = 'rm-bench'") == 0, (
+        "benchmarks are not curated"
+    )
+    assert (
+        lake.count("curation_status") == 400 + 12 + 4 + 40
+    )  # originals, near-dups, flips, planted
 
     again = run_decontaminate(config, report=lambda _: None)
     assert again["contamination_version"] == result["contamination_version"]
