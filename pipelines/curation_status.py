@@ -92,7 +92,7 @@ def rebuild_status(lake: Lake, pairs: pa.Table, run_id: str) -> StatusResult:
     ]
     status = derive(pairs, *decisions, run_id)
     before = lake.version(CURATION_STATUS.name) if lake.exists(CURATION_STATUS.name) else None
-    result = lake.upsert(CURATION_STATUS, status, compare=("status", "reason"))
+    result = lake.replace_decisions(CURATION_STATUS, status, compare=("status", "reason"))
     counts: dict[str, dict[str, int]] = {}
     grouped = status.group_by(["source", "status"]).aggregate([("pair_id", "count")])
     for row in grouped.to_pylist():

@@ -205,7 +205,7 @@ def decontaminate(
     )
     parts = [t for t in ray.get(found.to_arrow_refs()) if t.num_rows]
     hits = pa.concat_tables(parts) if parts else CONTAMINATION.schema.empty_table()
-    result = lake.upsert(CONTAMINATION, hits, compare=("benchmark_field", "ngram", "n"))
+    result = lake.replace_decisions(CONTAMINATION, hits, compare=("benchmark_field", "ngram", "n"))
     corpus_keys = lake.read(PAIRS.name, version, ["source", "pair_id"], "source_kind = 'corpus'")
     status = rebuild_status(lake, corpus_keys, run_id)
     contaminated = {

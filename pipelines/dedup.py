@@ -1,4 +1,7 @@
-"""Pair-aware exact deduplication and flip (label conflict) detection.
+"""Pair-aware deduplication: exact duplicates, label conflicts (flips), and the dedup job.
+
+``dedup()`` runs the whole hygiene dedup step: the exact and flip decisions of this module,
+near-duplicates (``near_dedup``) and optional prompt groups (``prompt_groups``).
 
 Text-level dedup engines key on one column; a preference pair is a duplicate only when its
 history and both responses match, and the same history and responses with chosen and rejected
@@ -286,7 +289,12 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
     near = DEDUP_CLUSTERS.schema.empty_table()
     if options.minhash is not None:
         # near-duplicates among the pairs that are not exact duplicates of another pair
-        repeats = exact.filter(pc.not_equal(exact["pair_id"], exact["representative_pair_id"]))
+        repeats = exact.filter(
+            pc.or_(
+                pc.not_equal(exact["pair_id"], exact["representative_pair_id"]),
+                pc.not_equal(exact["source"], exact["representative_source"]),
+            )
+        )
         unique = keys.join(repeats, ["source", "pair_id"], join_type="left anti")
         near = near_duplicates(
             lake, version, unique, options.minhash, options.rank, run_id, progress
@@ -298,7 +306,7 @@ def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> Ded
     written = {}
     for spec, rows in ((DEDUP_CLUSTERS, clusters), (CONFLICTS, conflicts)):
         before = lake.version(spec.name) if lake.exists(spec.name) else None
-        result = lake.upsert(spec, rows, compare=DECISION_COLUMNS[spec.name])
+        result = lake.replace_decisions(spec, rows, compare=DECISION_COLUMNS[spec.name])
         written[spec.name] = result.version if result.version != before else None
     status = rebuild_status(lake, keys.select(["source", "pair_id"]), run_id)
     written[CURATION_STATUS.name] = status.version

@@ -40,6 +40,7 @@ class WriteResult:
     version: int
     rows_inserted: int
     rows_updated: int = 0
+    rows_deleted: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,17 +135,26 @@ class Lake:
         """
         return self._merge(spec, data, update_existing=True, compare=compare)
 
+    def replace_decisions(
+        self, spec: TableSpec, data: pa.Table, compare: tuple[str, ...]
+    ) -> WriteResult:
+        """Make the table hold exactly ``data``: upsert it (rewriting only changed rows) and
+        delete the rows it no longer has. For decision tables that a job re-derives in full;
+        earlier decisions stay readable by time travel. Same decisions: no commit."""
+        return self._merge(spec, data, update_existing=True, compare=compare, delete_missing=True)
+
     def _merge(
         self,
         spec: TableSpec,
         data: ArrowData,
         update_existing: bool,
         compare: tuple[str, ...] | None = None,
+        delete_missing: bool = False,
     ) -> WriteResult:
         if isinstance(data, pa.Table):
             data = conform(data, spec)
             _check_unique(data, spec)
-            if data.num_rows == 0:
+            if data.num_rows == 0 and not delete_missing:
                 return WriteResult(spec.name, self.table(spec).version(), 0)
         predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.keys)
 
@@ -163,12 +173,16 @@ class Lake:
             if update_existing:
                 changed = " OR ".join(f"s.`{c}` <> t.`{c}`" for c in compare or ())
                 merger = merger.when_matched_update_all(predicate=changed or None)
-            metrics = merger.when_not_matched_insert_all().execute()
+            merger = merger.when_not_matched_insert_all()
+            if delete_missing:
+                merger = merger.when_not_matched_by_source_delete()
+            metrics = merger.execute()
             return WriteResult(
                 spec.name,
                 dt.version(),
                 int(metrics.get("num_target_rows_inserted", 0)),
                 int(metrics.get("num_target_rows_updated", 0)),
+                int(metrics.get("num_target_rows_deleted", 0)),
             )
 
         return self._retry(attempt, f"merge into {spec.name}")

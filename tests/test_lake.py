@@ -161,3 +161,15 @@ def test_upsert_with_compare_rewrites_only_changed_rows(lake: Lake):
     assert (same.rows_updated, same.version) == (0, version), "nothing changed, no commit"
     changed = lake.upsert(PAIRS, pairs_rows([1], chosen="other"), compare=("chosen",))
     assert changed.rows_updated == 1
+
+
+def test_replace_decisions_keeps_exactly_the_new_decisions(lake: Lake):
+    lake.replace_decisions(PAIRS, pairs_rows(range(4)), compare=("chosen",))
+    version = lake.version("pairs")
+    same = lake.replace_decisions(PAIRS, pairs_rows(range(4)), compare=("chosen",))
+    assert same.version == version, "the same decisions make no commit"
+    fewer = lake.replace_decisions(PAIRS, pairs_rows(range(2)), compare=("chosen",))
+    assert (fewer.rows_deleted, lake.read("pairs").num_rows) == (2, 2)
+    assert lake.read("pairs", version=version).num_rows == 4, "earlier decisions stay readable"
+    empty = lake.replace_decisions(PAIRS, pairs_rows([]), compare=("chosen",))
+    assert (empty.rows_deleted, lake.read("pairs").num_rows) == (2, 0)

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.ingest import IngestRequest
+from pipelines.lake import Lake
 from pipelines.near_dedup import (
     MinHasher,
     MinHashOptions,
@@ -165,3 +166,11 @@ def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path)
         result["near_clusters"],
         result["near_duplicates"],
     )
+    fresh_lake = Lake(fresh.lake.root)
+    near_status = fresh_lake.count("curation_status", where="status = 'near_dup'")
+    assert 0 < near_status <= full["near_duplicates"]  # a conflict outranks being a near-dup
+    fresh.dedup.minhash.enabled = False
+    without = run_dedup(fresh, **quiet)
+    assert without["near_duplicates"] == 0
+    assert fresh_lake.count("dedup_clusters", where="method = 'near'") == 0, "stale decisions are removed"
+    assert fresh_lake.count("curation_status", where="status = 'near_dup'") == 0
