@@ -42,7 +42,6 @@ from pipelines.lake import Lake
 from pipelines.text_normalisation import tokens
 from storage_schemas import DEDUP_CLUSTERS, MINHASH_SIGNATURES, PAIRS
 
-FIELDS = ("history", "chosen", "rejected")
 _SHINGLES_PER_CHUNK = 1024
 _MAX_BUCKET_PAIRS = 64
 """Members of a bucket compared all-to-all up to this size; larger buckets are chained."""
