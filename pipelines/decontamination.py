@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -183,7 +183,10 @@ class DecontaminationSummary:
 
 
 def decontaminate(
-    lake: Lake, options: DecontaminationOptions, run_id: str, progress=print
+    lake: Lake,
+    options: DecontaminationOptions,
+    run_id: str,
+    progress: Callable[[str], None] = print,
 ) -> DecontaminationSummary:
     """Scan every corpus pair against every benchmark source; write ``contamination``."""
     started = time.perf_counter()

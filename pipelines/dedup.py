@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -275,7 +276,9 @@ DECISION_COLUMNS = {
 """Columns whose change makes a re-run rewrite a decision row (run ids and times do not)."""
 
 
-def dedup(lake: Lake, options: DedupOptions, run_id: str, progress=print) -> DedupSummary:
+def dedup(
+    lake: Lake, options: DedupOptions, run_id: str, progress: Callable[[str], None] = print
+) -> DedupSummary:
     """Exact dedup, flip detection and near-dedup over all pairs; writes the decision tables."""
     started = time.perf_counter()
     version = lake.version(PAIRS.name)

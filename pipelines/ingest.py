@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -248,7 +249,7 @@ def ingest(
     lake: Lake,
     config: IngestConfig,
     run_id: str,
-    progress: Any = print,
+    progress: Callable[[str], None] = print,
 ) -> IngestSummary:
     """Ingest ``request`` into ``lake``; ``run_id`` (the MLflow run) is stamped on every row."""
     started = time.perf_counter()

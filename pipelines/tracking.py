@@ -22,6 +22,7 @@ from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
 from pipelines.config import SynprefConfig, TrackingConfig
+from pipelines.lake import Lake
 from storage_schemas import SCHEMA_VERSION
 
 _SECRET = re.compile(r"secret|token|password|passwd|credential|session|access_key|api_key", re.I)
@@ -86,19 +87,15 @@ def log_input_file(path: str, sha256: str, context: str = "input", **tags: str) 
     mlflow.log_input(dataset, context=context, tags=tags or None)
 
 
-def log_delta_table(
-    name: str, uri: str, version: int, context: str, rows: int | None = None
-) -> None:
+def log_delta_table(lake: Lake, name: str, version: int, context: str) -> None:
     """Record a Delta table at a version as an input (``context="input"``) or output of the run."""
     dataset = MetaDataset(
-        source=DeltaDatasetSource(path=uri, delta_table_version=version),
+        source=DeltaDatasetSource(path=lake.uri(name), delta_table_version=version),
         name=name,
         digest=f"v{version}",
     )
     mlflow.log_input(dataset, context=context)
     mlflow.set_tag(f"synpref.{context}.{name}.version", str(version))
-    if rows is not None:
-        mlflow.log_metric(f"{name}_rows", rows)
 
 
 def run_location(run: mlflow.ActiveRun, tracking: TrackingConfig) -> str:

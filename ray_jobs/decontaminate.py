@@ -38,13 +38,13 @@ def run_decontaminate(
     dashboard = connect(config.ray)
     with job_run(config, "decontaminate") as run:
         summary = decontaminate(lake, options, run.info.run_id, report)
-        log_delta_table(PAIRS.name, lake.uri(PAIRS.name), summary.pairs_version, context="input")
+        log_delta_table(lake, PAIRS.name, summary.pairs_version, context="input")
         for spec, version in (
             (CONTAMINATION, summary.contamination_version),
             (CURATION_STATUS, summary.status_version),
         ):
             if version is not None:
-                log_delta_table(spec.name, lake.uri(spec.name), version, context="output")
+                log_delta_table(lake, spec.name, version, context="output")
         mlflow.log_metrics(
             {
                 "ngrams_indexed": summary.ngrams_indexed,

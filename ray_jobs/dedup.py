@@ -51,10 +51,10 @@ def run_dedup(config: SynprefConfig, report: Callable[[str], None] = progress) -
 
 
 def _track(summary: DedupSummary, lake: Lake) -> None:
-    log_delta_table(PAIRS.name, lake.uri(PAIRS.name), summary.pairs_version, context="input")
+    log_delta_table(lake, PAIRS.name, summary.pairs_version, context="input")
     for table, version in summary.written.items():
         if version is not None:
-            log_delta_table(table, lake.uri(table), version, context="output")
+            log_delta_table(lake, table, version, context="output")
     mlflow.log_metrics(
         {
             "pairs": summary.pairs,

@@ -47,7 +47,7 @@ def _track(summary: IngestSummary, lake: Lake, sample_size: int) -> None:
     for item in summary.inputs:
         log_input_file(item.path, item.sha256, format=item.format, size=str(item.size))
     for spec, version in ((PAIRS, summary.pairs_version), (QUARANTINE, summary.quarantine_version)):
-        log_delta_table(spec.name, lake.uri(spec.name), version, context="output")
+        log_delta_table(lake, spec.name, version, context="output")
     mlflow.log_metrics(
         {
             "records_read": summary.records_read,

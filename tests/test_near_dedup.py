@@ -172,5 +172,7 @@ def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path)
     fresh.dedup.minhash.enabled = False
     without = run_dedup(fresh, **quiet)
     assert without["near_duplicates"] == 0
-    assert fresh_lake.count("dedup_clusters", where="method = 'near'") == 0, "stale decisions are removed"
+    assert fresh_lake.count("dedup_clusters", where="method = 'near'") == 0, (
+        "stale decisions are removed"
+    )
     assert fresh_lake.count("curation_status", where="status = 'near_dup'") == 0
