@@ -298,9 +298,8 @@ def dedup(
                 pc.not_equal(exact["source"], exact["representative_source"]),
             )
         )
-        unique = keys.join(repeats, ["source", "pair_id"], join_type="left anti")
         near = near_duplicates(
-            lake, version, unique, options.minhash, options.rank, run_id, progress
+            lake, version, repeats, options.minhash, options.rank, run_id, progress
         )
     prompts = DEDUP_CLUSTERS.schema.empty_table()
     if options.prompt_groups is not None:

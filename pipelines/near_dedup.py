@@ -191,76 +191,161 @@ class SignatureMaker:
         )
 
 
+def node_ids(pair_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """int64 graph node of each pair: the first 64 bits of its content hash (``pair_id``).
+
+    A collision only joins two pairs' candidate lists; verification looks up both signatures by
+    node and compares the pairs themselves, so it never makes a false edge.
+    """
+    return np.array([int(p[:16], 16) for p in pair_ids.to_pylist()], np.uint64).view(np.int64)
+
+
+def bucket_rows(batch: pa.Table) -> dict[str, np.ndarray]:
+    """One row per band of each field of each pair, the key of the bucket shuffle."""
+    buckets = _unpack(batch["buckets"], np.uint64).reshape(batch.num_rows, -1)
+    nodes = node_ids(batch["pair_id"])
+    return {"bucket": buckets.ravel(), "node": np.repeat(nodes, buckets.shape[1])}
+
+
+def bucket_edges(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Candidate edges (a < b) of the pairs sharing a bucket, each once; ``batch`` holds whole
+    buckets (hash-partitioned on ``bucket``). Buckets of up to ``_MAX_BUCKET_PAIRS`` members are
+    compared all-to-all, bigger ones chained (a path keeps them in one component)."""
+    order = np.lexsort((batch["node"], batch["bucket"]))
+    buckets, nodes = batch["bucket"][order], batch["node"][order]
+    starts = np.flatnonzero(np.diff(buckets, prepend=buckets[:1] ^ np.uint64(1)))
+    sizes = np.diff(starts, append=len(buckets))
+    edges = [np.empty((0, 2), np.int64)]
+    for size in np.unique(sizes[sizes > 1]):  # vectorised over all buckets of one size
+        members = nodes[starts[sizes == size][:, None] + np.arange(size)]
+        if size <= _MAX_BUCKET_PAIRS:
+            i, j = np.triu_indices(size, k=1)
+        else:
+            i, j = np.arange(size - 1), np.arange(1, size)
+        edges.append(np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1))
+    return _unique_edges({"a": (e := np.concatenate(edges))[:, 0], "b": e[:, 1]})
+
+
 def candidate_edges(buckets: np.ndarray) -> np.ndarray:
-    """(edges, 2) row indices of pairs sharing a bucket in some band, each edge once."""
-    edges = []
-    for band in range(buckets.shape[1]):
-        column = buckets[:, band]
-        order = np.argsort(column, kind="stable")
-        ordered = column[order]
-        boundaries = np.flatnonzero(np.diff(ordered)) + 1
-        starts = np.concatenate([[0], boundaries])
-        ends = np.concatenate([boundaries, [len(ordered)]])
-        shared = np.flatnonzero(ends - starts > 1)
-        for start, end in zip(starts[shared], ends[shared], strict=True):
-            members = order[start:end]
-            if len(members) <= _MAX_BUCKET_PAIRS:
-                i, j = np.triu_indices(len(members), k=1)
-                edges.append(np.stack([members[i], members[j]], axis=1))
-            else:
-                edges.append(np.stack([members[:-1], members[1:]], axis=1))
-    if not edges:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.sort(np.concatenate(edges), axis=1), axis=0)
+    """In memory, for small sets: (edges, 2) row indices of the rows of a (rows, bands) bucket
+    matrix that share a bucket (bucket values must differ between bands)."""
+    nodes = np.repeat(np.arange(len(buckets)), buckets.shape[1])
+    edges = bucket_edges({"bucket": buckets.ravel(), "node": nodes})
+    return np.stack([edges["a"], edges["b"]], axis=1)
 
 
-def components(edges: np.ndarray, n: int) -> np.ndarray:
-    """Connected-component label of each of ``n`` nodes of the graph ``edges``."""
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+def _unique_edges(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Distinct edges with a < b (members are sorted by node, so a <= b on entry)."""
+    a, b = batch["a"], batch["b"]
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    keep = (a != b) & np.concatenate([[True], (np.diff(a) != 0) | (np.diff(b) != 0)])
+    return {"a": a[keep], "b": b[keep]}
 
 
-def confirmed_edges(edges: np.ndarray, signatures: np.ndarray, threshold: float) -> np.ndarray:
+def verified_edges(batch: pa.Table, threshold: float, permutations: int) -> pa.Table:
     """The candidate edges whose three fields all have estimated Jaccard >= threshold."""
-    if not len(edges):
-        return edges
-    similar = (signatures[edges[:, 0]] == signatures[edges[:, 1]]).mean(axis=2)  # (edges, 3)
-    return edges[(similar >= threshold).all(axis=1)]
+    if not batch.num_rows:  # a join partition without rows may lack the columns of one side
+        return pa.table({name: pa.array([], pa.string()) for name in EDGE_COLUMNS})
+    left = _unpack(batch["signature_a"], np.uint32).reshape(batch.num_rows, 3, permutations)
+    right = _unpack(batch["signature_b"], np.uint32).reshape(batch.num_rows, 3, permutations)
+    similar = ((left == right).mean(axis=2) >= threshold).all(axis=1)
+    return batch.select(EDGE_COLUMNS).filter(similar)
 
 
-def near_clusters(
-    keys: pa.Table,
-    signatures: np.ndarray,
-    buckets: np.ndarray,
-    threshold: float,
-    rank: Callable[[str], int],
-    run_id: str,
+EDGE_COLUMNS = ["source_a", "pair_id_a", "source_b", "pair_id_b"]
+
+
+def near_pairs(
+    signatures: Callable[[list[str]], ray.data.Dataset],
+    options: MinHashOptions,
+    partitions: int,
+    progress: Callable[[str], None] = print,
 ) -> pa.Table:
-    """``dedup_clusters`` rows (method ``near``) from the signatures of ``keys`` rows; ``rank``
-    orders sources by trust for the choice of representatives."""
-    edges = confirmed_edges(candidate_edges(buckets), signatures, threshold)
-    if not len(edges):
+    """Confirmed near-duplicate edges (``EDGE_COLUMNS``) among the pairs of ``signatures``
+    (a fresh read of these columns of the signature rows), on Ray Data:
+
+    bucket rows -> hash shuffle on bucket -> candidate edges per bucket -> shuffle on edge to
+    drop repeats across bands -> join both ends with their signatures -> verify. Only the
+    signatures of pairs in some candidate edge (a broadcast set of nodes) enter the joins.
+    """
+    candidates = (
+        signatures(["pair_id", "buckets"])
+        .map_batches(bucket_rows, batch_format="pyarrow", batch_size=None)
+        .repartition(partitions, keys=["bucket"])
+        .map_batches(bucket_edges, batch_format="numpy", batch_size=None)
+        .repartition(partitions, keys=["a"])
+        .map_batches(_unique_edges, batch_format="numpy", batch_size=None)
+        .materialize()  # a known schema: the joins below keep it in partitions with no rows
+    )
+    ends = [t for t in ray.get(candidates.to_arrow_refs()) if t.num_rows]
+    nodes = pc.unique(
+        pa.chunked_array([c for t in ends for end in "ab" for c in t[end].chunks], pa.int64())
+    )
+    progress(f"[dedup] {sum(map(len, ends)):,} candidate edges between {len(nodes):,} pairs")
+    schema = pa.schema([(name, pa.string()) for name in EDGE_COLUMNS])
+    if not ends:
+        return schema.empty_table()
+    for end in ("a", "b"):
+        candidates = candidates.join(
+            signatures(["source", "pair_id", "signature"]).map_batches(
+                _node_signatures, batch_format="pyarrow", fn_kwargs={"end": end, "nodes": nodes}
+            ),
+            join_type="inner",
+            num_partitions=partitions,
+            on=(end,),
+        )
+    confirmed = candidates.map_batches(
+        verified_edges,
+        batch_format="pyarrow",
+        fn_kwargs={"threshold": options.threshold, "permutations": options.permutations},
+    )
+    parts = [t for t in ray.get(confirmed.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables([t.cast(schema) for t in parts]) if parts else schema.empty_table()
+
+
+def _node_signatures(batch: pa.Table, end: str, nodes: pa.Array) -> pa.Table:
+    """Signature rows of the pairs in ``nodes``, keyed for one end of an edge:
+    (a, source_a, pair_id_a, signature_a)."""
+    node = pa.array(node_ids(batch["pair_id"]))
+    keep = pc.is_in(node, value_set=nodes)
+    return pa.table(
+        {
+            end: node.filter(keep),
+            f"source_{end}": batch["source"].filter(keep),
+            f"pair_id_{end}": batch["pair_id"].filter(keep),
+            f"signature_{end}": batch["signature"].filter(keep),
+        }
+    )
+
+
+def near_clusters(edges: pa.Table, rank: Callable[[str], int], run_id: str) -> pa.Table:
+    """``dedup_clusters`` rows (method ``near``): connected components of the confirmed
+    ``edges``; ``rank`` orders sources by trust for the choice of representatives."""
+    if not edges.num_rows:
         return DEDUP_CLUSTERS.schema.empty_table()
-    labels = components(edges, keys.num_rows)
+    ends = [
+        pc.binary_join_element_wise(edges[f"source_{e}"], edges[f"pair_id_{e}"], "\x00")
+        for e in ("a", "b")
+    ]
+    nodes = pc.unique(pa.chunked_array(ends[0].chunks + ends[1].chunks))
+    index = np.stack([pc.index_in(e, nodes).to_numpy() for e in ends], axis=1)
+    labels = components(index, len(nodes))
     sizes = np.bincount(labels)
-    members = np.flatnonzero(sizes[labels] >= 2)
-    sources = keys["source"].to_pylist()
-    pair_ids = keys["pair_id"].to_pylist()
+    members = [key.split("\x00") for key in nodes.to_pylist()]
     best: dict[int, tuple[int, str, str]] = {}
-    for i in members:
-        candidate = (rank(sources[i]), pair_ids[i], sources[i])
-        label = int(labels[i])
+    for (source, pair_id), label in zip(members, labels.tolist(), strict=True):
+        candidate = (rank(source), pair_id, source)
         best[label] = min(best.get(label, candidate), candidate)
     now = datetime.now(UTC)
     rows = []
-    for i in members:
-        label = int(labels[i])
+    for (source, pair_id), label in zip(members, labels.tolist(), strict=True):
         _, representative_pair_id, representative_source = best[label]
         rows.append(
             {
                 "method": "near",
-                "source": sources[i],
-                "pair_id": pair_ids[i],
+                "source": source,
+                "pair_id": pair_id,
                 "cluster_id": f"near-{representative_source}-{representative_pair_id}",
                 "cluster_size": int(sizes[label]),
                 "representative_source": representative_source,
@@ -272,81 +357,114 @@ def near_clusters(
     return pa.Table.from_pylist(rows, schema=DEDUP_CLUSTERS.schema)
 
 
-def stored_signatures(
+def components(edges: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes of the graph ``edges``."""
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def store_signatures(
     lake: Lake, version: int, options: MinHashOptions, progress: Callable[[str], None]
-) -> pa.Table:
-    """Signatures of every corpus pair at ``version``: the stored ones, plus the missing ones
-    computed on Ray Data and stored (incremental: a re-run hashes only pairs added since)."""
+) -> None:
+    """Compute on Ray Data and store the signatures of the corpus pairs at ``version`` that
+    have none yet (incremental: a re-run hashes only the pairs added since)."""
     pairs = lake.read(PAIRS.name, version, ["source", "pair_id"], "source_kind = 'corpus'")
-    where = f"params_id = '{options.params_id}'"
     if lake.exists(MINHASH_SIGNATURES.name):
-        stored = lake.read(MINHASH_SIGNATURES.name, columns=["source", "pair_id"], where=where)
+        stored = lake.read(
+            MINHASH_SIGNATURES.name,
+            columns=["source", "pair_id"],
+            where=f"params_id = '{options.params_id}'",
+        )
         missing = pairs.join(stored, ["source", "pair_id"], join_type="left anti")
     else:
         missing = pairs
-    if missing.num_rows:
-        started = time.perf_counter()
-        rows = lake.dataset(
-            PAIRS.name,
-            version,
-            ["source", "pair_id", "history", "chosen", "rejected"],
-            pc.field("source_kind") == "corpus",
-        )
-        if missing.num_rows < pairs.num_rows:
-            wanted = missing["pair_id"].combine_chunks()
-            rows = rows.map_batches(_only, batch_format="pyarrow", fn_kwargs={"pair_ids": wanted})
-        signed = rows.map_batches(
-            SignatureMaker,
-            fn_constructor_kwargs={"options": options},
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))
-            ),
-        )
-        parts = [t for t in ray.get(signed.to_arrow_refs()) if t.num_rows]
-        new = pa.concat_tables(parts)
-        new = new.append_column(
-            "params_id", pa.array([options.params_id] * new.num_rows, pa.string())
-        )
-        lake.insert_new(MINHASH_SIGNATURES, new)
-        progress(
-            f"[dedup] MinHash signatures of {new.num_rows:,} new pairs "
-            f"in {time.perf_counter() - started:.1f}s"
-        )
-    return lake.read(MINHASH_SIGNATURES.name, where=where)
+    if not missing.num_rows:
+        return
+    started = time.perf_counter()
+    rows = lake.dataset(
+        PAIRS.name,
+        version,
+        ["source", "pair_id", "history", "chosen", "rejected"],
+        pc.field("source_kind") == "corpus",
+    )
+    if missing.num_rows < pairs.num_rows:
+        wanted = missing["pair_id"].combine_chunks()
+        rows = rows.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"pair_ids": wanted})
+    signed = rows.map_batches(
+        SignatureMaker,
+        fn_constructor_kwargs={"options": options},
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
+    )
+    parts = [t for t in ray.get(signed.to_arrow_refs()) if t.num_rows]
+    new = pa.concat_tables(parts)
+    new = new.append_column("params_id", pa.array([options.params_id] * new.num_rows, pa.string()))
+    lake.insert_new(MINHASH_SIGNATURES, new)
+    progress(
+        f"[dedup] MinHash signatures of {new.num_rows:,} new pairs "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
 
 
-def _only(batch: pa.Table, pair_ids: pa.Array) -> pa.Table:
+def _cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _keep(batch: pa.Table, pair_ids: pa.Array) -> pa.Table:
     return batch.filter(pc.is_in(batch["pair_id"], value_set=pair_ids))
+
+
+def _drop(batch: pa.Table, keys: pa.Table) -> pa.Table:
+    return batch.join(keys, ["source", "pair_id"], join_type="left anti")
+
+
+_PAIRS_PER_PARTITION = 50_000
+"""Shuffle partitions per pair: ~3.75M bucket rows (60 MB) per partition at 25 bands."""
 
 
 def near_duplicates(
     lake: Lake,
     version: int,
-    candidates: pa.Table,
+    excluded: pa.Table,
     options: MinHashOptions,
     rank: Callable[[str], int],
     run_id: str,
     progress: Callable[[str], None] = print,
 ) -> pa.Table:
-    """Near-duplicate clusters among ``candidates`` (source, pair_id): in dedup, the pairs that
-    are not already exact duplicates of another."""
-    signatures = stored_signatures(lake, version, options, progress)
-    rows = signatures.join(
-        candidates.select(["source", "pair_id"]), ["source", "pair_id"], join_type="inner"
+    """Near-duplicate clusters among the corpus pairs at ``version`` but the ``excluded``
+    (source, pair_id): in dedup, the pairs that are exact duplicates of another."""
+    store_signatures(lake, version, options, progress)
+    started = time.perf_counter()
+    count = lake.count(MINHASH_SIGNATURES.name, where=f"params_id = '{options.params_id}'")
+    partitions = max(2 * _cpus(), -(-count // _PAIRS_PER_PARTITION))
+    excluded = excluded.select(["source", "pair_id"])
+
+    def signatures(columns: list[str]) -> ray.data.Dataset:
+        rows = lake.dataset(
+            MINHASH_SIGNATURES.name,
+            columns=["source", *(c for c in columns if c != "source")],
+            filter=pc.field("params_id") == options.params_id,
+        )
+        if excluded.num_rows:
+            rows = rows.map_batches(_drop, batch_format="pyarrow", fn_kwargs={"keys": excluded})
+        return rows.select_columns(columns)
+
+    edges = near_pairs(signatures, options, partitions, progress)
+    progress(
+        f"[dedup] {edges.num_rows:,} near-duplicate edges confirmed "
+        f"({partitions} shuffle partitions) in {time.perf_counter() - started:.1f}s"
     )
-    rows = rows.sort_by([("source", "ascending"), ("pair_id", "ascending")])
-    matrix = _unpack(rows["signature"], np.uint32).reshape(rows.num_rows, 3, options.permutations)
-    buckets = _unpack(rows["buckets"], np.uint64).reshape(rows.num_rows, 3 * options.bands)
-    return near_clusters(rows, matrix, buckets, options.threshold, rank, run_id)
+    return near_clusters(edges, rank, run_id)
 
 
 def _unpack(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
     """Equal-length binary values -> one numpy array, without a Python loop over rows."""
     parts = [np.empty(0, dtype)]
-    for chunk in column.chunks:
+    for chunk in pc.cast(column, pa.large_binary()).chunks:  # polars joins give large_binary
+        if not len(chunk):
+            continue
         data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)
         offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
         parts.append(data[offsets[0] : offsets[-1]].view(dtype))
     return np.concatenate(parts)

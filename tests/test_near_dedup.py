@@ -5,15 +5,18 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
 from pipelines.ingest import IngestRequest
 from pipelines.lake import Lake
 from pipelines.near_dedup import (
     MinHasher,
     MinHashOptions,
-    candidate_edges,
-    confirmed_edges,
+    SignatureMaker,
+    bucket_edges,
     near_clusters,
+    near_pairs,
+    node_ids,
 )
 from pipelines.synthetic import CorpusSpec, write_corpus
 from ray_jobs.dedup import run_dedup
@@ -62,31 +65,45 @@ def edit(text: str, every: int) -> str:
     return " ".join("EDITED" if i % every == 0 else w for i, w in enumerate(words))
 
 
-def test_near_duplicates_need_all_three_fields_similar():
+def test_near_duplicates_need_all_three_fields_similar(ray_cluster):
     h, c, r = TEXT, TEXT[::-1], " ".join(reversed(TEXT.split()))
     batch = pair_table(
         (h, c, r),
         (edit(h, 60), edit(c, 60), edit(r, 60)),  # a light edit of every field
         (h, c, "a completely different rejected response " * 10),  # same history and chosen only
         ("unrelated " * 50, "nothing alike " * 40, "at all " * 30),
+        (edit(h, 30), edit(c, 30), edit(r, 30)),  # a heavier edit, still similar
     )
-    hasher = MinHasher(OPTIONS)
-    signatures = hasher.pair_signatures(batch)
-    edges = confirmed_edges(
-        candidate_edges(hasher.buckets(signatures)), signatures, OPTIONS.threshold
-    )
-    assert edges.tolist() == [[0, 1]]
-    clusters = near_clusters(
-        batch, signatures, hasher.buckets(signatures), OPTIONS.threshold, lambda s: 0, "r"
-    )
-    assert clusters["pair_id"].to_pylist() == ["p0", "p1"]
-    assert set(clusters["representative_pair_id"].to_pylist()) == {"p0"}
+    batch = batch.set_column(1, "pair_id", pa.array([str(i) * 32 for i in range(5)]))
+    signatures = SignatureMaker(OPTIONS)(batch)
+
+    def read(columns):
+        return ray.data.from_arrow(signatures).select_columns(columns)
+
+    edges = near_pairs(read, OPTIONS, partitions=3)
+    found = sorted(zip(edges["pair_id_a"].to_pylist(), edges["pair_id_b"].to_pylist(), strict=True))
+    assert [(a[0], b[0]) for a, b in found] == [("0", "1"), ("0", "4"), ("1", "4")]
+    clusters = near_clusters(edges, lambda s: 0, "r")
+    assert sorted(p[0] for p in clusters["pair_id"].to_pylist()) == ["0", "1", "4"]
+    assert set(clusters["cluster_size"].to_pylist()) == {3}
+    assert set(clusters["representative_pair_id"].to_pylist()) == {"0" * 32}
+
+
+def test_node_ids_are_the_leading_64_bits_of_the_content_hash():
+    ids = pa.array(["ffffffffffffffff" + "0" * 16, "0000000000000001" + "f" * 16])
+    assert node_ids(ids).tolist() == [-1, 1]
 
 
 def test_big_buckets_are_chained_not_compared_all_to_all():
-    buckets = np.zeros((200, 2), dtype=np.uint64)  # everyone shares every bucket
-    edges = candidate_edges(buckets)
-    assert len(edges) == 199 and (edges[:, 0] < edges[:, 1]).all()
+    shared = {"bucket": np.zeros(200, np.uint64), "node": np.arange(200)[::-1].copy()}
+    edges = bucket_edges(shared)  # everyone shares one bucket
+    assert len(edges["a"]) == 199 and (edges["a"] < edges["b"]).all()
+    small = {
+        "bucket": np.array([7, 5, 7, 7, 5, 9], np.uint64),
+        "node": np.array([3, 2, 1, 1, 4, 5]),
+    }
+    edges = bucket_edges(small)  # a repeated node is no edge; singletons make none
+    assert list(zip(edges["a"].tolist(), edges["b"].tolist(), strict=True)) == [(1, 3), (2, 4)]
 
 
 @pytest.mark.parametrize(
