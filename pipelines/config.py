@@ -120,6 +120,23 @@ class DecontaminationConfig(_Section):
     """Also index the benchmarks' responses, not only their prompts."""
 
 
+class ScoringConfig(_Section):
+    """Reward-model scoring (``synpref score``, ``synpref eval --model``): a Ray Data actor
+    pool, one model per actor."""
+
+    max_length: int = Field(default=4096, ge=8)
+    """Tokens per conversation; longer ones are cut from the left (the response is kept)."""
+    batch_tokens: int = Field(default=16384, ge=8)
+    """Padded tokens per forward pass (conversations are sorted by length first)."""
+    batch_size: int = Field(default=256, ge=1)
+    """Conversations per Ray Data batch handed to an actor."""
+    actors: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1, gt=0)
+    """CPUs per actor."""
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs per actor (the model moves to ``cuda`` when > 0)."""
+
+
 class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
@@ -144,6 +161,7 @@ class SynprefConfig(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

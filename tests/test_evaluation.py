@@ -1,0 +1,204 @@
+"""Reward-model evaluation: each benchmark's own rules, golden numbers, bad inputs, the job."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipelines.evaluation import (
+    EvalDataError,
+    EvalItem,
+    ItemScores,
+    bestofn_metrics,
+    conversations,
+    evaluate,
+    file_scores,
+    judgebench_correct,
+    judgebench_verdicts,
+    load_items,
+    model_scores,
+    rewardbench_metrics,
+)
+from pipelines.reward_model import RewardModel
+from ray_jobs.evaluate import run_eval
+from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
+
+JUDGEBENCH_OUTPUTS = {  # the official sample-weighted accuracies of the committed outputs
+    "Skywork_Skywork-Reward-Gemma-2-27B": 64.3,
+    "Skywork_Skywork-Reward-Llama-3.1-8B": 62.3,
+    "internlm_internlm2-20b-reward": 63.4,
+    "internlm_internlm2-7b-reward": 59.4,
+    "Ray2333_GRM-Gemma-2B-rewardmodel-ft": 59.4,
+}
+
+
+@pytest.mark.parametrize(("judge", "official"), JUDGEBENCH_OUTPUTS.items())
+def test_judgebench_outputs_reproduce_the_official_accuracies(judge, official):
+    data = shared_data(JUDGEBENCH)
+    outputs = data.parent.parent / "outputs"
+    scores = next(outputs.glob(f"*judge_model={judge}.jsonl"))
+    items = load_items("judgebench", str(data))
+    result = evaluate("judgebench", items, file_scores(items, str(scores)))
+    assert round(result.metrics["accuracy"], 1) == official
+    assert {r["category"] for r in result.categories} == {
+        "knowledge",
+        "reasoning",
+        "math",
+        "coding",
+    }
+    means = [r["accuracy"] for r in result.categories]
+    assert result.metrics["category_mean"] == pytest.approx(np.mean(means))
+
+
+def test_judgebench_rule_a_tie_counts_for_b_in_each_order():
+    assert judgebench_verdicts(2.0, 1.0) == ["A>B", "B>A"]  # consistent: A wins both orders
+    assert judgebench_verdicts(1.0, 1.0) == ["B>A", "B>A"]  # a tie: B in each order
+    assert judgebench_correct("A>B", ["A>B", "B>A"])
+    assert not judgebench_correct("B>A", judgebench_verdicts(1.0, 1.0)), "one vote each way"
+    assert judgebench_correct("B>A", ["B>A", "B>A"]) is False
+    assert judgebench_correct("A>B", ["A>B"]), "a single-order judge"
+
+
+def item(id_, category="all", chosen=("good",), rejected=("bad",)):
+    return EvalItem(id_, category, [{"role": "user", "content": "q"}], list(chosen), list(rejected))
+
+
+def test_rewardbench_strict_accuracy_and_section_weighting():
+    items = [item(f"m{i}", "math-prm") for i in range(2)] + [item("c", "hep-cpp")]
+    items += [item("a", "alpacaeval-easy")]
+    scores = {
+        "m0": ItemScores([1.0], [0.0]),
+        "m1": ItemScores([0.0], [0.0]),  # a tie is wrong
+        "c": ItemScores([1.0], [0.5]),
+        "a": ItemScores([0.0], [1.0]),
+    }
+    result = rewardbench_metrics(items, scores)
+    # Reasoning: math-prm 50% weighted as 984 examples, hep-cpp 100% weighted by its 1 example
+    reasoning = (50 * 984 + 100 * 1) / 985
+    assert result.metrics["section.Reasoning"] == pytest.approx(reasoning)
+    assert result.metrics["section.Chat"] == 0
+    assert result.metrics["score"] == pytest.approx((reasoning + 0) / 2)
+    constant = {k: ItemScores([1.0], [1.0]) for k in scores}
+    assert rewardbench_metrics(items, constant).metrics["score"] == 0
+
+
+def test_best_of_n_needs_the_best_to_beat_every_loser():
+    items = [item("x", rejected=("r1", "r2", "r3")), item("y", rejected=("r1", "r2", "r3"))]
+    scores = {"x": ItemScores([2.0], [1.0, 1.9, 0.0]), "y": ItemScores([2.0], [1.0, 2.5, 0.0])}
+    result = bestofn_metrics(items, scores)
+    assert result.metrics["accuracy"] == 50
+
+
+def test_model_scores_split_back_per_item_in_order():
+    items = [item("x", chosen=("a", "b"), rejected=("c",)), item("y")]
+    assert len(conversations(items)) == 5
+    scores = model_scores(items, [1, 2, 3, 4, 5])
+    assert (scores["x"].chosen, scores["x"].rejected, scores["y"].rejected) == ([1, 2], [3], [5])
+    with pytest.raises(EvalDataError, match="do not match"):
+        model_scores(items, [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (['{"id": 1, "prompt": "q", "chosen": "a"'], "record 0: malformed JSON"),
+        (['{"id": 1, "prompt": "q", "chosen": "a"}'], "record 0: 'rejected' is missing"),
+        (['{"id": 1, "prompt": "q", "chosen": "a", "rejected": 3}'], "must be a string"),
+        (['{"id": 1, "prompt": "q", "chosen": [], "rejected": "b"}'], "empty list"),
+        (
+            ['{"id": 1, "prompt": "q", "chosen": "a", "rejected": "b"}'] * 2,
+            "appears more than once",
+        ),
+        (["[1, 2]"], "expected a JSON object"),
+    ],
+)
+def test_bad_benchmark_records_name_file_and_record(tmp_path, records, message):
+    path = tmp_path / "bench.jsonl"
+    path.write_text("\n".join(records) + "\n")
+    with pytest.raises(EvalDataError, match=message):
+        load_items("rewardbench", str(path))
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"id": "1", "chosen": 1.0, "rejected": 0.5}'], "no scores for 1 of 2 items"),
+        (['{"id": "9", "chosen": 1.0, "rejected": 0.5}'], "'9' is not an item"),
+        (['{"id": "1", "chosen": [1.0, 2.0], "rejected": 0.5}'], "2 chosen and 1 rejected"),
+        (['{"id": "1", "chosen": "high", "rejected": 0.5}'], "must hold numbers"),
+        (['{"id": "1", "chosen": 1, "rejected": 0}'] * 2, "scored more than once"),
+    ],
+)
+def test_bad_scores_files_are_refused_with_the_reason(tmp_path, lines, message):
+    data = tmp_path / "bench.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+            for i in ("1", "2")
+        )
+    )
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("\n".join(lines) + "\n")
+    items = load_items("rewardbench", str(data))
+    with pytest.raises(EvalDataError, match=message):
+        file_scores(items, str(scores))
+
+
+def test_rmbench_length_heuristic_gives_the_style_bias_baseline(config, ray_cluster):
+    """The response-length scorer on the 798 RM-Bench prompts (3x3 styles each) is the known
+    style-bias baseline: it wins easily when the chosen response is the more styled (longer)
+    one, and mostly loses the hard cells (plain chosen vs styled rejected): easy 86.34,
+    normal 40.35, hard 13.20."""
+    data = shared_data(RM_BENCH)
+    result = run_eval(config, "rmbench", str(data), model="heuristic:length", report=print)
+    metrics = result["metrics"]
+    assert result["items"] == 798
+    assert (round(metrics["easy"], 2), round(metrics["normal"], 2), round(metrics["hard"], 2)) == (
+        86.34,
+        40.35,
+        13.20,
+    )
+    assert {c["category"] for c in result["categories"]} == {"chat", "code", "safety"}
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.metrics["hard"] == pytest.approx(metrics["hard"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
+    assert artifacts >= {
+        "eval/categories.json",
+        "eval/scores.jsonl",
+        "eval/score_distributions.png",
+        "eval/accuracy_by_category.png",
+    }
+
+
+def test_a_model_scored_on_ray_gives_the_same_scores_as_in_process(config, ray_cluster, decoder_rm):
+    data = shared_data(JUDGEBENCH)
+    config.scoring.max_length = 256
+    result = run_eval(config, "judgebench", str(data), model=decoder_rm, report=print)
+    assert result["items"] == 350 and 0 <= result["metrics"]["accuracy"] <= 100
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.metrics["scoring.truncated"] > 0, "JudgeBench answers exceed 256 tokens"
+    assert run.data.tags["synpref.model_version"]
+    logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval/scores.jsonl")
+    first = json.loads(logged.splitlines()[0])
+    items = load_items("judgebench", str(data))
+    by_id = {i.id: i for i in items}
+    direct = RewardModel(decoder_rm, max_length=256).score(by_id[first["id"]].conversations())
+    assert first["chosen"] + first["rejected"] == pytest.approx(direct.rewards.tolist(), abs=1e-5)
+
+
+def test_the_scores_artifact_evaluates_again_as_a_scores_file(config, ray_cluster, tmp_path):
+    data = shared_data(RM_BENCH) / "chat_filtered.json"
+    first = run_eval(config, "rmbench", str(data), model="heuristic:length", report=print)
+    saved = mlflow.artifacts.download_artifacts(
+        f"runs:/{first['run_id']}/eval/scores.jsonl", dst_path=str(tmp_path)
+    )
+    again = run_eval(config, "rmbench", str(data), scores=saved, report=print)
+    assert again["metrics"] == first["metrics"]
+
+
+def test_model_and_scores_are_exclusive(config):
+    with pytest.raises(EvalDataError, match="exactly one"):
+        run_eval(config, "rmbench", "x", model="heuristic:length", scores="y")
+    with pytest.raises(ValueError, match="unknown heuristic"):
+        RewardModel("heuristic:coin")
