@@ -386,10 +386,8 @@ def store_signatures(
         version,
         ["source", "pair_id", "history", "chosen", "rejected"],
         pc.field("source_kind") == "corpus",
+        keys=missing if missing.num_rows < pairs.num_rows else None,
     )
-    if missing.num_rows < pairs.num_rows:
-        wanted = missing["pair_id"].combine_chunks()
-        rows = rows.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"pair_ids": wanted})
     signed = rows.map_batches(
         SignatureMaker,
         fn_constructor_kwargs={"options": options},
@@ -408,10 +406,6 @@ def store_signatures(
 
 def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _keep(batch: pa.Table, pair_ids: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch["pair_id"], value_set=pair_ids))
 
 
 def _drop(batch: pa.Table, keys: pa.Table) -> pa.Table:

@@ -1,7 +1,9 @@
 """Reward-model scoring on Ray Data: one model per actor, conversations in, rewards out.
 
 The same ``RewardModel`` (and so the same chat formatting) as training and serving. Used by
-``synpref eval --model`` for benchmark conversations and by batch scoring of lake pairs.
+``synpref eval --model`` for benchmark conversations and by ``synpref score`` for lake pairs,
+which writes ``rm_scores`` incrementally: only pairs without a score from this model name and
+version are scored, and the merge is idempotent, so a re-run after a crash adds what is missing.
 """
 
 from __future__ import annotations
@@ -9,26 +11,35 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from deltalake.exceptions import DeltaError
 
 from pipelines.config import ScoringConfig
+from pipelines.lake import Lake
 from pipelines.preference_formats import Message
-from pipelines.reward_model import RewardModel
+from pipelines.reward_model import RewardModel, model_version, sigmoid
+from storage_schemas import PAIRS, RM_SCORES
+
+
+def load_model(model: str, config: ScoringConfig) -> RewardModel:
+    return RewardModel(
+        model,
+        max_length=config.max_length,
+        batch_tokens=config.batch_tokens,
+        device="cuda" if config.num_gpus > 0 else "cpu",
+    )
 
 
 class ConversationScorer:
     """Ray Data actor: loads the model once, scores the ``conversation`` column of a batch."""
 
     def __init__(self, model: str, config: ScoringConfig) -> None:
-        self.model = RewardModel(
-            model,
-            max_length=config.max_length,
-            batch_tokens=config.batch_tokens,
-            device="cuda" if config.num_gpus > 0 else "cpu",
-        )
+        self.model = load_model(model, config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scores = self.model.score(batch["conversation"].to_pylist())
@@ -88,3 +99,136 @@ def score_conversations(
         f"({run.per_second:,.1f}/s, {run.tokens:,} tokens, {run.truncated:,} truncated)"
     )
     return run
+
+
+class PairScorer:
+    """Ray Data actor: pairs (history, chosen, rejected) -> ``rm_scores`` rows."""
+
+    def __init__(self, model: str, name: str, version: str, config: ScoringConfig, run_id: str):
+        self.model = load_model(model, config)
+        self.name, self.version, self.run_id = name, version, run_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        histories = batch["history"].to_pylist()
+        conversations = [
+            [*history, {"role": "assistant", "content": response}]
+            for column in ("chosen", "rejected")
+            for history, response in zip(histories, batch[column].to_pylist(), strict=True)
+        ]
+        scores = self.model.score(conversations)
+        n = batch.num_rows
+        chosen, rejected = scores.rewards[:n], scores.rewards[n:]
+        return pa.table(
+            {
+                "model_name": pa.array([self.name] * n, pa.string()),
+                "model_version": pa.array([self.version] * n, pa.string()),
+                "source": batch["source"],
+                "pair_id": batch["pair_id"],
+                "r_chosen": pa.array(chosen, pa.float64()),
+                "r_rejected": pa.array(rejected, pa.float64()),
+                "p": pa.array(sigmoid(chosen - rejected), pa.float64()),
+                "tokens": pa.array(scores.tokens[:n] + scores.tokens[n:], pa.int64()),
+                "truncated": pa.array(scores.truncated[:n] | scores.truncated[n:], pa.bool_()),
+                "score_run_id": pa.array([self.run_id] * n, pa.string()),
+                "scored_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
+            },
+            schema=RM_SCORES.schema,
+        )
+
+
+@dataclass(frozen=True)
+class PairScoring:
+    model_name: str
+    model_version: str
+    pairs_version: int
+    selected: int
+    already_scored: int
+    scored: int
+    truncated: int
+    tokens: int
+    seconds: float
+    rm_scores_version: int | None
+    accuracy: float | None
+    """Share of all selected pairs whose chosen response scores higher (agreement with labels)."""
+
+    def text(self) -> str:
+        rate = self.scored / self.seconds if self.seconds else 0.0
+        lines = [
+            f"scored {self.scored:,} of {self.selected:,} selected pairs with "
+            f"{self.model_name} ({self.model_version}) in {self.seconds:.1f}s ({rate:,.1f}/s)",
+            f"  already scored    {self.already_scored:>10,}",
+            f"  truncated         {self.truncated:>10,}",
+        ]
+        if self.accuracy is not None:
+            lines.append(f"  chosen > rejected {100 * self.accuracy:>9.1f}%")
+        return "\n".join(lines)
+
+
+def score_pairs(
+    lake: Lake,
+    model: str,
+    config: ScoringConfig,
+    run_id: str,
+    where: str | None = None,
+    model_name: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> PairScoring:
+    """Score the pairs matching ``where`` (SQL over ``pairs``) that ``model`` has not scored."""
+    started = time.perf_counter()
+    name, version = model_name or model, model_version(model)
+    pairs_version = lake.version(PAIRS.name)
+    try:
+        selected = lake.read(PAIRS.name, pairs_version, ["source", "pair_id"], where)
+    except DeltaError as exc:
+        raise ValueError(f"--where {where!r} is not a SQL predicate on pairs: {exc}") from None
+    scored_filter = f"model_name = '{_sql(name)}' AND model_version = '{_sql(version)}'"
+    if lake.exists(RM_SCORES.name):
+        done = lake.read(RM_SCORES.name, columns=["source", "pair_id"], where=scored_filter)
+        missing = selected.join(done, ["source", "pair_id"], join_type="left anti")
+    else:
+        missing = selected
+    progress(
+        f"[score] {selected.num_rows:,} pairs selected, {missing.num_rows:,} without a score "
+        f"from {name} ({version})"
+    )
+    result = None
+    new = RM_SCORES.schema.empty_table()
+    if missing.num_rows:
+        rows = lake.dataset(
+            PAIRS.name,
+            pairs_version,
+            ["source", "pair_id", "history", "chosen", "rejected"],
+            keys=missing,
+        ).map_batches(
+            PairScorer,
+            fn_constructor_args=(model, name, version, config, run_id),
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus or None,
+        )
+        new = pa.concat_tables([t for t in ray.get(rows.to_arrow_refs()) if t.num_rows])
+        result = lake.insert_new(RM_SCORES, new)
+    seconds = time.perf_counter() - started
+    progress(f"[score] {new.num_rows:,} pairs scored and written in {seconds:.1f}s")
+    scores = lake.read(RM_SCORES.name, columns=["source", "pair_id", "p"], where=scored_filter)
+    mine = scores.join(selected, ["source", "pair_id"], join_type="inner")
+    accuracy = float(np.mean(mine["p"].to_numpy() > 0.5)) if mine.num_rows else None
+    return PairScoring(
+        model_name=name,
+        model_version=version,
+        pairs_version=pairs_version,
+        selected=selected.num_rows,
+        already_scored=selected.num_rows - missing.num_rows,
+        scored=new.num_rows,
+        truncated=int(pc.sum(new["truncated"]).as_py() or 0),
+        tokens=int(pc.sum(new["tokens"]).as_py() or 0),
+        seconds=seconds,
+        rm_scores_version=result.version if result else None,
+        accuracy=accuracy,
+    )
+
+
+def _sql(value: str) -> str:
+    return value.replace("'", "''")

@@ -6,7 +6,16 @@ from typing import Any
 
 import click
 
-from ray_jobs import decontaminate, dedup, demo, evaluate, generate, ingest, lake_tables
+from ray_jobs import (
+    decontaminate,
+    dedup,
+    demo,
+    evaluate,
+    generate,
+    ingest,
+    lake_tables,
+    score,
+)
 from ray_jobs.job import configure_logging, global_options
 
 
@@ -30,6 +39,7 @@ cli.add_command(lake_tables.history_command)
 cli.add_command(generate.command)
 cli.add_command(dedup.command)
 cli.add_command(decontaminate.command)
+cli.add_command(score.command)
 cli.add_command(evaluate.command)
 cli.add_command(demo.command)
 

@@ -5,6 +5,7 @@ Schema version history (bump ``SCHEMA_VERSION`` and add a line on any change):
 - 1: ``pairs`` and ``quarantine``.
 - 2: ``dedup_clusters``, ``conflicts``, ``contamination``, ``minhash_signatures``,
   ``curation_status`` (hygiene).
+- 3: ``rm_scores`` (batch scoring with reward models).
 
 Later capabilities register their tables here the same way (``dedup_clusters``,
 ``contamination``, ``attributes``, ``judgments``, ``labels``, ``rm_scores``, ``curated_sets``).
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MESSAGE = pa.struct(
     [
@@ -262,6 +263,32 @@ CURATION_STATUS = TableSpec(
     constraints={"status_known": f"status IN ({_sql_list(CURATION_STATUSES)})"},
 )
 
+RM_SCORES = TableSpec(
+    name="rm_scores",
+    description=(
+        "Reward-model scores of pairs: raw rewards of the chosen and the rejected response and "
+        "p = sigmoid(r_chosen - r_rejected), per model and model version (batch scoring)."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("model_name", pa.string(), nullable=False),
+            pa.field("model_version", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("r_chosen", pa.float64(), nullable=False),
+            pa.field("r_rejected", pa.float64(), nullable=False),
+            pa.field("p", pa.float64(), nullable=False),
+            pa.field("tokens", pa.int64(), nullable=False),
+            pa.field("truncated", pa.bool_(), nullable=False),
+            pa.field("score_run_id", pa.string(), nullable=False),
+            pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("model_name", "model_version", "source", "pair_id"),
+    partition_by=("source",),
+    constraints={"p_is_probability": "p >= 0 AND p <= 1"},
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -272,6 +299,7 @@ TABLES: dict[str, TableSpec] = {
         CONTAMINATION,
         MINHASH_SIGNATURES,
         CURATION_STATUS,
+        RM_SCORES,
     )
 }
 
