@@ -30,6 +30,9 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"
 	$(BIN)/python benchmarks/ingest_bench.py
 	$(BIN)/python benchmarks/dedup_bench.py
+	$(BIN)/python benchmarks/minhash_bench.py
+	$(BIN)/python benchmarks/score_bench.py
+	$(BIN)/python benchmarks/serve_bench.py
 
 clean:
 	rm -rf lake mlruns.db mlartifacts demo_data benchmarks/out

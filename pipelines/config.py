@@ -137,6 +137,26 @@ class ScoringConfig(_Section):
     """GPUs per actor (the model moves to ``cuda`` when > 0)."""
 
 
+class ServingConfig(_Section):
+    """The reward API (``synpref serve``) on Ray Serve; replicas use ``scoring`` resources."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_batch_size: int = Field(default=32, ge=1)
+    """Requests merged into one scoring call (``@serve.batch``)."""
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_items: int = Field(default=64, ge=1)
+    """Conversations or pairs per request; more is a 413."""
+    max_chars: int = Field(default=400_000, ge=1)
+    """Characters per request; more is a 413."""
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    """Requests the API replica works on at once (Ray Serve's default of 5 starves batching)."""
+    replicas: int = Field(default=1, ge=1)
+    autoscaling: dict[str, Any] | None = None
+    """Ray Serve ``autoscaling_config`` (min_replicas, max_replicas, target_ongoing_requests);
+    replaces ``replicas`` when set."""
+
+
 class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
@@ -162,6 +182,7 @@ class SynprefConfig(BaseSettings):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

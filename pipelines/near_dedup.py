@@ -7,12 +7,13 @@ Two pairs are near-duplicates only when their history, chosen and rejected are *
    with xxh3 and MinHashed with ``bands * rows`` multiply-shift hash functions, vectorised over
    the whole batch with numpy. A pair's signature is the three field signatures.
 2. **Buckets**: each band of each field's signature is hashed into a bucket; pairs sharing any
-   bucket are candidates: P(candidate) >= 1 - (1 - J^r)^b for the most similar field.
-3. **Verification**: a candidate is confirmed only when the estimated Jaccard similarity of
-   *every* field (share of equal signature values) reaches ``threshold``; pairs sharing only a
-   prompt are rejected here.
-4. **Clusters**: connected components of the confirmed edges (scipy); the representative is
-   the member from the most trusted source, then the smallest pair_id.
+   bucket are candidates: P(candidate) >= 1 - (1 - J^r)^b for the most similar field. On Ray
+   Data: bucket rows hash-shuffled on the bucket, candidate edges per partition.
+3. **Verification**: the candidate edges joined with both ends' signatures (Ray Data joins); a
+   candidate is confirmed only when the estimated Jaccard similarity of *every* field (share
+   of equal signature values) reaches ``threshold``; pairs sharing only a prompt are rejected.
+4. **Clusters**: connected components of the confirmed edges (scipy, on the driver); the
+   representative is the member from the most trusted source, then the smallest pair_id.
 
 Defaults: word 3-grams (prompts and responses are short; a 5-gram shingle loses too much to one
 edited word), 25 bands x 4 rows, threshold 0.5. A field with Jaccard 0.5 makes a pair a

@@ -125,6 +125,19 @@ class RewardModel:
         return Scores(rewards, lengths, full > self.max_length, padded)
 
 
+def init_reward_model(backbone: str, folder: str | Path, seed: int = 0, **kwargs: Any) -> str:
+    """Save ``backbone`` with a new seeded one-output head as a reward model folder (the start
+    of training; with ``kwargs`` such as ``gguf_file`` passed to ``from_pretrained``)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, **kwargs)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(backbone, **kwargs).save_pretrained(folder)
+    return str(folder)
+
+
 def model_version(name: str) -> str:
     """What identifies a model's weights: for a local folder, a fingerprint of its weight
     files (names, sizes, modification times: retraining changes it); else the name."""

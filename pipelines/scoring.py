@@ -198,7 +198,7 @@ def score_pairs(
             PAIRS.name,
             pairs_version,
             ["source", "pair_id", "history", "chosen", "rejected"],
-            keys=missing,
+            keys=None if where is None and missing.num_rows == selected.num_rows else missing,
         ).map_batches(
             PairScorer,
             fn_constructor_args=(model, name, version, config, run_id),

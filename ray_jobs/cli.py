@@ -15,6 +15,7 @@ from ray_jobs import (
     ingest,
     lake_tables,
     score,
+    serve,
 )
 from ray_jobs.job import configure_logging, global_options
 
@@ -41,6 +42,7 @@ cli.add_command(dedup.command)
 cli.add_command(decontaminate.command)
 cli.add_command(score.command)
 cli.add_command(evaluate.command)
+cli.add_command(serve.command)
 cli.add_command(demo.command)
 
 

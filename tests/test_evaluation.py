@@ -187,9 +187,14 @@ def test_a_model_scored_on_ray_gives_the_same_scores_as_in_process(config, ray_c
     assert first["chosen"] + first["rejected"] == pytest.approx(direct.rewards.tolist(), abs=1e-5)
 
 
-def test_the_scores_artifact_evaluates_again_as_a_scores_file(config, ray_cluster, tmp_path):
+def test_an_offline_rm_on_rmbench_and_its_scores_artifact_evaluate_again(
+    config, ray_cluster, tmp_path, encoder_rm
+):
     data = shared_data(RM_BENCH) / "chat_filtered.json"
-    first = run_eval(config, "rmbench", str(data), model="heuristic:length", report=print)
+    config.scoring.max_length = 128
+    first = run_eval(config, "rmbench", str(data), model=encoder_rm, report=print)
+    assert first["items"] == 129
+    assert {"easy", "normal", "hard", "average"} <= first["metrics"].keys()
     saved = mlflow.artifacts.download_artifacts(
         f"runs:/{first['run_id']}/eval/scores.jsonl", dst_path=str(tmp_path)
     )

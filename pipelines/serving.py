@@ -1,0 +1,199 @@
+"""The reward API on Ray Serve: ``POST /v1/score`` for conversations or pairs, ``/healthz``.
+
+One ``RewardScorer`` deployment per reward model (its replicas and autoscaling from config)
+behind one FastAPI ingress. Requests are validated before they reach a model (clear 4xx:
+malformed JSON, unknown roles, empty or oversize input, too many items, unknown model).
+``@serve.batch`` merges concurrent requests into one call of ``RewardModel.score``, which
+sorts their conversations by length and packs them into forward passes under the token budget
+(``scoring.batch_tokens``): dynamic batching by requests, then by tokens. The chat formatting
+is the one training and batch scoring use, so served rewards equal ``rm_scores``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI (inside Serve's ingress) must see the
+# request model classes, not strings, to read them from the request body.
+from typing import Annotated, Literal, Self
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field, StringConstraints, model_validator
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipelines.config import ScoringConfig, ServingConfig
+from pipelines.reward_model import model_version, sigmoid
+from pipelines.scoring import load_model
+
+Text = Annotated[str, StringConstraints(min_length=1)]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class PairIn(BaseModel):
+    prompt: list[ChatMessage] = Field(min_length=1)
+    """The conversation before the two responses (ends with a user turn)."""
+    chosen: Text
+    rejected: Text
+
+
+class ScoreRequest(BaseModel):
+    """Exactly one of ``conversations`` (each ending with the assistant response to score) and
+    ``pairs``; ``model`` names the reward model when the app serves several."""
+
+    model: str | None = None
+    conversations: list[list[ChatMessage]] | None = None
+    pairs: list[PairIn] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        if (self.conversations is None) == (self.pairs is None):
+            raise ValueError("give exactly one of 'conversations' and 'pairs'")
+        items = self.conversations if self.conversations is not None else self.pairs
+        if not items:
+            raise ValueError("nothing to score: the list is empty")
+        for i, conversation in enumerate(self.conversations or []):
+            if not conversation or conversation[-1].role != "assistant":
+                raise ValueError(f"conversations[{i}] must end with an assistant message")
+        return self
+
+
+class Reward(BaseModel):
+    raw: float
+    normalised: float
+
+
+class PairScore(BaseModel):
+    chosen: Reward
+    rejected: Reward
+    p: float
+    """sigmoid(r_chosen - r_rejected): the model's probability that chosen is preferred."""
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    model_version: str
+    rewards: list[Reward] | None = None
+    pairs: list[PairScore] | None = None
+
+
+@serve.deployment
+class RewardScorer:
+    """One reward model; concurrent requests are batched into one scoring call."""
+
+    def __init__(self, model: str, scoring: ScoringConfig, serving: ServingConfig) -> None:
+        self.model = load_model(model, scoring)
+        self.version = model_version(model)
+        self.score_batch.set_max_batch_size(serving.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
+
+    def info(self) -> tuple[str, float, float]:
+        return self.version, self.model.reward_mean, self.model.reward_std
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score_batch(self, requests: list[list[list[dict]]]) -> list[list[float]]:
+        flat = [conversation for request in requests for conversation in request]
+        rewards = self.model.score(flat).rewards.tolist()
+        result, start = [], 0
+        for request in requests:
+            result.append(rewards[start : start + len(request)])
+            start += len(request)
+        return result
+
+    async def __call__(self, conversations: list[list[dict]]) -> list[float]:
+        return await self.score_batch(conversations)
+
+
+app = FastAPI(
+    title="synpref reward API",
+    description="Rewards of conversations and preference pairs from the served reward models.",
+)
+
+
+@serve.deployment
+@serve.ingress(app)
+class RewardAPI:
+    def __init__(self, scorers: dict[str, DeploymentHandle], serving: ServingConfig) -> None:
+        self.scorers = scorers
+        self.limits = serving
+        self.default = next(iter(scorers))
+        self.info: dict[str, tuple[str, float, float]] = {}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, object]:
+        return {"status": "ok", "models": sorted(self.scorers)}
+
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        name = request.model or self.default
+        if name not in self.scorers:
+            raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.scorers)}")
+        conversations = self._conversations(request)
+        handle = self.scorers[name]
+        if name not in self.info:
+            self.info[name] = await handle.info.remote()
+        version, mean, std = self.info[name]
+        rewards = np.array(await handle.remote(conversations))
+        normalised = (rewards - mean) / std
+        if request.conversations is not None:
+            out = [Reward(raw=r, normalised=n) for r, n in zip(rewards, normalised, strict=True)]
+            return ScoreResponse(model=name, model_version=version, rewards=out)
+        half = len(rewards) // 2
+        pairs = [
+            PairScore(
+                chosen=Reward(raw=rewards[i], normalised=normalised[i]),
+                rejected=Reward(raw=rewards[half + i], normalised=normalised[half + i]),
+                p=float(sigmoid(rewards[i] - rewards[half + i])),
+            )
+            for i in range(half)
+        ]
+        return ScoreResponse(model=name, model_version=version, pairs=pairs)
+
+    def _conversations(self, request: ScoreRequest) -> list[list[dict]]:
+        """Message dicts to score (pairs: every chosen, then every rejected), within limits."""
+        if request.conversations is not None:
+            conversations = [[m.model_dump() for m in c] for c in request.conversations]
+        else:
+            pairs = request.pairs or []
+            prompts = [[m.model_dump() for m in p.prompt] for p in pairs]
+            conversations = [
+                [*prompt, {"role": "assistant", "content": getattr(pair, side)}]
+                for side in ("chosen", "rejected")
+                for prompt, pair in zip(prompts, pairs, strict=True)
+            ]
+        items = len(request.conversations or request.pairs or [])
+        if items > self.limits.max_items:
+            raise HTTPException(413, f"{items} items; at most {self.limits.max_items} a request")
+        chars = sum(len(m["content"]) for c in conversations for m in c)
+        if chars > self.limits.max_chars:
+            raise HTTPException(
+                413, f"{chars:,} characters; at most {self.limits.max_chars:,} a request"
+            )
+        return conversations
+
+
+def reward_app(
+    models: dict[str, str], scoring: ScoringConfig, serving: ServingConfig
+) -> serve.Application:
+    """The application: a scorer deployment per ``name -> model path`` and the API in front."""
+    if not models:
+        raise ValueError("serve at least one model (NAME=PATH)")
+    scaling = (
+        {"autoscaling_config": serving.autoscaling}
+        if serving.autoscaling
+        else {"num_replicas": serving.replicas}
+    )
+    resources = {"num_cpus": scoring.num_cpus, "num_gpus": scoring.num_gpus}
+    scorers = {
+        name: RewardScorer.options(
+            name=f"scorer-{name}",
+            ray_actor_options=resources,
+            max_ongoing_requests=2 * serving.max_batch_size,  # room to fill the next batch
+            **scaling,
+        ).bind(path, scoring, serving)
+        for name, path in models.items()
+    }
+    return RewardAPI.options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=serving.max_ongoing_requests
+    ).bind(scorers, serving)

@@ -1,0 +1,60 @@
+"""`synpref serve --model NAME=PATH ...`: the reward API on Ray Serve (see pipelines/serving)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from ray import serve
+
+from pipelines.ray_cluster import connect
+from pipelines.serving import reward_app
+from ray_jobs.job import configure_logging, global_options, progress, resolve_config
+
+APP_NAME = "synpref-rewards"
+
+
+def parse_models(specs: tuple[str, ...]) -> dict[str, str]:
+    """``NAME=PATH`` (or a bare PATH, named after its last path component) -> {name: path}."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = spec.rstrip("/").rsplit("/", 1)[-1], spec
+        if not name or not path:
+            raise click.BadParameter(f"{spec!r}: expected NAME=PATH", param_hint="--model")
+        if name in models:
+            raise click.BadParameter(f"model name {name!r} given twice", param_hint="--model")
+        models[name] = path
+    return models
+
+
+@click.command("serve")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="NAME=PATH of a reward model (HF id or folder); repeat to serve several.",
+)
+@global_options
+@click.pass_context
+def command(ctx: click.Context, models: tuple[str, ...], **options: Any) -> None:
+    """Serve reward models: POST /v1/score, GET /healthz, OpenAPI at /docs."""
+    config = resolve_config(ctx, **options)
+    served = parse_models(models)
+    connect(config.ray)
+    serving = config.serving
+    serve.start(http_options={"host": serving.host, "port": serving.port})
+    progress(
+        f"[serve] {', '.join(served)} at http://{serving.host}:{serving.port}/v1/score "
+        "(Ctrl-C stops)"
+    )
+    serve.run(
+        reward_app(served, config.scoring, serving), name=APP_NAME, route_prefix="/", blocking=True
+    )
+
+
+if __name__ == "__main__":
+    configure_logging()
+    command()

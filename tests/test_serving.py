@@ -1,0 +1,116 @@
+"""The reward API over real HTTP on the loopback: scores equal batch scoring, every bad
+request gets a 4xx with a message, and a bounded load test completes without errors."""
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+from ray import serve
+
+from pipelines.config import load_config
+from pipelines.reward_model import RewardModel, sigmoid
+from pipelines.serving import reward_app
+from ray_jobs.serve import APP_NAME, parse_models
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+PAIR = {"prompt": MESSAGES, "chosen": "Paris.", "rejected": "It is Lyon, I think."}
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, encoder_rm):
+    """One Serve app (MiniLM RM) for the module, at a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_config(None, {"scoring": {"max_length": 128}, "serving": {"max_items": 8}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        reward_app({"minilm": encoder_rm}, config.scoring, config.serving),
+        name=APP_NAME,
+        route_prefix="/",
+    )
+    yield f"http://127.0.0.1:{port}", RewardModel(encoder_rm, max_length=128)
+    serve.shutdown()
+
+
+def test_scores_equal_batch_scoring(api):
+    url, model = api
+    conversations = [
+        [*MESSAGES, {"role": "assistant", "content": "Paris."}],
+        [*MESSAGES, {"role": "assistant", "content": "It is Lyon, I think."}],
+    ]
+    expected = model.score(conversations).rewards
+    reply = httpx.post(f"{url}/v1/score", json={"conversations": conversations}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "minilm" and body["model_version"]
+    assert [r["raw"] for r in body["rewards"]] == pytest.approx(expected, abs=1e-5)
+    pairs = httpx.post(f"{url}/v1/score", json={"pairs": [PAIR]}, timeout=60).json()["pairs"]
+    assert pairs[0]["chosen"]["raw"] == pytest.approx(expected[0], abs=1e-5)
+    assert pairs[0]["rejected"]["raw"] == pytest.approx(expected[1], abs=1e-5)
+    assert pairs[0]["p"] == pytest.approx(sigmoid(expected[0] - expected[1]), abs=1e-5)
+
+
+def test_health_and_openapi(api):
+    url, _ = api
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "models": ["minilm"]}
+    schema = httpx.get(f"{url}/openapi.json").json()
+    assert "/v1/score" in schema["paths"] and "ScoreRequest" in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b'{"pairs": [', 422, "JSON"),
+        ({"pairs": [{**PAIR, "prompt": [{"role": "robot", "content": "x"}]}]}, 422, "role"),
+        ({"conversations": []}, 422, "nothing to score"),
+        ({"pairs": [{**PAIR, "chosen": ""}]}, 422, "at least 1 character"),
+        ({"conversations": [MESSAGES]}, 422, "must end with an assistant message"),
+        ({"pairs": [PAIR], "conversations": [MESSAGES]}, 422, "exactly one of"),
+        ({}, 422, "exactly one of"),
+        ({"pairs": [PAIR] * 9}, 413, "at most 8"),
+        ({"pairs": [{**PAIR, "chosen": "x" * 400_001}]}, 413, "characters"),
+        ({"model": "gpt-9", "pairs": [PAIR]}, 404, "unknown model 'gpt-9'"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_the_reason(api, body, status, message):
+    url, _ = api
+    if isinstance(body, bytes):
+        reply = httpx.post(
+            f"{url}/v1/score", content=body, headers={"content-type": "application/json"}
+        )
+    else:
+        reply = httpx.post(f"{url}/v1/score", json=body, timeout=60)
+    assert reply.status_code == status
+    assert message in reply.text
+
+
+@pytest.mark.slow
+def test_bounded_load_completes_without_errors(api):
+    """2,000 requests from 32 concurrent clients; dynamic batching merges them."""
+    url, _ = api
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+            gate = asyncio.Semaphore(32)
+
+            async def one(i: int) -> int:
+                body = {"pairs": [{**PAIR, "chosen": f"Paris, answer {i}."}]}
+                async with gate:
+                    return (await client.post("/v1/score", json=body)).status_code
+
+            return await asyncio.gather(*(one(i) for i in range(2000)))
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == 2000
+
+
+def test_model_specs_are_parsed_with_clear_errors():
+    assert parse_models(("rm=/models/rm", "/models/other/")) == {
+        "rm": "/models/rm",
+        "other": "/models/other/",
+    }
+    with pytest.raises(Exception, match="given twice"):
+        parse_models(("a=/x", "a=/y"))
