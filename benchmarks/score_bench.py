@@ -104,7 +104,7 @@ def main() -> None:
             "uri": f"sqlite:///{work / 'mlruns.db'}",
             "artifact_location": str(work / "mlartifacts"),
         },
-        "scoring": {"max_length": args.max_length, "actors": 2, "batch_size": 256},
+        "scoring": {"max_length": args.max_length, "actors": 2, "num_cpus": 0.5, "batch_size": 256},
     }
     config = load_config(None, overrides)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

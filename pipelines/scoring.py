@@ -193,6 +193,13 @@ def score_pairs(
     )
     result = None
     new = RM_SCORES.schema.empty_table()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if missing.num_rows and config.actors * config.num_cpus >= cpus:
+        raise ValueError(
+            f"scoring.actors x scoring.num_cpus = {config.actors * config.num_cpus:g} takes all "
+            f"{cpus:g} CPUs: Ray Data could never schedule the reads of pairs. Use fewer actors "
+            "or a fractional scoring.num_cpus (e.g. 0.5)."
+        )
     if missing.num_rows:
         rows = lake.dataset(
             PAIRS.name,

@@ -73,3 +73,6 @@ def test_bad_selection_is_a_clear_error(config, lake, ray_cluster):
     run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), **QUIET)
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
         run_score(config, "heuristic:length", where="no_such_column = 1", **QUIET)
+    config.scoring.actors = 2  # 2 x 1 CPU on the 2-CPU test cluster: reads would starve
+    with pytest.raises(ValueError, match="takes all 2 CPUs"):
+        run_score(config, "heuristic:length", **QUIET)
