@@ -116,8 +116,9 @@ class EvalResult:
 # ---------------------------------------------------------------------------- reading data
 
 
-def _records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for every record of the files under ``path`` (jsonl, json, parquet)."""
+def _records(path: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(where, record, file) for every record of the files under ``path`` (jsonl, json,
+    parquet); ``where`` names the file and the record for error messages."""
     fs = filesystem_for(path)
     for file in find_record_files([path], fs):
         with fs.open_input_stream(fs_path(file.path), compression="detect") as stream:
@@ -131,7 +132,7 @@ def _records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
                     raise EvalDataError(f"{where}: malformed JSON ({exc})") from None
                 if not isinstance(record, dict):
                     raise EvalDataError(f"{where}: expected a JSON object")
-                yield where, record
+                yield where, record, file.path
 
 
 def _field(record: dict[str, Any], key: str, where: str) -> Any:
@@ -161,7 +162,7 @@ def load_pairwise(path: str) -> list[EvalItem]:
     """RewardBench v1/v2-style records: prompt (text or messages), chosen and rejected (a text
     or a list of texts), subset, id."""
     items = []
-    for where, record in _records(path):
+    for where, record, _ in _records(path):
         items.append(
             EvalItem(
                 id=str(record.get("id", where)),
@@ -178,8 +179,8 @@ def load_rmbench(path: str) -> list[EvalItem]:
     """RM-Bench files (``chat_filtered.json``...): 3 chosen and 3 rejected styled responses
     (concise, detailed plain, detailed markdown); the domain is the file name's first word."""
     items = []
-    for where, record in _records(path):
-        domain = re.split(r"[-_.]", Path(where.split(" record ")[0]).name)[0]
+    for where, record, file in _records(path):
+        domain = re.split(r"[-_.]", Path(file).name)[0]
         chosen = _responses(_field(record, "chosen", where), "chosen", where)
         rejected = _responses(_field(record, "rejected", where), "rejected", where)
         if len(chosen) != 3 or len(rejected) != 3:
@@ -200,15 +201,15 @@ def judgebench_category(source: str) -> str:
     """JudgeBench's four categories from a pair's source."""
     if source.startswith("mmlu-pro"):
         return "knowledge"
-    return {"livebench-reasoning": "reasoning", "livebench-math": "math"}.get(
-        source, "coding" if source.startswith("livecodebench") else source
-    )
+    if source.startswith("livecodebench"):
+        return "coding"
+    return {"livebench-reasoning": "reasoning", "livebench-math": "math"}.get(source, source)
 
 
 def load_judgebench(path: str) -> list[EvalItem]:
     """JudgeBench pairs: question, response_A, response_B, label ("A>B" or "B>A"), source."""
     items = []
-    for where, record in _records(path):
+    for where, record, _ in _records(path):
         label = _field(record, "label", where)
         if label not in ("A>B", "B>A"):
             raise EvalDataError(f"{where}: label must be 'A>B' or 'B>A', got {label!r}")
@@ -275,7 +276,7 @@ def file_scores(items: Sequence[EvalItem], path: str) -> dict[str, ItemScores]:
     with ``pair_id`` and ``judgments``, whose verdicts are used as published)."""
     by_id = {item.id: item for item in items}
     result: dict[str, ItemScores] = {}
-    for where, record in _records(path):
+    for where, record, _ in _records(path):
         if "judgments" in record:
             key = str(_field(record, "pair_id", where))
             scores = _judgebench_scores(record, by_id.get(key), where)

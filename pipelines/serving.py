@@ -37,6 +37,12 @@ class PairIn(BaseModel):
     chosen: Text
     rejected: Text
 
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> Self:
+        if self.prompt[-1].role != "user":
+            raise ValueError("a pair's prompt must end with a user message")
+        return self
+
 
 class ScoreRequest(BaseModel):
     """Exactly one of ``conversations`` (each ending with the assistant response to score) and

@@ -67,6 +67,11 @@ def test_health_and_openapi(api):
         ({"conversations": []}, 422, "nothing to score"),
         ({"pairs": [{**PAIR, "chosen": ""}]}, 422, "at least 1 character"),
         ({"conversations": [MESSAGES]}, 422, "must end with an assistant message"),
+        (
+            {"pairs": [{**PAIR, "prompt": [{"role": "assistant", "content": "Hi"}]}]},
+            422,
+            "must end with a user message",
+        ),
         ({"pairs": [PAIR], "conversations": [MESSAGES]}, 422, "exactly one of"),
         ({}, 422, "exactly one of"),
         ({"pairs": [PAIR] * 9}, 413, "at most 8"),
