@@ -51,7 +51,6 @@ class Scores:
     tokens: np.ndarray
     truncated: np.ndarray
     """True where the conversation was longer than ``max_length`` and cut from the left."""
-    padded_tokens: int
 
 
 @dataclass
@@ -96,15 +95,12 @@ class RewardModel:
         self.reward_mean = float(getattr(config, "reward_mean", 0.0))
         self.reward_std = float(getattr(config, "reward_std", 1.0)) or 1.0
 
-    def normalise(self, rewards: np.ndarray) -> np.ndarray:
-        return (rewards - self.reward_mean) / self.reward_std
-
     def score(self, conversations: Sequence[Sequence[Message]]) -> Scores:
         """Raw rewards (float64), one per conversation, in input order."""
         if self._model is None:  # heuristic:length, the response's length in characters
             lengths = np.array([len(c[-1]["content"]) for c in conversations], np.int64)
             none = np.zeros(len(lengths), bool)
-            return Scores(lengths.astype(np.float64), np.zeros_like(lengths), none, 0)
+            return Scores(lengths.astype(np.float64), np.zeros_like(lengths), none)
         import torch
 
         texts = [format_conversation(self._tokenizer, c) for c in conversations]
@@ -113,7 +109,6 @@ class RewardModel:
         encoded = [ids[-self.max_length :] for ids in encoded]
         lengths = np.minimum(full, self.max_length)
         rewards = np.empty(len(texts), np.float64)
-        padded = 0
         for batch in _length_batches(lengths, self.batch_tokens):
             inputs = self._tokenizer.pad(
                 {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
@@ -121,8 +116,7 @@ class RewardModel:
             with torch.inference_mode():
                 logits = self._model(**inputs).logits[:, 0]
             rewards[batch] = logits.float().cpu().numpy()
-            padded += len(batch) * int(lengths[batch].max())
-        return Scores(rewards, lengths, full > self.max_length, padded)
+        return Scores(rewards, lengths, full > self.max_length)
 
 
 def init_reward_model(backbone: str, folder: str | Path, seed: int = 0, **kwargs: Any) -> str:
