@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,17 @@ def load_model(model: str, config: ScoringConfig) -> RewardModel:
         batch_tokens=config.batch_tokens,
         device="cuda" if config.num_gpus > 0 else "cpu",
     )
+
+
+def _actor_pool(config: ScoringConfig) -> dict[str, Any]:
+    """``map_batches`` options of the scoring actor pool: one model per actor."""
+    return {
+        "batch_format": "pyarrow",
+        "batch_size": config.batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=config.actors),
+        "num_cpus": config.num_cpus,
+        "num_gpus": config.num_gpus or None,
+    }
 
 
 class ConversationScorer:
@@ -79,11 +91,7 @@ def score_conversations(
     scored = ray.data.from_arrow(table).map_batches(
         ConversationScorer,
         fn_constructor_kwargs={"model": model, "config": config},
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
-        num_cpus=config.num_cpus,
-        num_gpus=config.num_gpus or None,
+        **_actor_pool(config),
     )
     result = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by("index")
     if result.num_rows != len(conversations):
@@ -209,11 +217,7 @@ def score_pairs(
         ).map_batches(
             PairScorer,
             fn_constructor_args=(model, name, version, config, run_id),
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus or None,
+            **_actor_pool(config),
         )
         new = pa.concat_tables([t for t in ray.get(rows.to_arrow_refs()) if t.num_rows])
         result = lake.insert_new(RM_SCORES, new)
