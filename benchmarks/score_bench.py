@@ -34,7 +34,7 @@ from ingest_bench import OUT
 from pipelines.config import load_config
 from pipelines.ingest import IngestRequest
 from pipelines.lake import Lake
-from pipelines.reward_model import format_conversation, init_reward_model
+from pipelines.reward_model import format_conversation, init_reward_model, pair_conversations
 from ray_jobs.ingest import run_ingest
 from ray_jobs.score import run_score
 
@@ -118,11 +118,9 @@ def main() -> None:
     synpref_seconds = time.perf_counter() - started
     ray.shutdown()
 
-    conversations = [
-        [*p["history"], {"role": "assistant", "content": p[side]}]
-        for side in ("chosen", "rejected")
-        for p in pairs
-    ]
+    conversations = pair_conversations(
+        [p["history"] for p in pairs], [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
+    )
     torch.set_num_threads(2)
     plain_seconds = plain_loop(model, conversations, args.max_length, batch=32)
     n = len(pairs)

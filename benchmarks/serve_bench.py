@@ -68,7 +68,7 @@ def baseline_server(model_path: str, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from pipelines.reward_model import RewardModel
+    from pipelines.reward_model import RewardModel, pair_conversations
 
     torch.set_num_threads(2)
     model = RewardModel(model_path, max_length=MAX_LENGTH)
@@ -76,12 +76,10 @@ def baseline_server(model_path: str, port: int) -> None:
 
     @app.post("/v1/score")
     def score(body: dict) -> dict:
-        pairs = body["pairs"]
-        conversations = [
-            [*p["prompt"], {"role": "assistant", "content": p[side]}]
-            for side in ("chosen", "rejected")
-            for p in pairs
-        ]
+        prompts, chosen, rejected = zip(
+            *((p["prompt"], p["chosen"], p["rejected"]) for p in body["pairs"]), strict=True
+        )
+        conversations = pair_conversations(prompts, chosen, rejected)
         return {"rewards": model.score(conversations).rewards.tolist()}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -38,6 +38,7 @@ from pipelines.preference_formats import (
     require_content,
 )
 from pipelines.record_files import filesystem_for, find_record_files, fs_path, read_records
+from pipelines.reward_model import scored_conversation
 
 BENCHMARKS = ("rewardbench", "bestofn", "rmbench", "judgebench")
 
@@ -86,10 +87,7 @@ class EvalItem:
 
     def conversations(self) -> list[list[Message]]:
         """What a reward model scores: the prompt with each chosen, then each rejected response."""
-        return [
-            [*self.prompt, {"role": "assistant", "content": r}]
-            for r in (*self.chosen, *self.rejected)
-        ]
+        return [scored_conversation(self.prompt, r) for r in (*self.chosen, *self.rejected)]
 
 
 @dataclass

@@ -37,6 +37,20 @@ def format_conversation(tokenizer: Any, messages: Sequence[Message]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def scored_conversation(prompt: Sequence[Message], response: str) -> list[Message]:
+    """What a reward model reads for ``response`` to ``prompt``."""
+    return [*prompt, {"role": "assistant", "content": response}]
+
+
+def pair_conversations(
+    prompts: Sequence[Sequence[Message]], chosen: Sequence[str], rejected: Sequence[str]
+) -> list[list[Message]]:
+    """Every pair's chosen conversation, then every rejected one (split the rewards at n)."""
+    return [scored_conversation(p, c) for p, c in zip(prompts, chosen, strict=True)] + [
+        scored_conversation(p, r) for p, r in zip(prompts, rejected, strict=True)
+    ]
+
+
 def _adds_bos(tokenizer: Any) -> bool:
     """Whether tokenizing with special tokens already starts with BOS."""
     ids = tokenizer("x", add_special_tokens=True)["input_ids"]

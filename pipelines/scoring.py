@@ -23,7 +23,7 @@ from deltalake.exceptions import DeltaError
 from pipelines.config import ScoringConfig
 from pipelines.lake import Lake
 from pipelines.preference_formats import Message
-from pipelines.reward_model import RewardModel, model_version, sigmoid
+from pipelines.reward_model import RewardModel, model_version, pair_conversations, sigmoid
 from storage_schemas import PAIRS, RM_SCORES
 
 
@@ -117,12 +117,9 @@ class PairScorer:
         self.name, self.version, self.run_id = name, version, run_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        histories = batch["history"].to_pylist()
-        conversations = [
-            [*history, {"role": "assistant", "content": response}]
-            for column in ("chosen", "rejected")
-            for history, response in zip(histories, batch[column].to_pylist(), strict=True)
-        ]
+        conversations = pair_conversations(
+            batch["history"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist()
+        )
         scores = self.model.score(conversations)
         n = batch.num_rows
         chosen, rejected = scores.rewards[:n], scores.rewards[n:]

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import ScoringConfig, ServingConfig
-from pipelines.reward_model import model_version, sigmoid
+from pipelines.reward_model import model_version, pair_conversations, sigmoid
 from pipelines.scoring import load_model
 
 Text = Annotated[str, StringConstraints(min_length=1)]
@@ -162,12 +162,11 @@ class RewardAPI:
             conversations = [[m.model_dump() for m in c] for c in request.conversations]
         else:
             pairs = request.pairs or []
-            prompts = [[m.model_dump() for m in p.prompt] for p in pairs]
-            conversations = [
-                [*prompt, {"role": "assistant", "content": getattr(pair, side)}]
-                for side in ("chosen", "rejected")
-                for prompt, pair in zip(prompts, pairs, strict=True)
-            ]
+            conversations = pair_conversations(
+                [[m.model_dump() for m in p.prompt] for p in pairs],
+                [p.chosen for p in pairs],
+                [p.rejected for p in pairs],
+            )
         items = len(request.conversations or request.pairs or [])
         if items > self.limits.max_items:
             raise HTTPException(413, f"{items} items; at most {self.limits.max_items} a request")

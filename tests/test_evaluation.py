@@ -207,3 +207,22 @@ def test_model_and_scores_are_exclusive(config):
         run_eval(config, "rmbench", "x", model="heuristic:length", scores="y")
     with pytest.raises(ValueError, match="unknown heuristic"):
         RewardModel("heuristic:coin")
+
+
+@pytest.mark.parametrize(
+    ("judgments", "message"),
+    [
+        ([], "non-empty list"),
+        ([{"decision": "A>B"}], "judgment.scores"),
+        ("A>B", "non-empty list"),
+    ],
+)
+def test_bad_judgebench_outputs_are_refused(tmp_path, judgments, message):
+    data = tmp_path / "judgebench.jsonl"
+    record = {"pair_id": "p1", "question": "q", "response_A": "a", "response_B": "b"}
+    data.write_text(json.dumps(record | {"label": "A>B", "source": "livebench-math"}) + "\n")
+    scores = tmp_path / "outputs.jsonl"
+    scores.write_text(json.dumps({"pair_id": "p1", "judgments": judgments}) + "\n")
+    items = load_items("judgebench", str(data))
+    with pytest.raises(EvalDataError, match=message):
+        file_scores(items, str(scores))
