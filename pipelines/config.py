@@ -157,6 +157,85 @@ class ServingConfig(_Section):
     replaces ``replicas`` when set."""
 
 
+class TrainingDataConfig(_Section):
+    """The training set: a named, versioned selection of lake rows with history/chosen/rejected."""
+
+    name: str = "pairs"
+    """The name the set is logged under in MLflow (with its table version)."""
+    table: str = "pairs"
+    """Any lake table with ``source``, ``pair_id``, ``history``, ``chosen``, ``rejected``."""
+    where: str | None = None
+    """SQL predicate (DataFusion) on ``table`` selecting the pairs, e.g. ``"source = 'hh'"``."""
+    version: int | None = None
+    """Delta version of ``table``; ``None`` pins the latest at the start of the run."""
+    curated_only: bool = False
+    """Keep only pairs whose ``curation_status`` is ``kept`` (after dedup and decontamination)."""
+    weight_column: str | None = None
+    """Per-pair loss weight column of ``table`` (default: every pair weighs 1)."""
+    margin_column: str | None = None
+    """Per-pair margin column of ``table`` for the margin loss (default: no margin)."""
+    validation_where: str | None = None
+    """SQL predicate selecting the validation (gold) pairs; they are removed from training."""
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Without ``validation_where``: hold out this fraction of the selection, by pair hash."""
+
+
+class TrainingConfig(_Section):
+    """Reward-model training (``synpref train``) on Ray Train. The paper's recipe: lr 3e-6
+    constant, global_batch 10240, max_length 16384, 1 epoch."""
+
+    backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """HF id or folder of any model loadable as ``AutoModelForSequenceClassification``."""
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra ``from_pretrained`` arguments, e.g. ``{gguf_file: model.gguf}``."""
+    data: TrainingDataConfig = Field(default_factory=TrainingDataConfig)
+    max_length: int = Field(default=4096, ge=8)
+    """Tokens per conversation (chat template applied)."""
+    truncation: Literal["left", "drop"] = "left"
+    """Longer conversations: ``left`` cuts the history from the left (the response is kept);
+    ``drop`` leaves the pair out. Both are counted and logged."""
+    loss: Literal["bradley_terry", "log_exp"] = "bradley_terry"
+    center_rewards_coefficient: float = Field(default=0.0, ge=0)
+    """TRL's reward centering: adds coefficient x mean((r_w + r_l)^2)."""
+    global_batch: int = Field(default=64, ge=1)
+    """Pairs per optimizer step over all workers (gradient accumulation reaches it)."""
+    micro_batch_tokens: int = Field(default=16384, ge=16)
+    """Padded tokens (chosen + rejected) per forward pass; a step runs as many as it needs."""
+    group_by_length: bool = True
+    """Sort each step's pairs by length before cutting micro-batches (less padding)."""
+    learning_rate: float = Field(default=2e-5, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    epochs: int = Field(default=1, ge=1)
+    seed: int = 0
+    workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    """GPU workers with NCCL; CPU workers use gloo."""
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    """Below 1 on small machines: Ray Data needs CPUs to feed the workers (else it hangs)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """DDP replicates the model; FSDP shards it for models that do not fit one device."""
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on GPUs that support it, fp32 otherwise. The loss is fp32."""
+    validate_every: int = Field(default=50, ge=1)
+    """Steps between validation passes (and one at the end)."""
+    checkpoint_every: int = Field(default=50, ge=1)
+    """Steps between checkpoints (model, optimizer, scheduler, data position)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Checkpoints kept besides the latest, best validation accuracy first."""
+    max_failures: int = Field(default=2, ge=0)
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    storage_path: str = "./checkpoints"
+    """Ray Train storage (shared storage or s3:// on a multi-node cluster)."""
+    register_as: str | None = "synpref-reward-model"
+    """MLflow registered model name (``None``: log the model without registering)."""
+    select: Literal["best", "last"] = "best"
+    """The model logged: best validation accuracy (the paper's selection on gold) or last."""
+
+
 class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
@@ -183,6 +262,7 @@ class SynprefConfig(BaseSettings):
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

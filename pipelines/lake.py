@@ -219,9 +219,11 @@ class Lake:
         columns: list[str] | None = None,
         filter: pc.Expression | None = None,
         keys: pa.Table | None = None,
+        read_cpus: float | None = None,
     ) -> ray.data.Dataset:
         """Table ``name`` at ``version`` as a Ray Dataset, read in parallel by the workers;
-        with ``keys`` (source, pair_id), only those pairs' rows.
+        with ``keys`` (source, pair_id), only those pairs' rows. ``read_cpus`` below 1 lets
+        reads run beside actors that hold most CPUs (training workers on a small machine).
 
         One block per data file (at least two per CPU): Ray's default of 200 blocks splits
         100 MB files into slivers whose per-task overhead dominated (7x slower, measured).
@@ -235,11 +237,14 @@ class Lake:
             columns=columns,
             filter=filter,
             override_num_blocks=max(files, 2 * cpus),
+            ray_remote_args={"num_cpus": read_cpus} if read_cpus is not None else None,
         )
         if keys is None:
             return dataset
         wanted = _pair_keys(keys).combine_chunks()
-        return dataset.map_batches(_only_keys, batch_format="pyarrow", fn_kwargs={"wanted": wanted})
+        return dataset.map_batches(
+            _only_keys, batch_format="pyarrow", fn_kwargs={"wanted": wanted}, num_cpus=read_cpus
+        )
 
     def count(self, name: str, version: int | None = None, where: str | None = None) -> int:
         """Number of rows of table ``name`` (matching the SQL predicate ``where``)."""
@@ -249,6 +254,10 @@ class Lake:
 
     def version(self, name: str) -> int:
         return self._open(name).version()
+
+    def table_schema(self, name: str, version: int | None = None) -> pa.Schema:
+        """The Arrow schema of table ``name`` at ``version``."""
+        return pa.schema(self._open(name, version).schema().to_arrow())
 
     def history(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
         """Commits of table ``name``, newest first (operation, timestamp, metrics)."""

@@ -13,6 +13,7 @@ final response, which is what is being judged, is kept) and counted.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,12 +95,9 @@ class RewardModel:
                 )
             return
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        self._tokenizer = AutoTokenizer.from_pretrained(self.name)
-        self._tokenizer.truncation_side = "left"
-        if self._tokenizer.pad_token is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._tokenizer = load_tokenizer(self.name)
         self._model = AutoModelForSequenceClassification.from_pretrained(
             self.name, num_labels=1, dtype=torch.float32
         ).to(self.device)
@@ -123,7 +121,7 @@ class RewardModel:
         encoded = [ids[-self.max_length :] for ids in encoded]
         lengths = np.minimum(full, self.max_length)
         rewards = np.empty(len(texts), np.float64)
-        for batch in _length_batches(lengths, self.batch_tokens):
+        for batch in length_batches(lengths, self.batch_tokens):
             inputs = self._tokenizer.pad(
                 {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
             ).to(self.device)
@@ -133,17 +131,61 @@ class RewardModel:
         return Scores(rewards, lengths, full > self.max_length)
 
 
-def init_reward_model(backbone: str, folder: str | Path, seed: int = 0, **kwargs: Any) -> str:
-    """Save ``backbone`` with a new seeded one-output head as a reward model folder (the start
-    of training; with ``kwargs`` such as ``gguf_file`` passed to ``from_pretrained``)."""
+def load_tokenizer(name: str, **kwargs: Any) -> Any:
+    """A reward model's tokenizer: truncation from the left, EOS as padding when it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_backbone(backbone: str, seed: int = 0, **kwargs: Any) -> Any:
+    """``backbone`` as a one-output sequence classifier in fp32; a new head is seeded."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, **kwargs)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(backbone, **kwargs).save_pretrained(folder)
+    return AutoModelForSequenceClassification.from_pretrained(
+        backbone, num_labels=1, dtype=torch.float32, **kwargs
+    )
+
+
+def save_reward_model(
+    model: Any,
+    tokenizer: Any,
+    folder: str | Path,
+    state_dict: dict[str, Any] | None = None,
+    normalisation: tuple[float, float] | None = None,
+) -> str:
+    """Write a reward model folder in HF format that ``RewardModel`` and serving load as is.
+
+    ``normalisation`` (reward mean, std) goes into the config, as OpenRLHF does, so scores can be
+    normalised wherever the model is used. A GGUF-loaded model holds dequantised weights but
+    refuses to save: it is rebuilt from its config without the quantization entry.
+    """
+    config = copy.deepcopy(model.config)
+    config.pad_token_id = tokenizer.pad_token_id
+    if normalisation is not None:
+        config.reward_mean, config.reward_std = normalisation
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+        weights = state_dict if state_dict is not None else model.state_dict()
+        model, state_dict = type(model)(config), None
+        model.load_state_dict(weights)
+    model.config = config
+    model.save_pretrained(folder, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def init_reward_model(backbone: str, folder: str | Path, seed: int = 0, **kwargs: Any) -> str:
+    """Save ``backbone`` with a new seeded one-output head as a reward model folder (with
+    ``kwargs`` such as ``gguf_file`` passed to ``from_pretrained``)."""
+    model = load_backbone(backbone, seed, **kwargs)
+    return save_reward_model(model, load_tokenizer(backbone, **kwargs), folder)
 
 
 def model_version(name: str) -> str:
@@ -157,13 +199,21 @@ def model_version(name: str) -> str:
     return hashlib.blake2b(stamp.encode(), digest_size=8).hexdigest()
 
 
-def _length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Indices grouped by ascending length, each group's padded size within ``batch_tokens``."""
-    order = np.argsort(lengths, kind="stable")
+def length_batches(
+    lengths: np.ndarray, batch_tokens: int, group_by_length: bool = True
+) -> list[np.ndarray]:
+    """Indices packed into batches whose padded size (members x longest) is within
+    ``batch_tokens``; grouped by ascending length unless ``group_by_length`` is off (then in
+    input order, which pads each batch to a random long member)."""
+    order = np.argsort(lengths, kind="stable") if group_by_length else np.arange(len(lengths))
     batches, start = [], 0
     while start < len(order):
         end = start + 1
-        while end < len(order) and (end - start + 1) * lengths[order[end]] <= batch_tokens:
+        longest = lengths[order[start]]
+        while end < len(order):
+            longest = max(longest, lengths[order[end]])
+            if (end - start + 1) * longest > batch_tokens:
+                break
             end += 1
         batches.append(order[start:end])
         start = end

@@ -98,6 +98,15 @@ def log_delta_table(lake: Lake, name: str, version: int, context: str) -> None:
     mlflow.set_tag(f"synpref.{context}.{name}.version", str(version))
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` usable from any process: a relative sqlite path is made absolute (Ray workers do
+    not share the driver's working directory)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/"):
+        return uri
+    return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+
+
 def run_location(run: mlflow.ActiveRun, tracking: TrackingConfig) -> str:
     """Where a person finds the run: its URL on a server, or the `mlflow ui` command for sqlite."""
     info = run.info

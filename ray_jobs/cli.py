@@ -16,6 +16,7 @@ from ray_jobs import (
     lake_tables,
     score,
     serve,
+    train,
 )
 from ray_jobs.job import configure_logging, global_options
 
@@ -43,6 +44,7 @@ cli.add_command(decontaminate.command)
 cli.add_command(score.command)
 cli.add_command(evaluate.command)
 cli.add_command(serve.command)
+cli.add_command(train.command)
 cli.add_command(demo.command)
 
 

@@ -1,0 +1,601 @@
+"""Bradley-Terry reward-model training on Ray Train (TorchTrainer, DDP or FSDP, CPU or GPU).
+
+Each worker reads its shard of the tokenised training set (``get_dataset_shard``) in steps of
+``global_batch / workers`` pairs, sorts a step's pairs by length and cuts them into micro-batches
+under a padded-token budget (gradient accumulation reaches the global batch); chosen and rejected
+go through one forward pass. The loss is normalised by the weight of the whole global batch, so
+uneven shards and micro-batch splits change nothing. Workers move in lockstep: a worker with
+nothing left runs one-token dummy passes, so no collective waits forever and no row is dropped
+(Ray Train's default split drops up to ``workers - 1`` rows to equalise shards; we split unevenly).
+
+A checkpoint holds the model (HF format, ready to load), optimizer, scheduler and the data
+position: the keys of every pair trained in the current epoch. A restarted or re-run job filters
+those out of its shard, so at most one checkpoint interval is redone and no pair is trained
+twice. Every checkpoint is validated first, which makes "best by validation accuracy" exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pipelines.config import TrainingConfig
+from pipelines.lake import Lake
+from pipelines.prompt_groups import resolve_model
+from pipelines.reward_model import length_batches, load_backbone, load_tokenizer, save_reward_model
+from pipelines.rm_losses import pairwise_loss
+from pipelines.training_data import select_pairs, tokenized_pairs
+
+MODEL_DIR = "model"
+STATE_FILE = "state.json"
+SEEN_FILE = "seen.npy"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+SUMS = ("loss", "weight", "pairs", "correct", "margin", "reward", "reward_sq", "tokens", "padded")
+"""Per-pair statistics summed over micro-batches and workers (``loss`` is weighted)."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides tensors: the position in the data is ``seen``, the
+    keys of the pairs trained (or dropped) in epoch ``seen_epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    seen_epoch: int = 0
+    pairs: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    seen: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    validation: dict[str, float] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / SEEN_FILE, self.seen)
+        values = {k: v for k, v in asdict(self).items() if k != "seen"}
+        (folder / STATE_FILE).write_text(json.dumps(values, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainState:
+        values = json.loads((folder / STATE_FILE).read_text())
+        return cls(**values, seen=np.load(folder / SEEN_FILE))
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a training worker needs besides its data shards (sent by the driver)."""
+
+    training: TrainingConfig
+    total_steps: int
+    tracking_uri: str
+    run_id: str
+    has_validation: bool
+
+
+class _Worker:
+    """One training worker's model, optimizer and collectives (one per Ray Train worker)."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup, self.config = setup, setup.training
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.tokenizer = load_tokenizer(self.config.backbone, **self.config.backbone_kwargs)
+        model = load_backbone(self.config.backbone, self.config.seed, **self.config.backbone_kwargs)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.base = model
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy=self.config.strategy)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self.config.learning_rate,
+            weight_decay=self.config.weight_decay,
+        )
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            self.config.lr_schedule,
+            self.optimizer,
+            num_warmup_steps=self.config.warmup_steps,
+            num_training_steps=max(setup.total_steps, 1),
+        )
+        self.bf16 = _use_bf16(self.config.precision, self.device)
+        self.mlflow = MlflowClient(setup.tracking_uri) if self.rank == 0 else None
+
+    # --- collectives -------------------------------------------------------------------------
+
+    def all_sum(self, values: list[float]) -> np.ndarray:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor.numpy()
+
+    def lockstep(self, items: list[Any]) -> Iterator[Any]:
+        """``items``, then ``None`` until every worker has had as many (FSDP and DDP need each
+        worker to run the same number of forward/backward passes)."""
+        rounds = int(self.all_max(len(items)))
+        yield from items
+        yield from [None] * (rounds - len(items))
+
+    def all_max(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    # --- model passes ------------------------------------------------------------------------
+
+    def rewards(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Rewards of token sequences, padded exactly as ``RewardModel.score`` pads them."""
+        inputs = self.tokenizer.pad({"input_ids": sequences}, return_tensors="pt").to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(**inputs).logits[:, 0].float()
+
+    def dummy_loss(self) -> torch.Tensor:
+        """A zero loss over every parameter: keeps a worker without data in the collectives."""
+        return self.rewards([[self.tokenizer.pad_token_id]]).sum() * 0.0
+
+    def pair_rewards(self, rows: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
+        n = rows.num_rows
+        rewards = self.rewards(rows["chosen_ids"].to_pylist() + rows["rejected_ids"].to_pylist())
+        return rewards[:n], rewards[n:]
+
+    def micro_batches(self, rows: pa.Table) -> list[pa.Table]:
+        lengths = 2 * rows["length"].to_numpy().astype(np.int64)
+        groups = length_batches(
+            lengths, self.config.micro_batch_tokens, self.config.group_by_length
+        )
+        return [rows.take(pa.array(g)) for g in groups]
+
+    # --- training ----------------------------------------------------------------------------
+
+    def train_step(self, rows: pa.Table, weight_total: float) -> np.ndarray:
+        """One optimizer step over this worker's ``rows`` (maybe none); returns its ``SUMS``."""
+        self.model.train()
+        sums = np.zeros(len(SUMS))
+        parts = list(self.lockstep(self.micro_batches(rows) if rows.num_rows else []))
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync:
+                if part is None:
+                    self.dummy_loss().backward()
+                    continue
+                chosen, rejected = self.pair_rewards(part)
+                loss_sum = pairwise_loss(
+                    chosen,
+                    rejected,
+                    self.config.loss,
+                    margin=_tensor(part["margin"]) if self.config.data.margin_column else None,
+                    weights=_tensor(part["weight"]),
+                    centering=self.config.center_rewards_coefficient,
+                    normaliser=1.0,
+                )
+                (loss_sum * self.world / weight_total).backward()
+            sums += _pair_sums(chosen.detach(), rejected.detach(), loss_sum.item(), part)
+        if self.config.max_grad_norm is not None:
+            if hasattr(self.model, "clip_grad_norm_"):  # FSDP clips across shards
+                self.model.clip_grad_norm_(self.config.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss, accuracy, margin and reward mean/std over every worker's validation shard."""
+        self.model.eval()
+        sums = np.zeros(len(SUMS))
+        shard = ray.train.get_dataset_shard("validation")
+        batches = shard.iter_batches(batch_size=256, batch_format="pyarrow")
+        for batch in self.lockstep_batches(batches):
+            rows = _trainable(batch) if batch is not None else _EMPTY
+            for part in self.lockstep(self.micro_batches(rows) if rows.num_rows else []):
+                if part is None:
+                    self.dummy_loss()
+                    continue
+                chosen, rejected = self.pair_rewards(part)
+                loss = pairwise_loss(chosen, rejected, normaliser=1.0).item()
+                sums += _pair_sums(chosen, rejected, loss, part)
+        return _summary(self.all_sum(list(sums)))
+
+    def lockstep_batches(self, batches: Any) -> Iterator[pa.Table | None]:
+        """Batches of a shard until every worker's shard is exhausted (``None`` once mine is)."""
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            if self.all_sum([batch is None])[0] == self.world:
+                return
+            yield batch
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def restore(self) -> TrainState:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return TrainState()
+        with checkpoint.as_directory() as directory:
+            folder = Path(directory)
+            from safetensors.torch import load_file
+
+            weights: dict[str, torch.Tensor] = {}
+            for file in sorted((folder / MODEL_DIR).glob("*.safetensors")):
+                weights |= load_file(file)
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, weights, options=full)
+            optimizer = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=full)
+            self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
+            return TrainState.load(folder)
+
+    def save(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """Report a checkpoint (every worker calls this; rank 0 writes it)."""
+        model_state = get_model_state_dict(self.model, options=FULL_STATE)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            folder = Path(directory)
+            normalisation = None
+            if state.validation:
+                normalisation = (state.validation["reward_mean"], state.validation["reward_std"])
+            save_reward_model(
+                self.base, self.tokenizer, folder / MODEL_DIR, model_state, normalisation
+            )
+            torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+            state.save(folder)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def gather_keys(self, keys: list[np.ndarray]) -> np.ndarray:
+        """Every worker's trained keys since the last checkpoint."""
+        mine = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        if self.world == 1:
+            return mine
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        return np.concatenate(everyone)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.mlflow is None:
+            return
+        now = int(time.time() * 1000)
+        self.mlflow.log_batch(
+            self.setup.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+
+def train_worker(setup: WorkerSetup) -> None:
+    """The Ray Train loop of one worker."""
+    worker = _Worker(setup)
+    config = worker.config
+    state = worker.restore()
+    if state.step:
+        worker.log({"restored_from_step": state.step}, state.step)
+    local_batch = math.ceil(config.global_batch / worker.world)
+    pending: list[np.ndarray] = []
+    while state.epoch < config.epochs:
+        if state.seen_epoch != state.epoch:  # a new epoch: every pair is trainable again
+            state.seen, state.seen_epoch = np.empty(0, np.int64), state.epoch
+        shard = ray.train.get_dataset_shard("train")
+        batches = shard.iter_batches(
+            batch_size=local_batch,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=4 * local_batch,
+            local_shuffle_seed=config.seed + state.epoch,
+        )
+        for batch in worker.lockstep_batches(batches):
+            started = time.perf_counter()
+            new = _unseen(batch, state.seen, pending)
+            rows = _trainable(new) if new is not None else _EMPTY
+            if new is not None:
+                pending.append(new["row_key"].to_numpy())
+            counts = worker.all_sum(
+                [rows.num_rows, _weight(rows), _count(new, "dropped"), _count(new, "truncated")]
+            )
+            state.dropped += int(counts[2])
+            state.truncated += int(counts[3])
+            if counts[0] == 0:
+                continue  # every pair of this step was trained before a restart, or dropped
+            sums = worker.all_sum(list(worker.train_step(rows, counts[1])))
+            state.step += 1
+            state.pairs += int(counts[0])
+            state.tokens += int(sums[SUMS.index("tokens")])
+            metrics = _step_metrics(sums, time.perf_counter() - started, state)
+            metrics |= {"step": state.step, "learning_rate": worker.scheduler.get_last_lr()[0]}
+            if state.step % config.checkpoint_every == 0 or state.step % config.validate_every == 0:
+                _validate(worker, state, metrics)
+            worker.log(metrics, state.step)
+            if state.step % config.checkpoint_every == 0:
+                state.seen = np.concatenate([state.seen, worker.gather_keys(pending)])
+                pending = []
+                worker.save(state, metrics)
+        state.seen = np.concatenate([state.seen, worker.gather_keys(pending)])
+        state.epoch, pending = state.epoch + 1, []
+        final = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "pairs_trained": state.pairs,
+            "pairs_truncated": state.truncated,
+            "pairs_dropped": state.dropped,
+        }
+        _validate(worker, state, final)
+        worker.log(final, state.step)
+        worker.save(state, final | {"final": 1.0})
+
+
+def _validate(worker: _Worker, state: TrainState, metrics: dict[str, Any]) -> None:
+    if not worker.setup.has_validation:
+        return
+    state.validation = worker.validate()
+    metrics |= {f"val_{k}": v for k, v in state.validation.items()}
+
+
+def _unseen(batch: pa.Table | None, seen: np.ndarray, pending: list[np.ndarray]) -> pa.Table | None:
+    """The rows of ``batch`` not trained yet this epoch (in a checkpoint or earlier this run)."""
+    if batch is None:
+        return None
+    trained = np.concatenate([seen, *pending]) if pending else seen
+    if not len(trained):
+        return batch
+    return batch.filter(pa.array(~np.isin(batch["row_key"].to_numpy(), trained)))
+
+
+def _trainable(rows: pa.Table) -> pa.Table:
+    return rows.filter(pc.invert(rows["dropped"]))
+
+
+_EMPTY = pa.table({"weight": pa.array([], pa.float32())})
+
+
+def _weight(rows: pa.Table) -> float:
+    return float(pc.sum(rows["weight"]).as_py() or 0.0) if rows.num_rows else 0.0
+
+
+def _count(rows: pa.Table | None, column: str) -> int:
+    return 0 if rows is None else int(pc.sum(rows[column].cast(pa.int64())).as_py() or 0)
+
+
+def _tensor(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    return torch.from_numpy(column.to_numpy().astype(np.float32))
+
+
+def _pair_sums(
+    chosen: torch.Tensor, rejected: torch.Tensor, loss_sum: float, rows: pa.Table
+) -> np.ndarray:
+    """The ``SUMS`` of a micro-batch (``loss_sum``: its weighted loss sum)."""
+    c, r = chosen.detach().cpu().double().numpy(), rejected.detach().cpu().double().numpy()
+    rewards = np.concatenate([c, r])
+    tokens = sum(
+        int(pc.sum(pc.list_value_length(rows[side])).as_py())
+        for side in ("chosen_ids", "rejected_ids")
+    )
+    padded = 2 * rows.num_rows * int(pc.max(rows["length"]).as_py())
+    return np.array(
+        [
+            loss_sum,
+            float(pc.sum(rows["weight"]).as_py()),
+            rows.num_rows,
+            np.sum(c > r),
+            np.sum(c - r),
+            np.sum(rewards),
+            np.sum(rewards**2),
+            tokens,
+            padded,
+        ]
+    )
+
+
+def _summary(sums: np.ndarray) -> dict[str, float]:
+    """Means of summed pair statistics (over all workers)."""
+    values = dict(zip(SUMS, sums, strict=True))
+    pairs = values["pairs"]
+    if not pairs:
+        return {}
+    mean = values["reward"] / (2 * pairs)
+    return {
+        "loss": values["loss"] / values["weight"],
+        "accuracy": values["correct"] / pairs,
+        "margin": values["margin"] / pairs,
+        "reward_mean": mean,
+        "reward_std": math.sqrt(max(values["reward_sq"] / (2 * pairs) - mean**2, 0.0)),
+    }
+
+
+def _step_metrics(sums: np.ndarray, seconds: float, state: TrainState) -> dict[str, float]:
+    values = dict(zip(SUMS, sums, strict=True))
+    return _summary(sums) | {
+        "pairs_per_s": values["pairs"] / seconds,
+        "tokens_per_s": values["tokens"] / seconds,
+        "padding_fraction": 1 - values["tokens"] / values["padded"],
+        "pairs_trained": state.pairs,
+        "pairs_truncated": state.truncated,
+        "pairs_dropped": state.dropped,
+        "epoch": state.epoch,
+    }
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where asked for (``auto``: GPUs that support it); the loss stays fp32."""
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+class _EveryRowDataConfig(ray.train.DataConfig):
+    """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows."""
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False)):
+                output[rank][name] = split
+        return output
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What ``synpref train`` did: data, steps, the selected checkpoint and its metrics."""
+
+    name: str
+    table: str
+    table_version: int
+    train_pairs: int
+    validation_pairs: int
+    steps: int
+    pairs_trained: int
+    pairs_truncated: int
+    pairs_dropped: int
+    seconds: float
+    selected_step: int
+    selected_metrics: dict[str, float]
+    checkpoint: str
+    model_folder: str
+
+    def text(self) -> str:
+        val = self.selected_metrics.get("val_accuracy")
+        chosen = f"step {self.selected_step}" + (f", val accuracy {val:.3f}" if val else "")
+        return (
+            f"trained {self.name}: {self.pairs_trained:,} of {self.train_pairs:,} pairs "
+            f"({self.table} v{self.table_version}) in {self.steps} steps, {self.seconds:.0f}s; "
+            f"{self.pairs_truncated:,} truncated, {self.pairs_dropped:,} dropped; "
+            f"model from {chosen}: {self.model_folder}"
+        )
+
+
+def train_reward_model(
+    lake: Lake,
+    training: TrainingConfig,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    progress: Callable[[str], None] = print,
+) -> TrainingRun:
+    """Train on the configured selection with Ray Train; resumes run ``name`` if it exists."""
+    started = time.perf_counter()
+    training = training.model_copy(update={"backbone": resolve_model(training.backbone)})
+    try:
+        load_tokenizer(training.backbone, **training.backbone_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"training.backbone {training.backbone!r} cannot be loaded: {exc}"
+        ) from None
+    selection = select_pairs(lake, training.data)
+    n_train, n_val = selection.train.num_rows, selection.validation.num_rows
+    progress(
+        f"[train] {name}: {n_train:,} training and {n_val:,} validation pairs from "
+        f"{selection.table} v{selection.version}"
+    )
+    datasets = {"train": tokenized_pairs(lake, selection, selection.train, training)}
+    if n_val:
+        # Gold sets are small and read at every validation: tokenise them once.
+        validation = tokenized_pairs(lake, selection, selection.validation, training)
+        datasets["validation"] = validation.materialize()
+    steps = training.epochs * math.ceil(n_train / training.global_batch)
+    setup = WorkerSetup(training, steps, tracking_uri, run_id, has_validation=bool(n_val))
+    storage = training.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    resources = {"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {})
+    trainer = ray.train.torch.TorchTrainer(
+        _train_loop,
+        train_loop_config={"setup": setup},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=training.workers,
+            use_gpu=training.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=training.keep_checkpoints,
+                checkpoint_score_attribute="val_accuracy" if n_val else "step",
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=_EveryRowDataConfig(),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint, metrics = _select(result, training.select, bool(n_val))
+    state_folder = Path(checkpoint.path)
+    final = result.metrics or {}
+    progress(
+        f"[train] {name}: {int(final.get('step', 0))} steps done; model from step "
+        f"{int(metrics['step'])} ({training.select})"
+    )
+    return TrainingRun(
+        name=name,
+        table=selection.table,
+        table_version=selection.version,
+        train_pairs=n_train,
+        validation_pairs=n_val,
+        steps=int(final.get("step", metrics["step"])),
+        pairs_trained=int(final.get("pairs_trained", 0)),
+        pairs_truncated=int(final.get("pairs_truncated", 0)),
+        pairs_dropped=int(final.get("pairs_dropped", 0)),
+        seconds=time.perf_counter() - started,
+        selected_step=int(metrics["step"]),
+        selected_metrics={k: float(v) for k, v in metrics.items()},
+        checkpoint=checkpoint.path,
+        model_folder=str(state_folder / MODEL_DIR),
+    )
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    train_worker(config["setup"])
+
+
+def _select(
+    result: ray.train.Result, select: str, has_validation: bool
+) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+    """The checkpoint to keep: the last, or the best validation accuracy (later wins a tie)."""
+    if select == "last" or not has_validation:
+        last = result.checkpoint
+        metrics = next(m for c, m in result.best_checkpoints if c.path == last.path)
+        return last, metrics
+    ranked = enumerate(result.best_checkpoints)  # in report order: the later wins a tie
+    return max(ranked, key=lambda icm: (icm[1][1]["val_accuracy"], icm[0]))[1]

@@ -1,0 +1,181 @@
+"""The training set of a reward model: a versioned selection of lake pairs, tokenised on Ray Data.
+
+``select_pairs`` resolves the configured selection (SQL over a lake table at a pinned Delta
+version, optionally only pairs whose curation status is ``kept``) into the keys of the training
+and validation pairs. ``tokenized_pairs`` reads those rows with Ray Data and tokenises them on an
+actor pool with the same formatting as scoring and serving (``format_conversation``), applying the
+truncation policy: ``left`` keeps the last ``max_length`` tokens (the response being judged),
+``drop`` marks the pair dropped. Every row carries ``row_key``, a 64-bit hash of (source, pair_id),
+which checkpoints record so that a resumed run never trains a pair twice in an epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import xxhash
+from deltalake.exceptions import DeltaError
+
+from pipelines.config import TrainingConfig, TrainingDataConfig
+from pipelines.lake import Lake
+from pipelines.reward_model import format_conversation, load_tokenizer, pair_conversations
+from storage_schemas import CURATION_STATUS
+
+KEYS = ["source", "pair_id"]
+TEXT_COLUMNS = ["history", "chosen", "rejected"]
+TOKENIZED = pa.schema(
+    [
+        pa.field("row_key", pa.int64()),
+        pa.field("chosen_ids", pa.list_(pa.int32())),
+        pa.field("rejected_ids", pa.list_(pa.int32())),
+        pa.field("length", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("dropped", pa.bool_()),
+        pa.field("weight", pa.float32()),
+        pa.field("margin", pa.float32()),
+    ]
+)
+"""One tokenised pair; ``length`` is the longer side's tokens (what a micro-batch pads to)."""
+DATA_CPUS = 0.25
+"""CPUs per read task and tokenizer actor: training workers hold the rest (Ray Data hangs when
+no CPU is left for its reads)."""
+
+
+@dataclass(frozen=True)
+class TrainingSelection:
+    """The keys (source, pair_id) of the training and validation pairs at one table version."""
+
+    table: str
+    version: int
+    train: pa.Table
+    validation: pa.Table
+
+
+def row_keys(source: pa.Array | pa.ChunkedArray, pair_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """int64 identity of each (source, pair_id): the same content may appear in two sources."""
+    return np.array(
+        [
+            xxhash.xxh3_64_intdigest(f"{s}\0{p}".encode())
+            for s, p in zip(source.to_pylist(), pair_id.to_pylist(), strict=True)
+        ],
+        np.uint64,
+    ).view(np.int64)
+
+
+def select_pairs(lake: Lake, data: TrainingDataConfig) -> TrainingSelection:
+    """Resolve the configured selection; a bad table, column or predicate is a ``ValueError``."""
+    if not lake.exists(data.table):
+        raise ValueError(f"training.data.table {data.table!r} does not exist in the lake")
+    version = lake.version(data.table) if data.version is None else data.version
+    selected = _read_keys(lake, data.table, version, data.where, "training.data.where")
+    if data.curated_only:
+        if not lake.exists(CURATION_STATUS.name):
+            raise ValueError(
+                "training.data.curated_only needs the curation_status table: run `synpref dedup`"
+            )
+        kept = lake.read(CURATION_STATUS.name, columns=KEYS, where="status = 'kept'")
+        selected = selected.join(kept, KEYS, join_type="inner")
+    if data.validation_where is not None:
+        validation = _read_keys(
+            lake, data.table, version, data.validation_where, "training.data.validation_where"
+        )
+        train = selected.join(validation, KEYS, join_type="left anti")
+    else:
+        held_out = _held_out(selected, data.validation_fraction)
+        validation, train = selected.filter(held_out), selected.filter(pc.invert(held_out))
+    if train.num_rows == 0:
+        raise ValueError(
+            f"the training selection is empty ({data.table} v{version}, where {data.where!r})"
+        )
+    return TrainingSelection(data.table, version, _sorted(train), _sorted(validation))
+
+
+def _read_keys(lake: Lake, table: str, version: int, where: str | None, option: str) -> pa.Table:
+    try:
+        keys = lake.read(table, version, KEYS, where)
+    except DeltaError as exc:
+        raise ValueError(f"{option} {where!r} is not a SQL predicate on {table}: {exc}") from None
+    if keys.num_rows != len(set(zip(*(keys[k].to_pylist() for k in KEYS), strict=True))):
+        raise ValueError(f"{table} has repeated (source, pair_id) keys: not a pair table")
+    return keys
+
+
+def _held_out(keys: pa.Table, fraction: float) -> pa.Array:
+    """A deterministic fraction of pairs, by hash: the same pairs whatever the row order."""
+    hashes = row_keys(keys["source"], keys["pair_id"]).view(np.uint64)
+    return pa.array(hashes < np.uint64(fraction * 2.0**64))
+
+
+def _sorted(keys: pa.Table) -> pa.Table:
+    return keys.sort_by([(k, "ascending") for k in KEYS])
+
+
+class PairTokenizer:
+    """Ray Data actor: formats and tokenises pairs (tokenizer loaded once per actor)."""
+
+    def __init__(self, training: TrainingConfig) -> None:
+        self.tokenizer = load_tokenizer(training.backbone, **training.backbone_kwargs)
+        self.max_length = training.max_length
+        self.drop = training.truncation == "drop"
+        self.weight_column = training.data.weight_column
+        self.margin_column = training.data.margin_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        conversations = pair_conversations(
+            batch["history"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist()
+        )
+        texts = [format_conversation(self.tokenizer, c) for c in conversations]
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        full = np.array([len(i) for i in ids], np.int64)
+        over = (full[:n] > self.max_length) | (full[n:] > self.max_length)
+        dropped = over if self.drop else np.zeros(n, bool)
+        cut = [[] if dropped[i % n] else i_ids[-self.max_length :] for i, i_ids in enumerate(ids)]
+        length = np.maximum([len(c) for c in cut[:n]], [len(c) for c in cut[n:]])
+        return pa.table(
+            {
+                "row_key": row_keys(batch["source"], batch["pair_id"]),
+                "chosen_ids": pa.array(cut[:n], pa.list_(pa.int32())),
+                "rejected_ids": pa.array(cut[n:], pa.list_(pa.int32())),
+                "length": pa.array(length, pa.int32()),
+                "truncated": pa.array(over & ~dropped),
+                "dropped": pa.array(dropped),
+                "weight": self._column(batch, self.weight_column, 1.0),
+                "margin": self._column(batch, self.margin_column, 0.0),
+            },
+            schema=TOKENIZED,
+        )
+
+    @staticmethod
+    def _column(batch: pa.Table, name: str | None, default: float) -> pa.Array:
+        if name is None:
+            return pa.array(np.full(batch.num_rows, default, np.float32))
+        values = batch[name].cast(pa.float32())
+        if values.null_count:
+            raise ValueError(f"column {name!r} has {values.null_count} nulls in the training set")
+        return values.combine_chunks()
+
+
+def tokenized_pairs(
+    lake: Lake, selection: TrainingSelection, keys: pa.Table, training: TrainingConfig
+) -> ray.data.Dataset:
+    """The pairs ``keys`` of the selection as a Ray Dataset of ``TOKENIZED`` rows."""
+    extra = [c for c in (training.data.weight_column, training.data.margin_column) if c]
+    schema = lake.table_schema(selection.table, selection.version)
+    missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
+    if missing:
+        raise ValueError(f"training table {selection.table} has no column(s) {missing}")
+    options: dict[str, Any] = {
+        "batch_format": "pyarrow",
+        "batch_size": 256,
+        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, training.workers)),
+        "num_cpus": DATA_CPUS,
+    }
+    columns = [*KEYS, *TEXT_COLUMNS, *extra]
+    rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
+    return rows.map_batches(PairTokenizer, fn_constructor_args=(training,), **options)
