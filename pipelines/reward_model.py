@@ -25,6 +25,7 @@ import numpy as np
 Message = dict[str, str]
 HEURISTIC_PREFIX = "heuristic:"
 HEURISTICS = ("length",)
+DEFAULT_MAX_LENGTH = 4096
 
 
 def format_conversation(tokenizer: Any, messages: Sequence[Message]) -> str:
@@ -77,7 +78,9 @@ class RewardModel:
     """
 
     name: str
-    max_length: int = 4096
+    max_length: int | None = 4096
+    """Tokens read per conversation; ``None``: the length the model was trained with (the
+    tokenizer's ``model_max_length``, which training sets), else ``DEFAULT_MAX_LENGTH``."""
     batch_tokens: int = 16384
     device: str = "cpu"
     reward_mean: float = 0.0
@@ -98,6 +101,9 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         self._tokenizer = load_tokenizer(self.name)
+        if self.max_length is None:
+            trained = self._tokenizer.model_max_length
+            self.max_length = trained if trained < 10**7 else DEFAULT_MAX_LENGTH
         self._model = AutoModelForSequenceClassification.from_pretrained(
             self.name, num_labels=1, dtype=torch.float32
         ).to(self.device)
@@ -159,11 +165,13 @@ def save_reward_model(
     folder: str | Path,
     state_dict: dict[str, Any] | None = None,
     normalisation: tuple[float, float] | None = None,
+    max_length: int | None = None,
 ) -> str:
     """Write a reward model folder in HF format that ``RewardModel`` and serving load as is.
 
     ``normalisation`` (reward mean, std) goes into the config, as OpenRLHF does, so scores can be
-    normalised wherever the model is used. A GGUF-loaded model holds dequantised weights but
+    normalised wherever the model is used; ``max_length`` (the training length) becomes the
+    tokenizer's ``model_max_length``. A GGUF-loaded model holds dequantised weights but
     refuses to save: it is rebuilt from its config without the quantization entry.
     """
     config = copy.deepcopy(model.config)
@@ -177,6 +185,8 @@ def save_reward_model(
         model.load_state_dict(weights)
     model.config = config
     model.save_pretrained(folder, state_dict=state_dict)
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(folder)
     return str(folder)
 

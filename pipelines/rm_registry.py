@@ -18,8 +18,6 @@ import pandas as pd
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
-import pipelines
-
 ARTIFACT = "reward_model"
 REQUIREMENTS = ["torch", "transformers", "numpy", "pandas", "pyarrow", "ray", "deltalake"]
 
@@ -31,7 +29,7 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from pipelines.reward_model import RewardModel
 
-        self.model = RewardModel(context.artifacts[ARTIFACT])
+        self.model = RewardModel(context.artifacts[ARTIFACT], max_length=None)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         if "messages" not in model_input:
@@ -48,7 +46,7 @@ def log_reward_model(
         name=ARTIFACT,
         python_model=RewardModelPyfunc(),
         artifacts={ARTIFACT: folder},
-        code_paths=[str(Path(pipelines.__file__).parent)],
+        code_paths=[str(Path(__file__).resolve().parent)],  # this package, shipped with it
         pip_requirements=REQUIREMENTS,
     )
     if register_as is None:

@@ -270,7 +270,12 @@ class _Worker:
             if state.validation:
                 normalisation = (state.validation["reward_mean"], state.validation["reward_std"])
             save_reward_model(
-                self.base, self.tokenizer, folder / MODEL_DIR, model_state, normalisation
+                self.base,
+                self.tokenizer,
+                folder / MODEL_DIR,
+                model_state,
+                normalisation,
+                self.config.max_length,
             )
             torch.save(optimizer_state, folder / OPTIMIZER_FILE)
             torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)

@@ -59,7 +59,9 @@ def run_train(
             {f"selected_{k}": v for k, v in result.selected_metrics.items()}
             | {"train_pairs": result.train_pairs, "validation_pairs": result.validation_pairs}
         )
-        mlflow.log_figure(_curves(run.info.run_id), "training_curves.png")
+        curves = _curves(run.info.run_id)
+        if curves is not None:
+            mlflow.log_figure(curves, "training_curves.png")
         tags = {"synpref.train_run": name, "synpref.step": str(result.selected_step)}
         version = registered_version(training.register_as, tags) if training.register_as else None
         if version is None:
@@ -73,17 +75,19 @@ def run_train(
     return job_result(summary, text, run, config.tracking, dashboard)
 
 
-def _curves(run_id: str) -> Figure:
-    """Training loss and accuracy per step, with validation accuracy, from the run's metrics."""
+def _curves(run_id: str) -> Figure | None:
+    """Training loss and accuracy per step, with validation, from the run's metrics (``None``
+    when this run trained nothing: a finished run re-run)."""
     client = mlflow.MlflowClient()
+    histories = {key: client.get_metric_history(run_id, key) for key in CURVES}
+    if not histories["loss"]:
+        return None
     figure = Figure(figsize=(10, 4))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for key in CURVES:
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        if not history:
-            continue
+    for key, history in histories.items():
+        points = sorted((m.step, m.value) for m in history)
         axes = loss_axes if key.endswith("loss") else accuracy_axes
-        axes.plot([m.step for m in history], [m.value for m in history], label=key)
+        axes.plot([s for s, _ in points], [v for _, v in points], label=key)
     loss_axes.set(xlabel="step", ylabel="loss", title="Bradley-Terry loss")
     accuracy_axes.set(xlabel="step", ylabel="accuracy", title="chosen ranked above rejected")
     for axes in (loss_axes, accuracy_axes):

@@ -1,0 +1,239 @@
+"""Reward-model training on Ray Train: losses by hand, the selection and its bad inputs, real
+2-worker runs on HH pairs that register a model scoring exactly as trained, resume, and a killed
+worker that costs at most one checkpoint interval and no pair trained twice."""
+
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ray.util.state import list_actors
+
+from pipelines.ingest import IngestRequest
+from pipelines.reward_model import RewardModel, length_batches, scored_conversation
+from pipelines.rm_losses import pairwise_loss
+from pipelines.rm_training import SEEN_FILE, TrainState
+from pipelines.training_data import row_keys, select_pairs
+from ray_jobs.ingest import run_ingest
+from ray_jobs.train import run_train
+from tests.conftest import HH_HARMLESS, shared_data
+
+QUIET = {"report": lambda _: None}
+FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
+
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_losses_match_hand_computed_values():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0])
+    per_pair = [_softplus(-1.0), math.log(2), _softplus(2.0)]  # -log sigmoid(r_w - r_l)
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx(sum(per_pair) / 3, rel=1e-6)
+    assert pairwise_loss(chosen, rejected, "log_exp").item() == pytest.approx(sum(per_pair) / 3)
+
+    margin = torch.tensor([0.5, 0.0, 0.0])
+    with_margin = [_softplus(-0.5), per_pair[1], per_pair[2]]
+    assert pairwise_loss(chosen, rejected, margin=margin).item() == pytest.approx(
+        sum(with_margin) / 3, rel=1e-6
+    )
+    weights = torch.tensor([2.0, 1.0, 1.0])
+    weighted = (2 * per_pair[0] + per_pair[1] + per_pair[2]) / 4
+    assert pairwise_loss(chosen, rejected, weights=weights).item() == pytest.approx(weighted)
+    centred = [p + 0.1 * (c + r) ** 2 for p, c, r in zip(per_pair, [2, 0, -1], [1, 0, 1], strict=True)]
+    assert pairwise_loss(chosen, rejected, centering=0.1).item() == pytest.approx(sum(centred) / 3)
+    # A micro-batch's share of a global batch of total weight 10:
+    assert pairwise_loss(chosen, rejected, normaliser=10.0).item() == pytest.approx(
+        sum(per_pair) / 10
+    )
+    low = pairwise_loss(chosen.bfloat16(), rejected.bfloat16())
+    assert low.dtype == torch.float32
+    big = pairwise_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
+    assert big.item() == pytest.approx(400.0)  # stable: no overflow to inf
+
+    with pytest.raises(ValueError, match="unknown loss"):
+        pairwise_loss(chosen, rejected, "hinge")
+    with pytest.raises(ValueError, match="no margin"):
+        pairwise_loss(chosen, rejected, "log_exp", margin=margin)
+
+
+def test_length_grouping_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 2000, 512)
+    grouped = length_batches(lengths, 8192)
+    arrival = length_batches(lengths, 8192, group_by_length=False)
+    for batches in (grouped, arrival):
+        assert sorted(np.concatenate(batches).tolist()) == list(range(512))
+        assert all(len(b) * lengths[b].max() <= 8192 or len(b) == 1 for b in batches)
+
+    def padding(batches):
+        padded = sum(len(b) * lengths[b].max() for b in batches)
+        return 1 - lengths.sum() / padded
+
+    assert padding(grouped) < 0.05 < 0.3 < padding(arrival)
+
+
+@pytest.fixture
+def hh_lake(config, lake, ray_cluster):
+    run_ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh"), **QUIET)
+    return lake
+
+
+def test_selection_holds_out_validation_and_rejects_bad_inputs(config, hh_lake):
+    data = config.training.data
+    data.where = FEW
+    data.validation_fraction = 0.25
+    first, again = select_pairs(hh_lake, data), select_pairs(hh_lake, data)
+    assert first.train.equals(again.train) and first.validation.equals(again.validation)
+    selected = hh_lake.count("pairs", where=FEW)
+    assert first.train.num_rows + first.validation.num_rows == selected
+    assert 0.1 < first.validation.num_rows / selected < 0.4
+
+    data.validation_where = "pair_id < '02'"
+    gold = select_pairs(hh_lake, data)
+    gold_ids = set(gold.validation["pair_id"].to_pylist())
+    assert gold_ids and not gold_ids & set(gold.train["pair_id"].to_pylist())
+
+    data.validation_where = None
+    for option, value, message in [
+        ("where", "no_such_column = 1", "not a SQL predicate on pairs"),
+        ("where", "pair_id < '00'", "selection is empty"),
+        ("table", "no_such_table", "does not exist"),
+        ("curated_only", True, "needs the curation_status table"),
+    ]:
+        bad = data.model_copy(update={option: value})
+        with pytest.raises(ValueError, match=message):
+            select_pairs(hh_lake, bad)
+
+
+def _train_config(config, backbone: str, tmp_path: Path):
+    training = config.training
+    training.backbone = backbone
+    training.data.where = FEW
+    training.data.validation_fraction = 0.25
+    training.max_length = 128
+    training.global_batch = 16
+    training.micro_batch_tokens = 2048
+    training.learning_rate = 1e-3
+    training.storage_path = str(tmp_path / "checkpoints")
+    training.register_as = "hh-test-rm"
+    return training
+
+
+def _validation_conversations(lake, training):
+    keys = select_pairs(lake, training.data).validation
+    wanted = set(zip(keys["source"].to_pylist(), keys["pair_id"].to_pylist(), strict=True))
+    pairs = [p for p in lake.read("pairs").to_pylist() if (p["source"], p["pair_id"]) in wanted]
+    chosen = [scored_conversation(p["history"], p["chosen"]) for p in pairs]
+    rejected = [scored_conversation(p["history"], p["rejected"]) for p in pairs]
+    return chosen, rejected
+
+
+def test_two_workers_train_register_and_resume(config, hh_lake, decoder_rm, tmp_path):
+    training = _train_config(config, decoder_rm, tmp_path)
+    training.epochs = 3
+    training.checkpoint_every = training.validate_every = 4
+    result = run_train(config, name="hh-tiny", **QUIET)
+
+    n = result["train_pairs"]
+    assert result["pairs_trained"] == 3 * n and result["pairs_dropped"] == 0
+    assert result["steps"] <= 3 * (math.ceil(n / 16) + 1)
+    assert result["pairs_truncated"] > 0, "HH has conversations over 128 tokens"
+    client = mlflow.MlflowClient()
+    losses = sorted(client.get_metric_history(result["run_id"], "loss"), key=lambda m: m.step)
+    per_epoch = np.array_split([m.value for m in losses], 3)
+    assert np.mean(per_epoch[-1]) < np.mean(per_epoch[0]) - 0.05, "the loss falls"
+    run = mlflow.get_run(result["run_id"])
+    assert "selected_val_accuracy" in run.data.metrics
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(result["run_id"])}
+    assert run.data.tags["synpref.input.pairs.version"] == str(result["table_version"])
+
+    # The registered model scores exactly as the selected checkpoint did during training.
+    chosen, rejected = _validation_conversations(hh_lake, training)
+    registered = mlflow.pyfunc.load_model(result["model_uri"])
+    rewards = registered.predict(pd.DataFrame({"messages": chosen + rejected}))
+    direct = RewardModel(result["model_folder"], max_length=128)
+    assert rewards == pytest.approx(direct.score(chosen + rejected).rewards, abs=1e-6)
+    accuracy = np.mean(rewards[: len(chosen)] > rewards[len(chosen) :])
+    assert accuracy == pytest.approx(result["selected_metrics"]["val_accuracy"])
+    assert direct.reward_mean == pytest.approx(result["selected_metrics"]["val_reward_mean"])
+    assert direct.reward_std == pytest.approx(result["selected_metrics"]["val_reward_std"])
+
+    # Re-running the same name resumes the finished run: nothing trained, nothing registered.
+    again = run_train(config, name="hh-tiny", **QUIET)
+    assert again["registered_version"] == result["registered_version"]
+    assert again["steps"] == result["steps"] and again["checkpoint"] == result["checkpoint"]
+    assert "loss" not in mlflow.get_run(again["run_id"]).data.metrics
+
+
+def test_encoder_backbone_trains_with_drop_policy(config, hh_lake, encoder_rm, tmp_path):
+    training = _train_config(config, encoder_rm, tmp_path)
+    training.truncation = "drop"
+    training.register_as = None
+    result = run_train(config, name="hh-minilm", **QUIET)
+    dropped = result["pairs_dropped"]
+    assert dropped > 0 and result["pairs_truncated"] == 0
+    assert result["pairs_trained"] + dropped == result["train_pairs"]
+    assert result["registered_version"] is None and result["model_uri"].startswith("runs:/")
+
+
+def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
+    _train_config(config, str(tmp_path / "no-model-here"), tmp_path)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        run_train(config, name="bad", **QUIET)
+
+
+def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
+    killed: list[int] = []
+    while not done.is_set():
+        if list(storage.glob("*/checkpoint_*")):
+            workers = list_actors(
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            )
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return killed
+        time.sleep(0.2)
+    return killed
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice(
+    config, hh_lake, decoder_rm, tmp_path
+):
+    training = _train_config(config, decoder_rm, tmp_path)
+    training.data.where = "pair_id < '40'"  # about a quarter of HH: many small steps
+    training.global_batch = 8
+    training.checkpoint_every = training.validate_every = 5
+    training.register_as = None
+    storage = Path(training.storage_path)
+    done = threading.Event()
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=lambda: killed.extend(_kill_a_worker_after_first_checkpoint(storage, done))
+    )
+    killer.start()
+    try:
+        result = run_train(config, name="hh-killed", **QUIET)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "a worker was killed mid-run"
+    restored = mlflow.MlflowClient().get_metric_history(result["run_id"], "restored_from_step")
+    assert restored and restored[0].value % 5 == 0, "restarted from a checkpoint"
+    assert result["pairs_trained"] == result["train_pairs"], "every pair trained exactly once"
+
+    state = TrainState.load(Path(result["checkpoint"]))
+    seen = np.load(Path(result["checkpoint"]) / SEEN_FILE)
+    keys = select_pairs(hh_lake, training.data).train
+    assert len(seen) == len(np.unique(seen)) == keys.num_rows
+    assert set(seen.tolist()) == set(row_keys(keys["source"], keys["pair_id"]).tolist())
+    assert state.pairs == keys.num_rows and state.epoch == 1
