@@ -2,8 +2,8 @@
 2-worker runs on HH pairs that register a model scoring exactly as trained, resume, and a killed
 worker that costs at most one checkpoint interval and no pair trained twice."""
 
+import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -12,9 +12,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
-from ray.util.state import list_actors
 
 from pipelines.ingest import IngestRequest
 from pipelines.reward_model import RewardModel, length_batches, scored_conversation
@@ -181,7 +181,7 @@ def test_encoder_backbone_trains_with_drop_policy(config, hh_lake, encoder_rm, t
     dropped = result["pairs_dropped"]
     assert dropped > 0 and result["pairs_truncated"] == 0
     assert result["pairs_trained"] + dropped == result["train_pairs"]
-    assert result["registered_version"] is None and result["model_uri"].startswith("runs:/")
+    assert result["registered_version"] is None and result["model_uri"].startswith("models:/m-")  # logged, not registered
 
 
 def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
@@ -191,18 +191,17 @@ def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
 
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
-    killed: list[int] = []
+    """SIGKILL one Ray Train worker (a descendant of this test process: this session's Ray)
+    once a checkpoint exists."""
     while not done.is_set():
         if list(storage.glob("*/checkpoint_*")):
-            workers = list_actors(
-                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-            )
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return killed
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if process.cmdline()[:1] == ["ray::RayTrainWorker"]:
+                        process.send_signal(signal.SIGKILL)
+                        return [process.pid]
         time.sleep(0.2)
-    return killed
+    return []
 
 
 @pytest.mark.slow
