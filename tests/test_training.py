@@ -23,7 +23,7 @@ from pipelines.rm_training import SEEN_FILE, TrainState
 from pipelines.training_data import row_keys, select_pairs
 from ray_jobs.ingest import run_ingest
 from ray_jobs.train import run_train
-from tests.conftest import HH_HARMLESS, shared_data
+from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf
 
 QUIET = {"report": lambda _: None}
 FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
@@ -236,3 +236,25 @@ def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice(
     assert len(seen) == len(np.unique(seen)) == keys.num_rows
     assert set(seen.tolist()) == set(row_keys(keys["source"], keys["pair_id"]).tolist())
     assert state.pairs == keys.num_rows and state.epoch == 1
+
+
+@pytest.mark.slow
+def test_smollm2_backbone_from_gguf_trains_and_registers(config, hh_lake, tmp_path):
+    gguf = smollm2_gguf()
+    training = _train_config(config, str(gguf.parent), tmp_path)
+    training.backbone_kwargs = {"gguf_file": gguf.name}
+    training.data.where = "pair_id < '03'"
+    training.max_length = 64
+    training.global_batch = 8
+    training.learning_rate = 1e-5
+    result = run_train(config, name="hh-smollm2", **QUIET)
+    assert result["pairs_trained"] == result["train_pairs"] > 0
+    assert np.isfinite(result["selected_metrics"]["val_loss"])
+
+    chosen, rejected = _validation_conversations(hh_lake, training)
+    registered = mlflow.pyfunc.load_model(result["model_uri"])
+    rewards = registered.predict(pd.DataFrame({"messages": chosen + rejected}))
+    direct = RewardModel(result["model_folder"], max_length=64).score(chosen + rejected)
+    assert rewards == pytest.approx(direct.rewards, abs=1e-5)
+    accuracy = np.mean(rewards[: len(chosen)] > rewards[len(chosen) :])
+    assert accuracy == pytest.approx(result["selected_metrics"]["val_accuracy"])
