@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
@@ -234,6 +234,12 @@ class TrainingConfig(_Section):
     """MLflow registered model name (``None``: log the model without registering)."""
     select: Literal["best", "last"] = "best"
     """The model logged: best validation accuracy (the paper's selection on gold) or last."""
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> TrainingConfig:
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError("strategy fsdp needs use_gpu: true (Ray Train shards over GPUs)")
+        return self
 
 
 class DemoConfig(_Section):

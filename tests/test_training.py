@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from pipelines.config import ConfigError, load_config
 from pipelines.ingest import IngestRequest
 from pipelines.reward_model import RewardModel, length_batches, scored_conversation
 from pipelines.rm_losses import pairwise_loss
@@ -258,3 +259,8 @@ def test_smollm2_backbone_from_gguf_trains_and_registers(config, hh_lake, tmp_pa
     assert rewards == pytest.approx(direct.rewards, abs=1e-5)
     accuracy = np.mean(rewards[: len(chosen)] > rewards[len(chosen) :])
     assert accuracy == pytest.approx(result["selected_metrics"]["val_accuracy"])
+
+
+def test_fsdp_without_gpus_is_a_config_error():
+    with pytest.raises(ConfigError, match="fsdp needs use_gpu"):
+        load_config(None, {"training": {"strategy": "fsdp"}})
