@@ -98,6 +98,7 @@ def trl_trainer(backbone: str, pairs: list[dict], max_length: int, batch: int) -
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = load_tokenizer(backbone)
+    tokenizer.eos_token = tokenizer.eos_token or tokenizer.sep_token  # TRL appends an EOS
     model = load_backbone(backbone)
     model.config.pad_token_id = tokenizer.pad_token_id
     rows = [
@@ -134,9 +135,7 @@ def trl_trainer(backbone: str, pairs: list[dict], max_length: int, batch: int) -
     trainer.train()
     seconds = time.perf_counter() - started
     train_seconds = time.perf_counter() - train_started
-    tokens = sum(
-        len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in trainer.train_dataset
-    )
+    tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
     return {
         "seconds": seconds,
         "pairs_per_s": kept / seconds,
@@ -188,6 +187,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32, help="global batch (pairs per step)")
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, default=2048, help="synpref's padded tokens per pass"
+    )
     parser.add_argument("--backbone", default=DEFAULT_EMBEDDER)
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
@@ -205,7 +207,7 @@ def main() -> None:
             "backbone": backbone,
             "max_length": args.max_length,
             "global_batch": args.batch,
-            "micro_batch_tokens": args.batch * args.max_length,
+            "micro_batch_tokens": args.micro_batch_tokens,
             "learning_rate": LEARNING_RATE,
             "workers": 2,
             "checkpoint_every": 10**6,
@@ -230,6 +232,7 @@ def main() -> None:
         "pairs": len(pairs),
         "max_length": args.max_length,
         "global_batch": args.batch,
+        "micro_batch_tokens": args.micro_batch_tokens,
         "backbone": args.backbone,
         "synpref": synpref_train(config, "bench"),
     }
