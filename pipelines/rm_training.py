@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from transformers import get_scheduler
 
 from pipelines.config import TrainingConfig
 from pipelines.lake import Lake
@@ -118,8 +119,6 @@ class _Worker:
             lr=self.config.learning_rate,
             weight_decay=self.config.weight_decay,
         )
-        from transformers import get_scheduler
-
         self.scheduler = get_scheduler(
             self.config.lr_schedule,
             self.optimizer,
@@ -319,9 +318,10 @@ def train_worker(setup: WorkerSetup) -> None:
             local_shuffle_buffer_size=4 * local_batch,
             local_shuffle_seed=config.seed + state.epoch,
         )
+        trained = np.sort(state.seen)  # restored from a checkpoint: skip these pairs
+        started = time.perf_counter()
         for batch in worker.lockstep_batches(batches):
-            started = time.perf_counter()
-            new = _unseen(batch, state.seen, pending)
+            new = _unseen(batch, trained)
             rows = _trainable(new) if new is not None else _EMPTY
             if new is not None:
                 pending.append(new["row_key"].to_numpy())
@@ -337,6 +337,7 @@ def train_worker(setup: WorkerSetup) -> None:
             state.pairs += int(counts[0])
             state.tokens += int(sums[SUMS.index("tokens")])
             metrics = _step_metrics(sums, time.perf_counter() - started, state)
+            started = time.perf_counter()  # the next step's time includes waiting for data
             metrics |= {"step": state.step, "learning_rate": worker.scheduler.get_last_lr()[0]}
             if state.step % config.checkpoint_every == 0 or state.step % config.validate_every == 0:
                 _validate(worker, state, metrics)
@@ -366,14 +367,13 @@ def _validate(worker: _Worker, state: TrainState, metrics: dict[str, Any]) -> No
     metrics |= {f"val_{k}": v for k, v in state.validation.items()}
 
 
-def _unseen(batch: pa.Table | None, seen: np.ndarray, pending: list[np.ndarray]) -> pa.Table | None:
-    """The rows of ``batch`` not trained yet this epoch (in a checkpoint or earlier this run)."""
-    if batch is None:
-        return None
-    trained = np.concatenate([seen, *pending]) if pending else seen
-    if not len(trained):
+def _unseen(batch: pa.Table | None, trained: np.ndarray) -> pa.Table | None:
+    """The rows of ``batch`` whose key is not in the sorted ``trained`` keys."""
+    if batch is None or not len(trained):
         return batch
-    return batch.filter(pa.array(~np.isin(batch["row_key"].to_numpy(), trained)))
+    keys = batch["row_key"].to_numpy()
+    found = trained[np.minimum(np.searchsorted(trained, keys), len(trained) - 1)] == keys
+    return batch.filter(pa.array(~found))
 
 
 def _trainable(rows: pa.Table) -> pa.Table:
