@@ -193,9 +193,9 @@ def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
     """SIGKILL one Ray Train worker (a descendant of this test process: this session's Ray)
-    once a checkpoint exists."""
+    once the controller has registered a checkpoint (it then writes its snapshot file)."""
     while not done.is_set():
-        if list(storage.glob("*/checkpoint_*")):
+        if list(storage.glob("*/checkpoint_manager_snapshot.json")):
             for process in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     if process.cmdline()[:1] == ["ray::RayTrainWorker"]:
