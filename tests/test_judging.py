@@ -1,0 +1,306 @@
+"""LLM judging with the real offline SmolLM2 on real JudgeBench and HH pairs: both orders, the
+judgment cache, invalid answers, verdicts, gold few-shot examples, and the OpenAI-compatible
+backend against a real server on the loopback (429, 500 and timeouts injected)."""
+
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from pipelines.config import JudgeConfig, LLMConfig
+from pipelines.ingest import IngestRequest
+from pipelines.judging import (
+    Choice,
+    JudgeIdentity,
+    judge_prompt,
+    judge_verdict,
+    panel_verdict,
+    parse_logprobs,
+    parse_structured,
+    preference,
+)
+from pipelines.llm_backends import Generation, HFBackend, OpenAIBackend, Sampling
+from pipelines.retrieval import SimilarityIndex
+from ray_jobs.ingest import run_ingest
+from ray_jobs.judge import run_judge
+from tests.conftest import HH_HARMLESS, JUDGEBENCH, shared_data
+
+QUIET = {"report": lambda _: None}
+SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
+JUDGEBENCH_SHORT = f"source = 'judgebench' AND {SHORT.format(n=1500)}"
+HH_SHORT = f"source = 'hh' AND {SHORT.format(n=400)}"
+API_KEY = "sk-test-loopback"
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def hf_backend():
+    """SmolLM2 through transformers, loaded once for the session."""
+    return HFBackend(LLMConfig(max_prompt_tokens=2048))
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("openai_server.py")), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("the test OpenAI server did not start")
+        time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def server(openai_server):
+    """The session's server with no queued faults and zeroed counters."""
+    httpx.post(f"{openai_server}/stats/reset")
+    return openai_server
+
+
+def faults(url: str, *queued: dict) -> None:
+    httpx.post(f"{url}/faults", json={"faults": list(queued)})
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/stats").json()
+
+
+def ingest_real(config) -> None:
+    run_ingest(config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **QUIET)
+    run_ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh"), **QUIET)
+
+
+# ------------------------------------------------------------------ pure rules
+
+
+def test_structured_answers_are_parsed_or_rejected_with_a_reason():
+    assert parse_structured(Generation('Sure. {"winner": "B"} because')).winner == "B"
+    assert parse_structured(Generation('{"winner": "Tie"}')).winner == "tie"
+    with pytest.raises(ValueError, match="unparseable: no"):
+        parse_structured(Generation("Response A is better."))
+    with pytest.raises(ValueError, match='winner must be "A", "B" or "tie"'):
+        parse_structured(Generation('{"winner": "both"}'))
+
+
+def test_logprob_verdicts_use_the_choice_tokens_only():
+    choice = parse_logprobs(Generation("A", {"A": math.log(0.6), "B": math.log(0.2), "x": -0.1}))
+    assert choice.winner == "A" and choice.p_a == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="choice_tokens_missing"):
+        parse_logprobs(Generation("x", {"x": -0.1, "winner": -2.0}))
+    with pytest.raises(ValueError, match="no_logprobs"):
+        parse_logprobs(Generation("A"))
+    # In order BA the chosen response is B: winner B means the label stands.
+    assert preference("BA", Choice("B", 0.2)) == ("chosen", pytest.approx(0.8))
+    assert preference("AB", Choice("B", None)) == ("rejected", 0.0)
+
+
+def _judgment(ordering, pref, p=None, valid=True):
+    p = {"chosen": 1.0, "rejected": 0.0, "tie": 0.5}[pref] if p is None else p
+    return {"ordering": ordering, "preference": pref, "p_chosen": p, "valid": valid}
+
+
+def test_verdicts_within_a_judge_need_both_orders_to_agree():
+    agree = judge_verdict([_judgment("AB", "chosen", 0.9), _judgment("BA", "chosen", 0.7)])
+    assert (agree.verdict, agree.confidence) == ("agree", pytest.approx(0.8))
+    flip = judge_verdict([_judgment("AB", "rejected", 0.2), _judgment("BA", "rejected", 0.4)])
+    assert (flip.verdict, flip.confidence) == ("disagree", pytest.approx(0.7))
+    position = judge_verdict([_judgment("AB", "chosen", 0.9), _judgment("BA", "rejected", 0.1)])
+    assert (position.verdict, position.confidence) == ("inconsistent", pytest.approx(0.8))
+    assert judge_verdict([_judgment("AB", "tie"), _judgment("BA", "tie")]).verdict == "tie"
+    samples = [_judgment("AB", "chosen"), _judgment("AB", "chosen"), _judgment("AB", "rejected"),
+               _judgment("BA", "chosen"), _judgment("BA", "chosen"), _judgment("BA", "chosen")]
+    assert judge_verdict(samples).verdict == "agree", "majority of the samples of each order"
+    one_order = judge_verdict([_judgment("AB", "chosen"), _judgment("BA", None, 0, valid=False)])
+    assert (one_order.verdict, one_order.invalid) == ("invalid", 1)
+    assert "no valid judgment in order BA" in one_order.detail
+
+
+def test_panel_policies():
+    agree = judge_verdict([_judgment("AB", "chosen"), _judgment("BA", "chosen")])
+    disagree = judge_verdict([_judgment("AB", "rejected"), _judgment("BA", "rejected")])
+    invalid = judge_verdict([])
+    two_one = [(agree, 1.0), (agree, 1.0), (disagree, 3.0)]
+    assert panel_verdict(two_one, "majority", 1).verdict == "agree"
+    assert panel_verdict(two_one, "unanimity", 1).verdict == "inconsistent"
+    assert panel_verdict(two_one, "weighted", 1).verdict == "disagree"
+    split = panel_verdict([(agree, 1.0), (disagree, 1.0)], "majority", 1)
+    assert split.verdict == "inconsistent" and "judges split" in split.detail
+    assert panel_verdict([(agree, 1.0), (invalid, 1.0)], "majority", 2).verdict == "invalid"
+
+
+def test_gold_retrieval_ranks_by_similarity_and_never_returns_the_pair_itself():
+    import numpy as np
+
+    vectors = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = SimilarityIndex([{"pair_id": p} for p in ("g0", "g1", "g2")], vectors)
+    assert index.nearest(vectors[:1], 2, exclude=["g0"]) == [[1, 2]]
+    assert index.nearest(vectors[2:], 1) == [[2]]
+
+
+# ------------------------------------------------------------------ hf backend, whole job
+
+
+def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
+    config, lake, ray_cluster
+):
+    ingest_real(config)
+    logprob = JudgeConfig(name="smol-logprobs", num_cpus=0.5, few_shot=2)
+    structured = JudgeConfig(
+        name="smol-json", verdict="structured", max_tokens=16, max_retries=1,
+        max_prompt_tokens=560, num_cpus=0.5,
+    )
+    config.judging.judges = [logprob, structured]
+    config.judging.gold.where = HH_SHORT
+    where = f"({JUDGEBENCH_SHORT}) OR ({HH_SHORT} AND pair_id < '01')"
+    first = run_judge(config, where=where, **QUIET)
+    pairs = first["selected"]
+    assert pairs == lake.count("pairs", where=where) >= 3
+    assert {r["source"] for r in lake.read("judgments", columns=["source"]).to_pylist()} == {"judgebench", "hh"}
+
+    rows = lake.read("judgments").to_pylist()
+    assert len(rows) == pairs * 2 * 2, "every pair, both orders, both judges"
+    for judge in ("smol-logprobs", "smol-json"):
+        mine = [r for r in rows if r["judge"] == judge]
+        assert {(r["pair_id"], r["ordering"]) for r in mine} == {
+            (p, o) for p in {r["pair_id"] for r in mine} for o in ("AB", "BA")
+        }
+    for r in rows:
+        assert r["valid"] == (r["invalid_reason"] is None) == (r["winner"] is not None)
+        if r["judge"] == "smol-logprobs":
+            assert r["valid"], r["invalid_reason"]
+            assert 0 <= r["p_chosen"] <= 1 and r["output_tokens"] == 1
+            assert len(r["examples"]) == 2 and r["pair_id"] not in r["examples"]
+        elif not r["valid"]:
+            assert r["invalid_reason"].split(":")[0] in {"unparseable", "prompt_too_long"}
+            assert r["invalid_reason"].startswith("prompt_too_long") or r["attempts"] == 2
+    assert any(r["invalid_reason"] and r["invalid_reason"].startswith("prompt_too_long") for r in rows)
+
+    verdicts = lake.read("verdicts").to_pylist()
+    assert len(verdicts) == pairs * 3, "two judges and the panel"
+    assert {v["level"] for v in verdicts} == {"judge", "panel"}
+    assert all(0 <= v["confidence"] <= 1 for v in verdicts)
+    quality = first["quality"]["smol-logprobs"]
+    assert quality["pairs"] == pairs
+    assert quality["agree_rate"] + quality["disagree_rate"] + quality["tie_rate"] + quality[
+        "flip_rate"
+    ] + quality["invalid_verdict_rate"] == pytest.approx(1)
+
+    versions = lake.version("judgments"), lake.version("verdicts")
+    again = run_judge(config, where=where, **QUIET)
+    assert [j["judged"] for j in again["judges"]] == [0, 0]
+    assert [j["cached"] for j in again["judges"]] == [pairs * 2, pairs * 2]
+    assert (lake.version("judgments"), lake.version("verdicts")) == versions, "no commit"
+    assert again["verdict_counts"] == first["verdict_counts"]
+
+    run = mlflow.get_run(first["run_id"])
+    assert run.data.metrics["smol-logprobs.judgments_new"] == pairs * 2
+    assert "smol-logprobs.flip_rate" in run.data.metrics
+    assert run.data.tags["synpref.judge.smol-json.template_hash"] == JudgeIdentity.of(structured).template_hash
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
+    assert {"judge_verdicts.png", "judge_p_chosen.png"} <= artifacts
+
+
+# ------------------------------------------------------------------ openai backend
+
+
+def _openai(url: str, **kwargs) -> OpenAIBackend:
+    options = {"backend": "openai", "base_url": f"{url}/v1", "model": "smollm2",
+               "api_key_env": None, "http_retries": 3, "timeout_s": 30}
+    return OpenAIBackend(LLMConfig(**(options | kwargs)))
+
+
+def test_openai_backend_answers_like_the_engine_it_serves(server, hf_backend):
+    identity = JudgeIdentity.of(JudgeConfig())
+    prompt = judge_prompt(identity, [{"role": "user", "content": "What is 2 + 2?"}], "4", "5", "BA")
+    sampling = identity.sampling(0)
+    direct = hf_backend.generate([prompt], sampling)[0]
+    served = _openai(server).generate([prompt], sampling)[0]
+    assert served.error is None
+    assert served.text == direct.text
+    best = max(direct.first_logprobs, key=direct.first_logprobs.get)
+    assert served.first_logprobs[best] == pytest.approx(direct.first_logprobs[best], abs=1e-3)
+
+
+def test_openai_backend_retries_429_500_and_timeouts_with_backoff(server, monkeypatch):
+    prompt = [{"role": "user", "content": "Say hello."}]
+    sampling = Sampling(max_tokens=4)
+    faults(server, {"status": 429}, {"status": 500}, {"status": 503})
+    assert _openai(server).generate([prompt], sampling)[0].error is None
+    assert stats(server)["requests"] == 4, "three failures retried, then the answer"
+
+    httpx.post(f"{server}/stats/reset")
+    faults(server, {"delay_s": 5})
+    started = time.monotonic()
+    answer = _openai(server, timeout_s=1.5).generate([prompt], sampling)[0]
+    assert answer.error is None and time.monotonic() - started < 5, "the slow request was abandoned"
+    assert stats(server)["requests"] == 2
+
+    httpx.post(f"{server}/stats/reset")
+    faults(server, *[{"status": 429}] * 3)
+    failed = _openai(server, http_retries=2).generate([prompt], sampling)[0]
+    assert failed.error.startswith("request_failed: HTTP 429")
+
+    faults(server, {"delay_s": 3})
+    slow = _openai(server, http_retries=0, timeout_s=1).generate([prompt], sampling)[0]
+    assert slow.error.startswith("request_failed: APITimeoutError")
+
+
+def test_openai_backend_sends_the_key_from_the_environment_only(openai_server, monkeypatch):
+    monkeypatch.delenv("SYNPREF_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$SYNPREF_TEST_KEY, which is not set"):
+        _openai(openai_server, api_key_env="SYNPREF_TEST_KEY")
+    monkeypatch.setenv("SYNPREF_TEST_KEY", API_KEY)
+    backend = _openai(openai_server, api_key_env="SYNPREF_TEST_KEY")
+    assert API_KEY not in repr(backend.config) and API_KEY not in str(backend.config.model_dump())
+
+
+def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
+    config, lake, ray_cluster, server
+):
+    ingest_real(config)
+    judge = JudgeConfig(name="served", backend="openai", base_url=f"{server}/v1", model="smollm2",
+                        api_key_env=None, http_retries=1, concurrency=1, num_cpus=0.5)
+    config.judging.judges = [judge]
+    # The first two requests fail twice each (with one retry): those judgments are recorded
+    # as failed requests, not guessed.
+    faults(server, *[{"status": 500}] * 4)
+    first = run_judge(config, where=HH_SHORT, limit=2, **QUIET)
+    rows = lake.read("judgments").to_pylist()
+    failed = [r for r in rows if not r["valid"]]
+    assert len(rows) == 4 and len(failed) == 2
+    assert all(r["invalid_reason"].startswith("request_failed: HTTP 500") for r in failed)
+    assert first["verdict_counts"].get("invalid", 0) >= 1
+
+    again = run_judge(config, where=HH_SHORT, limit=2, **QUIET)
+    assert again["judges"][0]["judged"] == 2 and again["judges"][0]["cached"] == 2
+    rows = lake.read("judgments").to_pylist()
+    assert len(rows) == 4 and all(r["valid"] for r in rows), "failed requests judged again"
+    assert "invalid" not in again["verdict_counts"]
