@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/minhash_bench.py
 	$(BIN)/python benchmarks/score_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
+	$(BIN)/python benchmarks/judge_bench.py
 
 clean:
 	rm -rf lake mlruns.db mlartifacts demo_data benchmarks/out

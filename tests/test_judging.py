@@ -2,6 +2,7 @@
 judgment cache, invalid answers, verdicts, gold few-shot examples, and the OpenAI-compatible
 backend against a real server on the loopback (429, 500 and timeouts injected)."""
 
+import json
 import math
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import httpx
 import mlflow
 import pytest
 
+from pipelines.attributes import ATTRIBUTE_FIELDS, Attributes, parse_attributes
 from pipelines.config import JudgeConfig, LLMConfig
 from pipelines.ingest import IngestRequest
 from pipelines.judging import (
@@ -27,8 +29,10 @@ from pipelines.judging import (
 )
 from pipelines.llm_backends import Generation, HFBackend, OpenAIBackend, Sampling
 from pipelines.retrieval import SimilarityIndex
+from ray_jobs.annotate import run_annotate
 from ray_jobs.ingest import run_ingest
 from ray_jobs.judge import run_judge
+from storage_schemas import TASK_CATEGORIES
 from tests.conftest import HH_HARMLESS, JUDGEBENCH, shared_data
 
 QUIET = {"report": lambda _: None}
@@ -304,3 +308,81 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     rows = lake.read("judgments").to_pylist()
     assert len(rows) == 4 and all(r["valid"] for r in rows), "failed requests judged again"
     assert "invalid" not in again["verdict_counts"]
+
+
+# ------------------------------------------------------------------ attributes
+
+
+def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
+    good = {
+        "task_category": "coding and debugging",
+        "objectivity": "Objective",
+        "controversiality": "low",
+        "desired_attributes": ["correct", "concise"],
+        "guideline": "Prefer the response whose code runs and answers the question.",
+    }
+    fenced = Generation("Here you go:\n```json\n" + json.dumps(good) + "\n```")
+    attributes = parse_attributes(fenced)
+    assert (attributes.task_category, attributes.objectivity) == ("Coding & Debugging", "objective")
+    with pytest.raises(ValueError, match="schema: task_category"):
+        parse_attributes(Generation(json.dumps(good | {"task_category": "Cooking"})))
+    with pytest.raises(ValueError, match="schema: desired_attributes"):
+        parse_attributes(Generation(json.dumps(good | {"desired_attributes": []})))
+    with pytest.raises(ValueError, match="schema: object: Field required|schema: guideline"):
+        parse_attributes(Generation(json.dumps({k: v for k, v in good.items() if k != "guideline"})))
+    with pytest.raises(ValueError, match="unparseable"):
+        parse_attributes(Generation("I think this is a coding task."))
+    # Shown to a judge when configured.
+    identity = JudgeIdentity.of(JudgeConfig(show_attributes=True))
+    prompt = judge_prompt(identity, [{"role": "user", "content": "hi"}], "a", "b", "AB", (), attributes.model_dump())
+    assert "Task category: Coding & Debugging" in prompt[1]["content"]
+
+
+def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
+    ingest_real(config)
+    config.judging.annotator = LLMConfig(max_tokens=160, max_retries=1, num_cpus=0.5)
+    where = f"{HH_SHORT} AND pair_id < '01'"
+    first = run_annotate(config, where=where, **QUIET)
+    assert first["annotated"] == first["selected"] == lake.count("pairs", where=where) >= 2
+    rows = lake.read("attributes").to_pylist()
+    assert len(rows) == first["selected"]
+    for row in rows:
+        assert 1 <= row["attempts"] <= 2 and row["output"]
+        if row["valid"]:
+            Attributes.model_validate({k: row[k] for k in ATTRIBUTE_FIELDS})
+        else:
+            assert row["invalid_reason"].split(":")[0] in {"unparseable", "schema"}
+            assert row["task_category"] is None or row["task_category"] in TASK_CATEGORIES
+    assert first["invalid"] == sum(not r["valid"] for r in rows)
+
+    version = lake.version("attributes")
+    again = run_annotate(config, where=where, **QUIET)
+    assert (again["annotated"], again["cached"]) == (0, first["selected"])
+    assert lake.version("attributes") == version
+
+
+# ------------------------------------------------------------------ vllm backend
+
+
+@pytest.mark.slow
+def test_vllm_backend_matches_hf(request, monkeypatch):
+    pytest.importorskip(
+        "vllm",
+        reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
+    )
+    hf_backend = request.getfixturevalue("hf_backend")
+    from pipelines.llm_backends import VLLMBackend
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    engine = VLLMBackend(LLMConfig(backend="vllm", gpu_memory_utilization=0.4, max_model_len=2048))
+    identity = JudgeIdentity.of(JudgeConfig())
+    prompts = [
+        judge_prompt(identity, [{"role": "user", "content": "What is 2 + 2?"}], "4", "5", order)
+        for order in ("AB", "BA")
+    ]
+    served = engine.generate(prompts, identity.sampling(0))
+    direct = hf_backend.generate(prompts, identity.sampling(0))
+    for ours, theirs in zip(served, direct, strict=True):
+        assert parse_logprobs(ours).winner == parse_logprobs(theirs).winner
+        assert parse_logprobs(ours).p_a == pytest.approx(parse_logprobs(theirs).p_a, abs=0.05)
