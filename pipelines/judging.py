@@ -137,6 +137,11 @@ class JudgeIdentity:
         return cls(judge, template, _digest(template, shape), _digest(params))
 
     @property
+    def cache_id(self) -> tuple[str, str, str]:
+        """What identifies this judge's rows in ``judgments``."""
+        return (self.judge.model, self.template_hash, self.params_hash)
+
+    @property
     def key(self) -> str:
         """The judge's key in ``verdicts``: its identity and its number of samples."""
         return _digest(
@@ -246,9 +251,8 @@ def parse_logprobs(generation: Generation) -> Choice:
         raise ValueError("no_logprobs: the backend returned no log-probabilities")
     mass = dict.fromkeys(("A", "B", "tie"), 0.0)
     for token, logprob in generation.first_logprobs.items():
-        choice = _WINNERS.get(token.strip().lower()) if token.strip() in ("A", "B", "tie") else None
-        if choice:
-            mass[choice] += float(np.exp(logprob))
+        if token.strip() in mass:
+            mass[token.strip()] += float(np.exp(logprob))
     if mass["A"] + mass["B"] == 0:
         raise ValueError(
             "choice_tokens_missing: neither A nor B among the first token's top "
@@ -489,10 +493,7 @@ def panel_key(config: JudgingConfig) -> str:
 def verdict_rows(judgments: pa.Table, config: JudgingConfig, run_id: str) -> pa.Table:
     """``verdicts`` rows (one per judge and one per panel) for every pair in ``judgments``
     (the rows of the configured judges, up to their ``samples_per_order``)."""
-    identities = {
-        (i.judge.model, i.template_hash, i.params_hash): i
-        for i in map(JudgeIdentity.of, config.judges)
-    }
+    identities = {i.cache_id: i for i in map(JudgeIdentity.of, config.judges)}
     grouped: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -666,6 +667,14 @@ def judge_pairs(
     """Judge the selected pairs with every configured judge (only missing judgments), then
     write the verdicts of those pairs."""
     started = time.perf_counter()
+    seen: dict[tuple[str, str, str], str] = {}
+    for identity in map(JudgeIdentity.of, config.judges):
+        other = seen.setdefault(identity.cache_id, identity.judge.name)
+        if other != identity.judge.name:
+            raise ValueError(
+                f"judges {other} and {identity.judge.name} have the same model, template and "
+                "sampling parameters: they would share their judgments; make them one judge"
+            )
     pairs_version = lake.version(PAIRS.name)
     selected = select_pairs(lake, pairs_version, where, limit)
     progress(f"[judge] {selected.num_rows:,} pairs selected, {len(config.judges)} judges")

@@ -310,6 +310,42 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     assert "invalid" not in again["verdict_counts"]
 
 
+def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, server):
+    ingest_real(config)
+    config.judging.judges = [
+        JudgeConfig(name="sampled", backend="openai", base_url=f"{server}/v1", model="smollm2",
+                    api_key_env=None, samples_per_order=2, temperature=0.7, num_cpus=0.5)
+    ]
+    result = run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
+    assert sorted((r["ordering"], r["sample"]) for r in rows) == [
+        ("AB", 0), ("AB", 1), ("BA", 0), ("BA", 1)
+    ]
+    verdict = lake.read("verdicts", where="level = 'judge'").to_pylist()[0]
+    assert verdict["votes"] + verdict["invalid"] == 4
+    assert result["judges"][0]["judged"] == 4
+
+
+def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
+    from pipelines.config import ConfigError, load_config
+
+    ingest_real(config)
+    with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
+        run_judge(config, where="no_such_column = 1", **QUIET)
+    config.judging.judges = [JudgeConfig(actors=2)]
+    with pytest.raises(ValueError, match="takes all 2 CPUs"):
+        run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    config.judging.judges = [JudgeConfig(name="a"), JudgeConfig(name="b")]
+    with pytest.raises(ValueError, match="judges a and b have the same model"):
+        run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    with pytest.raises(ConfigError, match="samples_per_order > 1 needs temperature > 0"):
+        load_config(None, {"judging": {"judges": [{"samples_per_order": 3}]}})
+    with pytest.raises(ConfigError, match="few_shot > 0 needs judging.gold.where"):
+        load_config(None, {"judging": {"judges": [{"few_shot": 2}]}})
+    with pytest.raises(ConfigError, match="judge names must be unique"):
+        load_config(None, {"judging": {"judges": [{"name": "a"}, {"name": "a"}]}})
+
+
 # ------------------------------------------------------------------ attributes
 
 
