@@ -1,6 +1,6 @@
 """LLM judging throughput: `synpref judge` vs the same model driven directly by its engine.
 
-    python benchmarks/judge_bench.py --pairs 32
+    python benchmarks/judge_bench.py --pairs 16 --batch-size 8
 
 Both judge the same JudgeBench pairs (the ``--pairs`` with the smallest pair_id, as
 ``synpref judge --limit`` picks them), in both orders, with the same prompts (the
@@ -46,12 +46,13 @@ WHERE = "source = 'judgebench'"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per Ray Data batch")
     args = parser.parse_args()
 
     work = OUT / "judge-bench"
     shutil.rmtree(work, ignore_errors=True)
-    judge = JudgeConfig(actors=2, num_cpus=0.5)
+    judge = JudgeConfig(actors=2, num_cpus=0.5, batch_size=args.batch_size)
     config = load_config(
         None,
         {
@@ -109,6 +110,7 @@ def main() -> None:
             "pairs_per_s": n / engine_seconds,
             "output_tokens_per_s": engine_output / engine_seconds,
         },
+        "batch_size": args.batch_size,
         "quality": summary["quality"],
     }
     results["ratio"] = results["synpref"]["pairs_per_s"] / results["engine"]["pairs_per_s"]

@@ -861,19 +861,15 @@ def judge_quality(
     judgments: pa.Table, verdicts: pa.Table, lengths: pa.Table
 ) -> dict[str, dict[str, float]]:
     """Per judge, over the judged pairs: verdict rates against the pairs' labels (gold or
-    original), the JudgeBench accuracy rule, invalid answers, length bias, and cost.
+    original), accuracies, invalid answers, length bias, and cost (NaN where undefined).
 
     ``lengths``: (source, pair_id, chosen_chars, rejected_chars) of the pairs.
     """
-    size = {
-        (s, p): (c, r)
-        for s, p, c, r in zip(
-            *(
-                lengths[k].to_pylist()
-                for k in ("source", "pair_id", "chosen_chars", "rejected_chars")
-            ),
-            strict=True,
-        )
+    columns = ("source", "pair_id", "chosen_chars", "rejected_chars")
+    chosen_longer = {
+        (s, p): c > r
+        for s, p, c, r in zip(*(lengths[k].to_pylist() for k in columns), strict=True)
+        if c != r
     }
     quality: dict[str, dict[str, float]] = {}
     judge_rows = verdicts.filter(pc.equal(verdicts["level"], "judge"))
@@ -883,17 +879,12 @@ def judge_quality(
         counts = Counter(mine["verdict"].to_pylist())
         n = max(mine.num_rows, 1)
         valid = [r for r in rows if r["valid"]]
-        decided = [
-            r
-            for r in valid
-            if r["preference"] != "tie"
-            and size[(r["source"], r["pair_id"])][0] != size[(r["source"], r["pair_id"])][1]
-        ]
         longer_won = [
-            (r["preference"] == "chosen")
-            == (size[(r["source"], r["pair_id"])][0] > size[(r["source"], r["pair_id"])][1])
-            for r in decided
+            (r["preference"] == "chosen") == chosen_longer[(r["source"], r["pair_id"])]
+            for r in valid
+            if r["preference"] != "tie" and (r["source"], r["pair_id"]) in chosen_longer
         ]
+        p_chosen = [p for p in mine["p_chosen"].to_pylist() if p is not None]
         quality[name] = {
             "pairs": float(mine.num_rows),
             "agree_rate": counts["agree"] / n,
@@ -902,20 +893,19 @@ def judge_quality(
             "flip_rate": counts["inconsistent"] / n,
             "invalid_verdict_rate": counts["invalid"] / n,
             "judgebench_accuracy": _judgebench_accuracy(valid, mine.num_rows),
+            "debiased_accuracy": _mean([p > 0.5 for p in p_chosen]),
             "invalid_rate": (len(rows) - len(valid)) / max(len(rows), 1),
-            "longer_wins_rate": float(np.mean(longer_won)) if longer_won else float("nan"),
-            "chosen_longer_rate": float(np.mean([c > r for c, r in size.values()]))
-            if size
-            else float("nan"),
-            "prompt_tokens_per_judgment": float(np.mean([r["prompt_tokens"] for r in rows]))
-            if rows
-            else 0.0,
-            "output_tokens_per_judgment": float(np.mean([r["output_tokens"] for r in rows]))
-            if rows
-            else 0.0,
-            "seconds_per_judgment": float(np.mean([r["seconds"] for r in rows])) if rows else 0.0,
+            "longer_wins_rate": _mean(longer_won),
+            "chosen_longer_rate": _mean(list(chosen_longer.values())),
+            "prompt_tokens_per_judgment": _mean([r["prompt_tokens"] for r in rows]),
+            "output_tokens_per_judgment": _mean([r["output_tokens"] for r in rows]),
+            "seconds_per_judgment": _mean([r["seconds"] for r in rows]),
         }
     return quality
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
 
 
 def _judgebench_accuracy(valid: Sequence[dict[str, Any]], pairs: int) -> float:
