@@ -377,7 +377,7 @@ def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
 def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     ingest_real(config)
     config.judging.annotator = LLMConfig(max_tokens=160, max_retries=1, num_cpus=0.5)
-    where = f"{HH_SHORT} AND pair_id < '01'"
+    where = f"{HH_SHORT} AND pair_id < '02'"
     first = run_annotate(config, where=where, **QUIET)
     assert first["annotated"] == first["selected"] == lake.count("pairs", where=where) >= 2
     rows = lake.read("attributes").to_pylist()
