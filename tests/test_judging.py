@@ -172,6 +172,7 @@ def test_gold_retrieval_ranks_by_similarity_and_never_returns_the_pair_itself():
 # ------------------------------------------------------------------ hf backend, whole job
 
 
+@pytest.mark.slow
 def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
     config, lake, ray_cluster
 ):
@@ -286,6 +287,7 @@ def test_openai_backend_sends_the_key_from_the_environment_only(openai_server, m
     assert API_KEY not in repr(backend.config) and API_KEY not in str(backend.config.model_dump())
 
 
+@pytest.mark.slow
 def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     config, lake, ray_cluster, server
 ):
@@ -310,6 +312,7 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     assert "invalid" not in again["verdict_counts"]
 
 
+@pytest.mark.slow
 def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, server):
     ingest_real(config)
     config.judging.judges = [
@@ -374,6 +377,7 @@ def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
     assert "Task category: Coding & Debugging" in prompt[1]["content"]
 
 
+@pytest.mark.slow
 def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     ingest_real(config)
     config.judging.annotator = LLMConfig(max_tokens=160, max_retries=1, num_cpus=0.5)
@@ -425,6 +429,26 @@ def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
     for ours, theirs in zip(served, direct, strict=True):
         assert parse_logprobs(ours).winner == parse_logprobs(theirs).winner
         assert parse_logprobs(ours).p_a == pytest.approx(parse_logprobs(theirs).p_a, abs=0.1)
+
+
+@pytest.mark.slow
+def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, tmp_path):
+    pytest.importorskip(
+        "vllm",
+        reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
+    )
+    ingest_real(config)
+    config.judging.judges = [
+        JudgeConfig(name="vllm-smol", backend="vllm", model=smollm2_folder(tmp_path),
+                    gpu_memory_utilization=0.4, max_model_len=2048, max_prompt_tokens=2000)
+    ]
+    where = f"{HH_SHORT} AND pair_id < '02'"
+    first = run_judge(config, where=where, **QUIET)
+    assert first["judges"][0]["judged"] == 2 * first["selected"] >= 4
+    rows = lake.read("judgments").to_pylist()
+    assert all(r["valid"] and r["output_tokens"] == 1 for r in rows)
+    again = run_judge(config, where=where, **QUIET)
+    assert again["judges"][0]["judged"] == 0
 
 
 def smollm2_folder(folder: Path) -> str:
