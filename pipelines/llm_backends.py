@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from pipelines.config import DEFAULT_JUDGE_MODEL, LLMConfig
 from pipelines.reward_model import _length_batches
@@ -74,6 +76,14 @@ def resolve_llm(model: str) -> tuple[str, dict[str, Any]]:
     return model, {}
 
 
+def top_logprobs(tokens: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Token text -> logprob; distinct token ids that decode to the same text add up."""
+    merged: dict[str, float] = {}
+    for text, logprob in tokens:
+        merged[text] = float(np.logaddexp(merged[text], logprob)) if text in merged else logprob
+    return merged
+
+
 def split_prefill(messages: Sequence[Message]) -> tuple[list[Message], str | None]:
     """(conversation, prefilled answer or None)."""
     if messages and messages[-1]["role"] == "assistant":
@@ -107,8 +117,6 @@ class HFBackend:
         self.batch_tokens = config.batch_tokens
 
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
-        import numpy as np
-
         texts = [render_prompt(self.tokenizer, p) for p in prompts]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         lengths = np.array([len(ids) for ids in encoded], np.int64)
@@ -157,7 +165,10 @@ class HFBackend:
         if sampling.logprobs:
             top = torch.log_softmax(out.logits[0].float(), dim=-1).topk(TOP_LOGPROBS, dim=-1)
             firsts = [
-                {self.tokenizer.decode([int(i)]): float(v) for v, i in zip(vs, ids, strict=True)}
+                top_logprobs(
+                    (self.tokenizer.decode([int(i)]), float(v))
+                    for v, i in zip(vs, ids, strict=True)
+                )
                 for vs, ids in zip(top.values.cpu(), top.indices.cpu(), strict=True)
             ]
         generations = []
@@ -304,7 +315,9 @@ class VLLMBackend:
             completion = output.outputs[0]
             firsts = None
             if sampling.logprobs and completion.logprobs:
-                firsts = {lp.decoded_token: lp.logprob for lp in completion.logprobs[0].values()}
+                firsts = top_logprobs(
+                    (lp.decoded_token, lp.logprob) for lp in completion.logprobs[0].values()
+                )
             results[i] = Generation(
                 text=completion.text,
                 first_logprobs=firsts,
