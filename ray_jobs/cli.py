@@ -7,12 +7,14 @@ from typing import Any
 import click
 
 from ray_jobs import (
+    annotate,
     decontaminate,
     dedup,
     demo,
     evaluate,
     generate,
     ingest,
+    judge,
     lake_tables,
     score,
     serve,
@@ -42,6 +44,8 @@ cli.add_command(generate.command)
 cli.add_command(dedup.command)
 cli.add_command(decontaminate.command)
 cli.add_command(score.command)
+cli.add_command(annotate.command)
+cli.add_command(judge.command)
 cli.add_command(evaluate.command)
 cli.add_command(serve.command)
 cli.add_command(train.command)

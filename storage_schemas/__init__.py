@@ -6,9 +6,9 @@ Schema version history (bump ``SCHEMA_VERSION`` and add a line on any change):
 - 2: ``dedup_clusters``, ``conflicts``, ``contamination``, ``minhash_signatures``,
   ``curation_status`` (hygiene).
 - 3: ``rm_scores`` (batch scoring with reward models).
+- 4: ``judgments``, ``verdicts``, ``attributes`` (LLM judging and attribute annotation).
 
-Later capabilities register their tables here the same way (``dedup_clusters``,
-``contamination``, ``attributes``, ``judgments``, ``labels``, ``rm_scores``, ``curated_sets``).
+Later capabilities register their tables here the same way (``labels``, ``curated_sets``).
 Hash columns are hex strings: Delta has no unsigned integer types.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MESSAGE = pa.struct(
     [
@@ -289,6 +289,159 @@ RM_SCORES = TableSpec(
     constraints={"p_is_probability": "p >= 0 AND p <= 1"},
 )
 
+JUDGE_ORDERS = ("AB", "BA")
+"""AB: chosen shown as response A; BA: chosen shown as response B."""
+JUDGE_WINNERS = ("A", "B", "tie")
+PREFERENCES = ("chosen", "rejected", "tie")
+
+JUDGMENTS = TableSpec(
+    name="judgments",
+    description=(
+        "One LLM judgment of a pair in one order (one sample): the judgment cache. Keyed by the "
+        "pair, the judge model, the prompt template hash, the sampling parameters, the order and "
+        "the sample index, so a re-run only judges what is missing. Invalid answers are rows too."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("template_hash", pa.string(), nullable=False),
+            pa.field("params_hash", pa.string(), nullable=False),
+            pa.field("ordering", pa.string(), nullable=False),
+            pa.field("sample", pa.int32(), nullable=False),
+            pa.field("judge", pa.string(), nullable=False),
+            pa.field("template", pa.string(), nullable=False),
+            pa.field("valid", pa.bool_(), nullable=False),
+            pa.field("invalid_reason", pa.string(), nullable=True),
+            pa.field("winner", pa.string(), nullable=True),
+            pa.field("preference", pa.string(), nullable=True),
+            pa.field("p_chosen", pa.float64(), nullable=True),
+            pa.field("output", pa.string(), nullable=False),
+            pa.field("examples", pa.list_(pa.string()), nullable=False),
+            pa.field("attempts", pa.int32(), nullable=False),
+            pa.field("prompt_tokens", pa.int64(), nullable=False),
+            pa.field("output_tokens", pa.int64(), nullable=False),
+            pa.field("seconds", pa.float64(), nullable=False),
+            pa.field("judge_run_id", pa.string(), nullable=False),
+            pa.field("judged_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("source", "pair_id", "model", "template_hash", "params_hash", "ordering", "sample"),
+    partition_by=("source",),
+    constraints={
+        "ordering_known": f"ordering IN ({_sql_list(JUDGE_ORDERS)})",
+        "valid_has_winner": (
+            f"(valid AND winner IN ({_sql_list(JUDGE_WINNERS)}) AND invalid_reason IS NULL) OR "
+            "(NOT valid AND winner IS NULL AND invalid_reason IS NOT NULL)"
+        ),
+        "p_is_probability": "p_chosen IS NULL OR (p_chosen >= 0 AND p_chosen <= 1)",
+    },
+)
+
+VERDICT_LEVELS = ("judge", "panel")
+VERDICTS_KNOWN = ("agree", "disagree", "tie", "inconsistent", "invalid")
+"""agree: the label stands; disagree: it should flip; tie: neither is better; inconsistent: the
+verdict changed with the order (or the judges split); invalid: too few valid judgments."""
+
+VERDICTS = TableSpec(
+    name="verdicts",
+    description=(
+        "Aggregated LLM verdicts on pairs: one row per judge (over its samples and both orders) "
+        "and one per panel (across judges, under an aggregation policy), with a confidence."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("judge_key", pa.string(), nullable=False),
+            pa.field("level", pa.string(), nullable=False),
+            pa.field("judge", pa.string(), nullable=False),
+            pa.field("verdict", pa.string(), nullable=False),
+            pa.field("confidence", pa.float64(), nullable=False),
+            pa.field("p_chosen", pa.float64(), nullable=True),
+            pa.field("votes", pa.int32(), nullable=False),
+            pa.field("invalid", pa.int32(), nullable=False),
+            pa.field("detail", pa.string(), nullable=False),
+            pa.field("verdict_run_id", pa.string(), nullable=False),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("source", "pair_id", "judge_key"),
+    partition_by=("source",),
+    constraints={
+        "level_known": f"level IN ({_sql_list(VERDICT_LEVELS)})",
+        "verdict_known": f"verdict IN ({_sql_list(VERDICTS_KNOWN)})",
+        "confidence_is_probability": "confidence >= 0 AND confidence <= 1",
+    },
+)
+
+TASK_CATEGORIES = (
+    "Information seeking",
+    "Reasoning",
+    "Planning",
+    "Editing",
+    "Coding & Debugging",
+    "Math",
+    "Role playing",
+    "Data analysis",
+    "Creative writing",
+    "Advice seeking",
+    "Brainstorming",
+    "Others",
+)
+"""The Magpie task taxonomy."""
+OBJECTIVITY = ("objective", "subjective")
+CONTROVERSIALITY = ("low", "medium", "high")
+
+ATTRIBUTES = TableSpec(
+    name="attributes",
+    description=(
+        "The preference attributes of a pair written by an LLM (task category, objectivity, "
+        "controversiality, desired attributes, instance-specific guideline), validated against "
+        "a schema; answers still invalid after retries are rows with the reason."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("annotator_key", pa.string(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("template", pa.string(), nullable=False),
+            pa.field("template_hash", pa.string(), nullable=False),
+            pa.field("valid", pa.bool_(), nullable=False),
+            pa.field("invalid_reason", pa.string(), nullable=True),
+            pa.field("task_category", pa.string(), nullable=True),
+            pa.field("objectivity", pa.string(), nullable=True),
+            pa.field("controversiality", pa.string(), nullable=True),
+            pa.field("desired_attributes", pa.list_(pa.string()), nullable=True),
+            pa.field("guideline", pa.string(), nullable=True),
+            pa.field("output", pa.string(), nullable=False),
+            pa.field("attempts", pa.int32(), nullable=False),
+            pa.field("prompt_tokens", pa.int64(), nullable=False),
+            pa.field("output_tokens", pa.int64(), nullable=False),
+            pa.field("annotate_run_id", pa.string(), nullable=False),
+            pa.field("annotated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("source", "pair_id", "annotator_key"),
+    partition_by=("source",),
+    constraints={
+        "valid_is_complete": (
+            "(valid AND invalid_reason IS NULL AND task_category IS NOT NULL AND "
+            "objectivity IS NOT NULL AND controversiality IS NOT NULL AND guideline IS NOT NULL) "
+            "OR (NOT valid AND invalid_reason IS NOT NULL)"
+        ),
+        "task_category_known": (
+            f"task_category IS NULL OR task_category IN ({_sql_list(TASK_CATEGORIES)})"
+        ),
+        "objectivity_known": f"objectivity IS NULL OR objectivity IN ({_sql_list(OBJECTIVITY)})",
+        "controversiality_known": (
+            f"controversiality IS NULL OR controversiality IN ({_sql_list(CONTROVERSIALITY)})"
+        ),
+    },
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -300,6 +453,9 @@ TABLES: dict[str, TableSpec] = {
         MINHASH_SIGNATURES,
         CURATION_STATUS,
         RM_SCORES,
+        JUDGMENTS,
+        VERDICTS,
+        ATTRIBUTES,
     )
 }
 

@@ -34,7 +34,7 @@ def test_help_lists_the_commands():
         check=True,
         cwd=REPO,
     ).stdout
-    for command in ("ingest", "tables", "history", "demo", "generate"):
+    for command in ("ingest", "tables", "history", "demo", "generate", "judge", "annotate"):
         assert command in out
 
 

@@ -1,0 +1,106 @@
+"""Retrieval of similar pairs by embedding: gold few-shot examples for the judges.
+
+The paper prompts its judges with up to 8 gold (human-verified) pairs similar to the judged one;
+its curation loop retrieves, the other way round, unverified pairs similar to each gold pair.
+Both are "the k nearest pairs of one set to each pair of another", so one small index serves
+both: ``SimilarityIndex`` holds normalised sentence-transformers embeddings of the prompts
+(``prompt_text`` of the history, the text the paper retrieves on) and returns the nearest keys
+by cosine, never the query pair itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.lake import Lake
+from pipelines.prompt_groups import prompt_text, resolve_model
+from storage_schemas import PAIRS
+
+
+class Embedder:
+    """A sentence-transformers model (offline MiniLM by default), normalised embeddings."""
+
+    def __init__(self, model: str, batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(resolve_model(model), device="cpu")
+        self.batch_size = batch_size
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SimilarityIndex:
+    """Pairs (their rows, with ``pair_id``) and their prompt embeddings, for nearest lookups.
+
+    Exact search (one matrix product): gold sets are thousands of pairs; a corpus-sized index
+    would shard the rows over Ray Data blocks the same way.
+    """
+
+    rows: list[dict[str, Any]]
+    vectors: np.ndarray
+
+    def nearest(self, queries: np.ndarray, k: int, exclude: Sequence[str] = ()) -> list[list[int]]:
+        """Per query, the positions of the ``k`` most similar rows (most similar first),
+        skipping the row whose ``pair_id`` is the query's entry in ``exclude``."""
+        if not self.rows or k == 0:
+            return [[] for _ in range(len(queries))]
+        scores = queries @ self.vectors.T
+        ids = [r["pair_id"] for r in self.rows]
+        result = []
+        for row, ranked in enumerate(np.argsort(-scores, axis=1, kind="stable")):
+            skip = exclude[row] if row < len(exclude) else None
+            result.append([int(j) for j in ranked[: k + 1] if ids[j] != skip][:k])
+        return result
+
+
+def build_index(
+    lake: Lake,
+    where: str,
+    embedder: Embedder,
+    attributes: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> SimilarityIndex:
+    """The pairs matching ``where`` (SQL on ``pairs``) with their prompt embeddings, each with
+    its ``attributes`` (keyed by (source, pair_id)) when given."""
+    table = lake.read(
+        PAIRS.name, None, ["source", "pair_id", "history", "chosen", "rejected"], where
+    ).sort_by([("pair_id", "ascending"), ("source", "ascending")])
+    rows = table.to_pylist()
+    for row in rows:
+        row["attributes"] = (attributes or {}).get((row["source"], row["pair_id"]))
+    vectors = embedder([prompt_text(r["history"]) for r in rows]) if rows else np.empty((0, 0))
+    return SimilarityIndex(rows, vectors)
+
+
+class NearestGold:
+    """Ray Data actor: adds ``examples`` (gold pair ids) and ``example_rows`` (their content, as
+    JSON) to a batch of pairs, the ``k`` gold pairs most similar to each."""
+
+    def __init__(self, index: SimilarityIndex, embedder: str, k: int) -> None:
+        self.index, self.k = index, k
+        self.embed = Embedder(embedder)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import orjson
+
+        queries = self.embed([prompt_text(h) for h in batch["history"].to_pylist()])
+        nearest = self.index.nearest(queries, self.k, batch["pair_id"].to_pylist())
+        rows = self.index.rows
+        return batch.append_column(
+            "examples",
+            pa.array([[rows[j]["pair_id"] for j in n] for n in nearest], pa.list_(pa.string())),
+        ).append_column(
+            "example_rows",
+            pa.array([orjson.dumps([rows[j] for j in n]).decode() for n in nearest], pa.string()),
+        )

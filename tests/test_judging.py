@@ -1,0 +1,469 @@
+"""LLM judging with the real offline SmolLM2 on real JudgeBench and HH pairs: both orders, the
+judgment cache, invalid answers, verdicts, gold few-shot examples, and the OpenAI-compatible
+backend against a real server on the loopback (429, 500 and timeouts injected)."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from pipelines.attributes import ATTRIBUTE_FIELDS, Attributes, parse_attributes
+from pipelines.config import JudgeConfig, LLMConfig
+from pipelines.ingest import IngestRequest
+from pipelines.judging import (
+    Choice,
+    JudgeIdentity,
+    judge_prompt,
+    judge_verdict,
+    panel_verdict,
+    parse_logprobs,
+    parse_structured,
+    preference,
+)
+from pipelines.llm_backends import Generation, HFBackend, OpenAIBackend, Sampling
+from pipelines.retrieval import SimilarityIndex
+from ray_jobs.annotate import run_annotate
+from ray_jobs.ingest import run_ingest
+from ray_jobs.judge import run_judge
+from storage_schemas import TASK_CATEGORIES
+from tests.conftest import HH_HARMLESS, JUDGEBENCH, shared_data
+
+QUIET = {"report": lambda _: None}
+SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
+JUDGEBENCH_SHORT = f"source = 'judgebench' AND {SHORT.format(n=1500)}"
+HH_SHORT = f"source = 'hh' AND {SHORT.format(n=400)}"
+API_KEY = "sk-test-loopback"
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def hf_backend():
+    """SmolLM2 through transformers, loaded once for the session."""
+    return HFBackend(LLMConfig(max_prompt_tokens=2048))
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("openai_server.py")), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("the test OpenAI server did not start")
+        time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def server(openai_server):
+    """The session's server with no queued faults and zeroed counters."""
+    httpx.post(f"{openai_server}/stats/reset")
+    return openai_server
+
+
+def faults(url: str, *queued: dict) -> None:
+    httpx.post(f"{url}/faults", json={"faults": list(queued)})
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/stats").json()
+
+
+def ingest_real(config) -> None:
+    run_ingest(config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **QUIET)
+    run_ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh"), **QUIET)
+
+
+# ------------------------------------------------------------------ pure rules
+
+
+def test_structured_answers_are_parsed_or_rejected_with_a_reason():
+    assert parse_structured(Generation('Sure. {"winner": "B"} because')).winner == "B"
+    assert parse_structured(Generation('{"winner": "Tie"}')).winner == "tie"
+    with pytest.raises(ValueError, match="unparseable: no"):
+        parse_structured(Generation("Response A is better."))
+    with pytest.raises(ValueError, match='winner must be "A", "B" or "tie"'):
+        parse_structured(Generation('{"winner": "both"}'))
+
+
+def test_logprob_verdicts_use_the_choice_tokens_only():
+    choice = parse_logprobs(Generation("A", {"A": math.log(0.6), "B": math.log(0.2), "x": -0.1}))
+    assert choice.winner == "A" and choice.p_a == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="choice_tokens_missing"):
+        parse_logprobs(Generation("x", {"x": -0.1, "winner": -2.0}))
+    with pytest.raises(ValueError, match="no_logprobs"):
+        parse_logprobs(Generation("A"))
+    # In order BA the chosen response is B: winner B means the label stands.
+    assert preference("BA", Choice("B", 0.2)) == ("chosen", pytest.approx(0.8))
+    assert preference("AB", Choice("B", None)) == ("rejected", 0.0)
+
+
+def _judgment(ordering, pref, p=None, valid=True):
+    p = {"chosen": 1.0, "rejected": 0.0, "tie": 0.5}[pref] if p is None else p
+    return {"ordering": ordering, "preference": pref, "p_chosen": p, "valid": valid}
+
+
+def test_verdicts_within_a_judge_need_both_orders_to_agree():
+    agree = judge_verdict([_judgment("AB", "chosen", 0.9), _judgment("BA", "chosen", 0.7)])
+    assert (agree.verdict, agree.confidence) == ("agree", pytest.approx(0.8))
+    flip = judge_verdict([_judgment("AB", "rejected", 0.2), _judgment("BA", "rejected", 0.4)])
+    assert (flip.verdict, flip.confidence) == ("disagree", pytest.approx(0.7))
+    position = judge_verdict([_judgment("AB", "chosen", 0.9), _judgment("BA", "rejected", 0.1)])
+    assert (position.verdict, position.confidence) == ("inconsistent", pytest.approx(0.8))
+    assert judge_verdict([_judgment("AB", "tie"), _judgment("BA", "tie")]).verdict == "tie"
+    samples = [_judgment("AB", "chosen"), _judgment("AB", "chosen"), _judgment("AB", "rejected"),
+               _judgment("BA", "chosen"), _judgment("BA", "chosen"), _judgment("BA", "chosen")]
+    assert judge_verdict(samples).verdict == "agree", "majority of the samples of each order"
+    one_order = judge_verdict([_judgment("AB", "chosen"), _judgment("BA", None, 0, valid=False)])
+    assert (one_order.verdict, one_order.invalid) == ("invalid", 1)
+    assert "no valid judgment in order BA" in one_order.detail
+
+
+def test_panel_policies():
+    agree = judge_verdict([_judgment("AB", "chosen"), _judgment("BA", "chosen")])
+    disagree = judge_verdict([_judgment("AB", "rejected"), _judgment("BA", "rejected")])
+    invalid = judge_verdict([])
+    two_one = [(agree, 1.0), (agree, 1.0), (disagree, 3.0)]
+    assert panel_verdict(two_one, "majority", 1).verdict == "agree"
+    assert panel_verdict(two_one, "unanimity", 1).verdict == "inconsistent"
+    assert panel_verdict(two_one, "weighted", 1).verdict == "disagree"
+    split = panel_verdict([(agree, 1.0), (disagree, 1.0)], "majority", 1)
+    assert split.verdict == "inconsistent" and "judges split" in split.detail
+    assert panel_verdict([(agree, 1.0), (invalid, 1.0)], "majority", 2).verdict == "invalid"
+
+
+def test_gold_retrieval_ranks_by_similarity_and_never_returns_the_pair_itself():
+    import numpy as np
+
+    vectors = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = SimilarityIndex([{"pair_id": p} for p in ("g0", "g1", "g2")], vectors)
+    assert index.nearest(vectors[:1], 2, exclude=["g0"]) == [[1, 2]]
+    assert index.nearest(vectors[2:], 1) == [[2]]
+
+
+# ------------------------------------------------------------------ hf backend, whole job
+
+
+@pytest.mark.slow
+def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
+    config, lake, ray_cluster
+):
+    ingest_real(config)
+    logprob = JudgeConfig(name="smol-logprobs", num_cpus=0.5, few_shot=2)
+    structured = JudgeConfig(
+        name="smol-json", verdict="structured", max_tokens=16, max_retries=1,
+        max_prompt_tokens=560, num_cpus=0.5,
+    )
+    config.judging.judges = [logprob, structured]
+    config.judging.gold.where = HH_SHORT
+    where = f"({JUDGEBENCH_SHORT}) OR ({HH_SHORT} AND pair_id < '01')"
+    first = run_judge(config, where=where, **QUIET)
+    pairs = first["selected"]
+    assert pairs == lake.count("pairs", where=where) >= 3
+    assert {r["source"] for r in lake.read("judgments", columns=["source"]).to_pylist()} == {"judgebench", "hh"}
+
+    rows = lake.read("judgments").to_pylist()
+    assert len(rows) == pairs * 2 * 2, "every pair, both orders, both judges"
+    for judge in ("smol-logprobs", "smol-json"):
+        mine = [r for r in rows if r["judge"] == judge]
+        assert {(r["pair_id"], r["ordering"]) for r in mine} == {
+            (p, o) for p in {r["pair_id"] for r in mine} for o in ("AB", "BA")
+        }
+    for r in rows:
+        assert r["valid"] == (r["invalid_reason"] is None) == (r["winner"] is not None)
+        if r["judge"] == "smol-logprobs":
+            assert r["valid"], r["invalid_reason"]
+            assert 0 <= r["p_chosen"] <= 1 and r["output_tokens"] == 1
+            assert len(r["examples"]) == 2 and r["pair_id"] not in r["examples"]
+        elif not r["valid"]:
+            assert r["invalid_reason"].split(":")[0] in {"unparseable", "prompt_too_long"}
+            assert r["invalid_reason"].startswith("prompt_too_long") or r["attempts"] == 2
+    assert any(r["invalid_reason"] and r["invalid_reason"].startswith("prompt_too_long") for r in rows)
+
+    verdicts = lake.read("verdicts").to_pylist()
+    assert len(verdicts) == pairs * 3, "two judges and the panel"
+    assert {v["level"] for v in verdicts} == {"judge", "panel"}
+    assert all(0 <= v["confidence"] <= 1 for v in verdicts)
+    quality = first["quality"]["smol-logprobs"]
+    assert quality["pairs"] == pairs
+    assert quality["agree_rate"] + quality["disagree_rate"] + quality["tie_rate"] + quality[
+        "flip_rate"
+    ] + quality["invalid_verdict_rate"] == pytest.approx(1)
+
+    versions = lake.version("judgments"), lake.version("verdicts")
+    again = run_judge(config, where=where, **QUIET)
+    assert [j["judged"] for j in again["judges"]] == [0, 0]
+    assert [j["cached"] for j in again["judges"]] == [pairs * 2, pairs * 2]
+    assert (lake.version("judgments"), lake.version("verdicts")) == versions, "no commit"
+    assert again["verdict_counts"] == first["verdict_counts"]
+
+    run = mlflow.get_run(first["run_id"])
+    assert run.data.metrics["smol-logprobs.judgments_new"] == pairs * 2
+    assert "smol-logprobs.flip_rate" in run.data.metrics
+    assert run.data.tags["synpref.judge.smol-json.template_hash"] == JudgeIdentity.of(structured).template_hash
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
+    assert {"judge_verdicts.png", "judge_p_chosen.png"} <= artifacts
+
+
+# ------------------------------------------------------------------ openai backend
+
+
+def _openai(url: str, **kwargs) -> OpenAIBackend:
+    options = {"backend": "openai", "base_url": f"{url}/v1", "model": "smollm2",
+               "api_key_env": None, "http_retries": 3, "timeout_s": 30}
+    return OpenAIBackend(LLMConfig(**(options | kwargs)))
+
+
+def test_openai_backend_answers_like_the_engine_it_serves(server, hf_backend):
+    identity = JudgeIdentity.of(JudgeConfig())
+    prompt = judge_prompt(identity, [{"role": "user", "content": "What is 2 + 2?"}], "4", "5", "BA")
+    sampling = identity.sampling(0)
+    direct = hf_backend.generate([prompt], sampling)[0]
+    served = _openai(server).generate([prompt], sampling)[0]
+    assert served.error is None
+    assert served.text == direct.text
+    best = max(direct.first_logprobs, key=direct.first_logprobs.get)
+    assert served.first_logprobs[best] == pytest.approx(direct.first_logprobs[best], abs=1e-3)
+
+
+def test_openai_backend_retries_429_500_and_timeouts_with_backoff(server, monkeypatch):
+    prompt = [{"role": "user", "content": "Say hello."}]
+    sampling = Sampling(max_tokens=4)
+    faults(server, {"status": 429}, {"status": 500}, {"status": 503})
+    assert _openai(server).generate([prompt], sampling)[0].error is None
+    assert stats(server)["requests"] == 4, "three failures retried, then the answer"
+
+    httpx.post(f"{server}/stats/reset")
+    faults(server, {"delay_s": 5})
+    started = time.monotonic()
+    answer = _openai(server, timeout_s=1.5).generate([prompt], sampling)[0]
+    assert answer.error is None and time.monotonic() - started < 5, "the slow request was abandoned"
+    assert stats(server)["requests"] == 2
+
+    httpx.post(f"{server}/stats/reset")
+    faults(server, *[{"status": 429}] * 3)
+    failed = _openai(server, http_retries=2).generate([prompt], sampling)[0]
+    assert failed.error.startswith("request_failed: HTTP 429")
+
+    faults(server, {"delay_s": 3})
+    slow = _openai(server, http_retries=0, timeout_s=1).generate([prompt], sampling)[0]
+    assert slow.error.startswith("request_failed: APITimeoutError")
+
+
+def test_openai_backend_sends_the_key_from_the_environment_only(openai_server, monkeypatch):
+    monkeypatch.delenv("SYNPREF_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$SYNPREF_TEST_KEY, which is not set"):
+        _openai(openai_server, api_key_env="SYNPREF_TEST_KEY")
+    monkeypatch.setenv("SYNPREF_TEST_KEY", API_KEY)
+    backend = _openai(openai_server, api_key_env="SYNPREF_TEST_KEY")
+    assert API_KEY not in repr(backend.config) and API_KEY not in str(backend.config.model_dump())
+
+
+@pytest.mark.slow
+def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
+    config, lake, ray_cluster, server
+):
+    ingest_real(config)
+    judge = JudgeConfig(name="served", backend="openai", base_url=f"{server}/v1", model="smollm2",
+                        api_key_env=None, http_retries=1, concurrency=1, num_cpus=0.5)
+    config.judging.judges = [judge]
+    # The first two requests fail twice each (with one retry): those judgments are recorded
+    # as failed requests, not guessed.
+    faults(server, *[{"status": 500}] * 4)
+    first = run_judge(config, where=HH_SHORT, limit=2, **QUIET)
+    rows = lake.read("judgments").to_pylist()
+    failed = [r for r in rows if not r["valid"]]
+    assert len(rows) == 4 and len(failed) == 2
+    assert all(r["invalid_reason"].startswith("request_failed: HTTP 500") for r in failed)
+    assert first["verdict_counts"].get("invalid", 0) >= 1
+
+    again = run_judge(config, where=HH_SHORT, limit=2, **QUIET)
+    assert again["judges"][0]["judged"] == 2 and again["judges"][0]["cached"] == 2
+    rows = lake.read("judgments").to_pylist()
+    assert len(rows) == 4 and all(r["valid"] for r in rows), "failed requests judged again"
+    assert "invalid" not in again["verdict_counts"]
+
+
+@pytest.mark.slow
+def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, server):
+    ingest_real(config)
+    config.judging.judges = [
+        JudgeConfig(name="sampled", backend="openai", base_url=f"{server}/v1", model="smollm2",
+                    api_key_env=None, samples_per_order=2, temperature=0.7, num_cpus=0.5)
+    ]
+    result = run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
+    assert sorted((r["ordering"], r["sample"]) for r in rows) == [
+        ("AB", 0), ("AB", 1), ("BA", 0), ("BA", 1)
+    ]
+    verdict = lake.read("verdicts", where="level = 'judge'").to_pylist()[0]
+    assert verdict["votes"] + verdict["invalid"] == 4
+    assert result["judges"][0]["judged"] == 4
+
+
+def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
+    from pipelines.config import ConfigError, load_config
+
+    ingest_real(config)
+    with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
+        run_judge(config, where="no_such_column = 1", **QUIET)
+    config.judging.judges = [JudgeConfig(actors=2)]
+    with pytest.raises(ValueError, match="takes all 2 CPUs"):
+        run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    config.judging.judges = [JudgeConfig(name="a"), JudgeConfig(name="b")]
+    with pytest.raises(ValueError, match="judges a and b have the same model"):
+        run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    with pytest.raises(ConfigError, match="samples_per_order > 1 needs temperature > 0"):
+        load_config(None, {"judging": {"judges": [{"samples_per_order": 3}]}})
+    with pytest.raises(ConfigError, match="few_shot > 0 needs judging.gold.where"):
+        load_config(None, {"judging": {"judges": [{"few_shot": 2}]}})
+    with pytest.raises(ConfigError, match="judge names must be unique"):
+        load_config(None, {"judging": {"judges": [{"name": "a"}, {"name": "a"}]}})
+
+
+# ------------------------------------------------------------------ attributes
+
+
+def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
+    good = {
+        "task_category": "coding and debugging",
+        "objectivity": "Objective",
+        "controversiality": "low",
+        "desired_attributes": ["correct", "concise"],
+        "guideline": "Prefer the response whose code runs and answers the question.",
+    }
+    fenced = Generation("Here you go:\n```json\n" + json.dumps(good) + "\n```")
+    attributes = parse_attributes(fenced)
+    assert (attributes.task_category, attributes.objectivity) == ("Coding & Debugging", "objective")
+    with pytest.raises(ValueError, match="schema: task_category"):
+        parse_attributes(Generation(json.dumps(good | {"task_category": "Cooking"})))
+    with pytest.raises(ValueError, match="schema: desired_attributes"):
+        parse_attributes(Generation(json.dumps(good | {"desired_attributes": []})))
+    with pytest.raises(ValueError, match="schema: object: Field required|schema: guideline"):
+        parse_attributes(Generation(json.dumps({k: v for k, v in good.items() if k != "guideline"})))
+    with pytest.raises(ValueError, match="unparseable"):
+        parse_attributes(Generation("I think this is a coding task."))
+    # Shown to a judge when configured.
+    identity = JudgeIdentity.of(JudgeConfig(show_attributes=True))
+    prompt = judge_prompt(identity, [{"role": "user", "content": "hi"}], "a", "b", "AB", (), attributes.model_dump())
+    assert "Task category: Coding & Debugging" in prompt[1]["content"]
+
+
+@pytest.mark.slow
+def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
+    ingest_real(config)
+    config.judging.annotator = LLMConfig(max_tokens=160, max_retries=1, num_cpus=0.5)
+    where = f"{HH_SHORT} AND pair_id < '02'"
+    first = run_annotate(config, where=where, **QUIET)
+    assert first["annotated"] == first["selected"] == lake.count("pairs", where=where) >= 2
+    rows = lake.read("attributes").to_pylist()
+    assert len(rows) == first["selected"]
+    for row in rows:
+        assert 1 <= row["attempts"] <= 2
+        if row["valid"]:
+            Attributes.model_validate({k: row[k] for k in ATTRIBUTE_FIELDS})
+        else:
+            assert row["invalid_reason"].split(":")[0] in {"unparseable", "schema"}
+            assert row["task_category"] is None or row["task_category"] in TASK_CATEGORIES
+    assert first["invalid"] == sum(not r["valid"] for r in rows)
+
+    version = lake.version("attributes")
+    again = run_annotate(config, where=where, **QUIET)
+    assert (again["annotated"], again["cached"]) == (0, first["selected"])
+    assert lake.version("attributes") == version
+
+
+# ------------------------------------------------------------------ vllm backend
+
+
+@pytest.mark.slow
+def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
+    pytest.importorskip(
+        "vllm",
+        reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
+    )
+    hf_backend = request.getfixturevalue("hf_backend")
+    from pipelines.llm_backends import VLLMBackend
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    folder = smollm2_folder(tmp_path)
+    engine = VLLMBackend(
+        LLMConfig(backend="vllm", model=folder, gpu_memory_utilization=0.4, max_model_len=2048)
+    )
+    identity = JudgeIdentity.of(JudgeConfig())
+    prompts = [
+        judge_prompt(identity, [{"role": "user", "content": "What is 2 + 2?"}], "4", "5", order)
+        for order in ("AB", "BA")
+    ]
+    served = engine.generate(prompts, identity.sampling(0))
+    direct = hf_backend.generate(prompts, identity.sampling(0))
+    for ours, theirs in zip(served, direct, strict=True):
+        assert parse_logprobs(ours).winner == parse_logprobs(theirs).winner
+        assert parse_logprobs(ours).p_a == pytest.approx(parse_logprobs(theirs).p_a, abs=0.1)
+
+
+@pytest.mark.slow
+def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, tmp_path):
+    pytest.importorskip(
+        "vllm",
+        reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
+    )
+    ingest_real(config)
+    config.judging.judges = [
+        JudgeConfig(name="vllm-smol", backend="vllm", model=smollm2_folder(tmp_path),
+                    gpu_memory_utilization=0.4, max_model_len=2048, max_prompt_tokens=2000)
+    ]
+    where = f"{HH_SHORT} AND pair_id < '02'"
+    first = run_judge(config, where=where, **QUIET)
+    assert first["judges"][0]["judged"] == 2 * first["selected"] >= 4
+    rows = lake.read("judgments").to_pylist()
+    assert all(r["valid"] and r["output_tokens"] == 1 for r in rows)
+    again = run_judge(config, where=where, **QUIET)
+    assert again["judges"][0]["judged"] == 0
+
+
+def smollm2_folder(folder: Path) -> str:
+    """SmolLM2 as a plain HF folder (vLLM's GGUF loader is experimental): a GGUF-loaded model
+    cannot save_pretrained, so it is rebuilt from its config and given the weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.llm_backends import resolve_llm
+
+    path, kwargs = resolve_llm(LLMConfig().model)
+    loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(folder)
+    return str(folder)
