@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +32,7 @@ import pyarrow.fs as pafs
 import ray
 from deltalake import write_deltalake
 
-from pipelines.config import IngestConfig
+from pipelines.config import IngestConfig, SynprefConfig, load_config
 from pipelines.ingest import IngestRequest, detect_file_format, ingest, normalise_batch
 from pipelines.lake import Lake
 from pipelines.preference_formats import Limits
@@ -40,6 +41,20 @@ from pipelines.synthetic import CorpusSpec, write_corpus
 from storage_schemas import PAIRS
 
 OUT = Path(__file__).resolve().parent / "out"
+
+
+def job_bench_config(name: str, **sections: dict[str, Any]) -> SynprefConfig:
+    """What a job benchmark starts from: an empty ``OUT/name`` holding its own lake and sqlite
+    MLflow store (plus ``sections`` of config), and a local 2-CPU Ray without progress bars."""
+    work = OUT / name
+    shutil.rmtree(work, ignore_errors=True)
+    tracking = {"uri": f"sqlite:///{work / 'mlruns.db'}", "artifact_location": str(work / "art")}
+    config = load_config(
+        None, {"lake": {"root": str(work / "lake")}, "tracking": tracking} | sections
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return config
 
 
 def corpus(pairs: int, shards: int) -> list[Path]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT
+from ingest_bench import OUT, job_bench_config
 
-from pipelines.config import JudgeConfig, load_config
+from pipelines.config import JudgeConfig
 from pipelines.ingest import IngestRequest
 from pipelines.judging import JudgeIdentity, judge_prompt
 from pipelines.lake import Lake
@@ -50,22 +49,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests per Ray Data batch")
     args = parser.parse_args()
 
-    work = OUT / "judge-bench"
-    shutil.rmtree(work, ignore_errors=True)
     judge = JudgeConfig(actors=2, num_cpus=0.5, batch_size=args.batch_size)
-    config = load_config(
-        None,
-        {
-            "lake": {"root": str(work / "lake")},
-            "tracking": {
-                "uri": f"sqlite:///{work / 'mlruns.db'}",
-                "artifact_location": str(work / "mlartifacts"),
-            },
-        },
-    )
+    config = job_bench_config("judge-bench")
     config.judging.judges = [judge]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     run_ingest(config, IngestRequest([str(JUDGEBENCH)], source="judgebench"), print)
 
     started = time.perf_counter()

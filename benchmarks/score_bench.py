@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,8 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT
+from ingest_bench import OUT, job_bench_config
 
-from pipelines.config import load_config
 from pipelines.ingest import IngestRequest
 from pipelines.lake import Lake
 from pipelines.reward_model import format_conversation, init_reward_model, pair_conversations
@@ -96,19 +94,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = reward_model()
-    work = OUT / "score-bench"
-    shutil.rmtree(work, ignore_errors=True)
-    overrides = {
-        "lake": {"root": str(work / "lake")},
-        "tracking": {
-            "uri": f"sqlite:///{work / 'mlruns.db'}",
-            "artifact_location": str(work / "mlartifacts"),
-        },
-        "scoring": {"max_length": args.max_length, "actors": 2, "num_cpus": 0.5, "batch_size": 256},
-    }
-    config = load_config(None, overrides)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    scoring = {"max_length": args.max_length, "actors": 2, "num_cpus": 0.5, "batch_size": 256}
+    config = job_bench_config("score-bench", scoring=scoring)
     run_ingest(config, IngestRequest([str(corpus(args.pairs))], source="bench"), print)
     lake = Lake(config.lake.root)
     pairs = lake.read("pairs", columns=["history", "chosen", "rejected"]).to_pylist()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -35,9 +34,8 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT
+from ingest_bench import OUT, job_bench_config
 
-from pipelines.config import load_config
 from pipelines.ingest import IngestRequest
 from pipelines.lake import Lake
 from pipelines.prompt_groups import DEFAULT_EMBEDDER, resolve_model
@@ -195,30 +193,19 @@ def main() -> None:
     args = parser.parse_args()
     backbone = resolve_model(args.backbone)
 
-    work = OUT / "train-bench"
-    shutil.rmtree(work, ignore_errors=True)
-    overrides = {
-        "lake": {"root": str(work / "lake")},
-        "tracking": {
-            "uri": f"sqlite:///{work / 'mlruns.db'}",
-            "artifact_location": str(work / "mlartifacts"),
-        },
-        "training": {
-            "backbone": backbone,
-            "max_length": args.max_length,
-            "global_batch": args.batch,
-            "micro_batch_tokens": args.micro_batch_tokens,
-            "learning_rate": LEARNING_RATE,
-            "workers": 2,
-            "checkpoint_every": 10**6,
-            "validate_every": 10**6,
-            "storage_path": str(work / "checkpoints"),
-            "register_as": None,
-        },
+    training = {
+        "backbone": backbone,
+        "max_length": args.max_length,
+        "global_batch": args.batch,
+        "micro_batch_tokens": args.micro_batch_tokens,
+        "learning_rate": LEARNING_RATE,
+        "workers": 2,
+        "checkpoint_every": 10**6,
+        "validate_every": 10**6,
+        "storage_path": str(OUT / "train-bench" / "checkpoints"),
+        "register_as": None,
     }
-    config = load_config(None, overrides)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = job_bench_config("train-bench", training=training)
     run_ingest(config, IngestRequest([str(HH)], source="hh"), print)
     lake = Lake(config.lake.root)
     keys = lake.read("pairs", columns=["pair_id"]).sort_by("pair_id")["pair_id"]
