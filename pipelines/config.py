@@ -239,6 +239,9 @@ class TrainingConfig(_Section):
     def _fsdp_needs_gpus(self) -> TrainingConfig:
         if self.strategy == "fsdp" and not self.use_gpu:
             raise ValueError("strategy fsdp needs use_gpu: true (Ray Train shards over GPUs)")
+        return self
+
+
 DEFAULT_JUDGE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
