@@ -322,6 +322,11 @@ class JudgeConfig(LLMConfig):
     def _samples_differ(self) -> JudgeConfig:
         if self.samples_per_order > 1 and self.temperature == 0:
             raise ValueError("samples_per_order > 1 needs temperature > 0 (greedy samples repeat)")
+        if self.samples_per_order > 1 and self.verdict == "logprobs":
+            raise ValueError(
+                "samples_per_order > 1 needs verdict: structured (logprob verdicts read the "
+                "choice probabilities before sampling, so every sample would be the same)"
+            )
         return self
 
 
@@ -359,6 +364,11 @@ class JudgingConfig(_Section):
         names = [j.name for j in self.judges]
         if len(set(names)) != len(names):
             raise ValueError(f"judge names must be unique, got {names}")
+        if self.aggregation.min_judges > len(self.judges):
+            raise ValueError(
+                f"aggregation.min_judges {self.aggregation.min_judges} is more than the "
+                f"{len(self.judges)} judge(s): every panel verdict would be invalid"
+            )
         if any(j.few_shot for j in self.judges) and not self.gold.where:
             raise ValueError("a judge with few_shot > 0 needs judging.gold.where (the gold pairs)")
         return self

@@ -398,10 +398,11 @@ _LABEL = {"chosen": "agree", "rejected": "disagree", "tie": "tie"}
 
 
 def _majority(prefs: Sequence[str]) -> str:
-    """The most frequent preference; a tie between the top two counts is ``tie``."""
+    """The most frequent preference; ``split`` when the top two are as frequent (the samples
+    disagree: that is not the judge calling a tie)."""
     counts = Counter(prefs).most_common()
     if len(counts) > 1 and counts[0][1] == counts[1][1]:
-        return "tie"
+        return "split"
     return counts[0][0]
 
 
@@ -424,7 +425,7 @@ def judge_verdict(judgments: Sequence[dict[str, Any]]) -> Verdict:
     p_order = {o: float(np.mean([j["p_chosen"] for j in js])) for o, js in by_order.items()}
     p_chosen = float(np.mean([j["p_chosen"] for j in valid]))
     detail = f"AB: {order_prefs['AB']}, BA: {order_prefs['BA']}"
-    if order_prefs["AB"] != order_prefs["BA"]:
+    if "split" in order_prefs.values() or order_prefs["AB"] != order_prefs["BA"]:
         return Verdict(
             "inconsistent",
             abs(p_order["AB"] - p_order["BA"]),
@@ -745,7 +746,7 @@ def judge_pairs(
         PAIRS.name, pairs_version, ["source", "pair_id", "chosen_chars", "rejected_chars"], where
     )
     lengths = _of_pairs(lengths, selected)
-    quality = judge_quality(judgments, verdicts, lengths)
+    quality = judge_quality(_named_now(judgments, config.judges), verdicts, lengths)
     seconds = time.perf_counter() - started
     progress(f"[judge] verdicts of {panel.num_rows:,} pairs written in {seconds:.1f}s")
     return Judging(
@@ -843,11 +844,20 @@ def _judgments_of(lake: Lake, selected: pa.Table, config: JudgingConfig) -> pa.T
     return _of_pairs(rows, selected)
 
 
+def _named_now(judgments: pa.Table, judges: Sequence[JudgeConfig]) -> pa.Table:
+    """Judgments labelled with the judges' current names: cached rows keep the name they were
+    judged under, and a judge may have been renamed since."""
+    names = {JudgeIdentity.of(j).cache_id: j.name for j in judges}
+    columns = ("model", "template_hash", "params_hash", "judge")
+    rows = zip(*(judgments[c].to_pylist() for c in columns), strict=True)
+    labels = [names.get((model, template, params), old) for model, template, params, old in rows]
+    column = judgments.schema.get_field_index("judge")
+    return judgments.set_column(column, judgments.schema.field(column), pa.array(labels))
+
+
 def _of_pairs(table: pa.Table, selected: pa.Table) -> pa.Table:
     """The rows of ``table`` whose (source, pair_id) is in ``selected``."""
-    return table.filter(
-        pc.is_in(pair_keys(table), value_set=pair_keys(selected).combine_chunks())
-    )
+    return table.filter(pc.is_in(pair_keys(table), value_set=pair_keys(selected).combine_chunks()))
 
 
 def _sql(value: str) -> str:

@@ -210,6 +210,13 @@ class OpenAIBackend:
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
         return asyncio.run(self._generate_all(prompts, sampling))
 
+    def _failed(self, detail: str) -> Generation:
+        """A failed request, recorded with the server's message minus the API key (servers may
+        echo it back)."""
+        if self.api_key and self.api_key != "none":
+            detail = detail.replace(self.api_key, "***")
+        return Generation(error=f"request_failed: {detail}"[:500])
+
     async def _generate_all(
         self, prompts: Sequence[Sequence[Message]], sampling: Sampling
     ) -> list[Generation]:
@@ -251,13 +258,15 @@ class OpenAIBackend:
                 model=self.config.model, messages=list(messages), **options
             )
         except openai.APIStatusError as exc:
-            return Generation(error=f"request_failed: HTTP {exc.status_code}: {exc.message}"[:500])
+            return self._failed(f"HTTP {exc.status_code}: {exc.message}")
         except openai.APIError as exc:  # timeouts and connection errors, after the retries
-            return Generation(error=f"request_failed: {type(exc).__name__}: {exc}"[:500])
+            return self._failed(f"{type(exc).__name__}: {exc}")
         choice = response.choices[0]
         firsts = None
         if sampling.logprobs and choice.logprobs and choice.logprobs.content:
-            firsts = {t.token: t.logprob for t in choice.logprobs.content[0].top_logprobs}
+            firsts = top_logprobs(
+                (t.token, t.logprob) for t in choice.logprobs.content[0].top_logprobs
+            )
         usage = response.usage
         return Generation(
             text=choice.message.content or "",

@@ -31,7 +31,14 @@ def build_app(backend: HFBackend, api_key: str | None) -> FastAPI:
     app = FastAPI()
     faults: deque[dict[str, Any]] = deque()
     stats = {"requests": 0, "faults_served": 0, "unauthorized": 0}
+    auth = {"api_key": api_key}
     lock = threading.Lock()
+
+    @app.post("/auth")
+    def require_key(body: dict[str, Any]) -> dict[str, bool]:
+        """Require this bearer key from now on (``null``: none); reset restores the start one."""
+        auth["api_key"] = body.get("api_key")
+        return {"required": auth["api_key"] is not None}
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -50,14 +57,17 @@ def build_app(backend: HFBackend, api_key: str | None) -> FastAPI:
     def reset() -> dict[str, int]:
         faults.clear()
         stats.update(dict.fromkeys(stats, 0))
+        auth["api_key"] = api_key
         return stats
 
     @app.post("/v1/chat/completions")
     def chat(body: dict[str, Any], request: Request) -> Any:
         stats["requests"] += 1
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            stats["unauthorized"] += 1
-            return JSONResponse({"error": {"message": "bad API key"}}, status_code=401)
+        sent = request.headers.get("authorization", "")
+        if auth["api_key"] and sent != f"Bearer {auth['api_key']}":
+            stats["unauthorized"] += 1  # echoes the key sent, as some servers do
+            message = f"incorrect API key provided: {sent.removeprefix('Bearer ')}"
+            return JSONResponse({"error": {"message": message}}, status_code=401)
         fault = faults.popleft() if faults else {}
         if fault:
             stats["faults_served"] += 1

@@ -138,6 +138,9 @@ def test_verdicts_within_a_judge_need_both_orders_to_agree():
     position = judge_verdict([_judgment("AB", "chosen", 0.9), _judgment("BA", "rejected", 0.1)])
     assert (position.verdict, position.confidence) == ("inconsistent", pytest.approx(0.8))
     assert judge_verdict([_judgment("AB", "tie"), _judgment("BA", "tie")]).verdict == "tie"
+    even = [_judgment("AB", "chosen"), _judgment("AB", "rejected"), *[_judgment("BA", "chosen")] * 2]
+    split = judge_verdict(even)
+    assert split.verdict == "inconsistent" and "AB: split" in split.detail, "not a tie"
     samples = [_judgment("AB", "chosen"), _judgment("AB", "chosen"), _judgment("AB", "rejected"),
                _judgment("BA", "chosen"), _judgment("BA", "chosen"), _judgment("BA", "chosen")]
     assert judge_verdict(samples).verdict == "agree", "majority of the samples of each order"
@@ -278,13 +281,25 @@ def test_openai_backend_retries_429_500_and_timeouts_with_backoff(server, monkey
     assert slow.error.startswith("request_failed: APITimeoutError")
 
 
-def test_openai_backend_sends_the_key_from_the_environment_only(openai_server, monkeypatch):
+def test_openai_backend_sends_the_key_from_the_environment_only(server, monkeypatch):
     monkeypatch.delenv("SYNPREF_TEST_KEY", raising=False)
     with pytest.raises(ValueError, match=r"\$SYNPREF_TEST_KEY, which is not set"):
-        _openai(openai_server, api_key_env="SYNPREF_TEST_KEY")
+        _openai(server, api_key_env="SYNPREF_TEST_KEY")
+    httpx.post(f"{server}/auth", json={"api_key": API_KEY})
+    prompt = [{"role": "user", "content": "Say yes."}]
+    sampling = JudgeIdentity.of(JudgeConfig(verdict="structured")).sampling(0)
+
     monkeypatch.setenv("SYNPREF_TEST_KEY", API_KEY)
-    backend = _openai(openai_server, api_key_env="SYNPREF_TEST_KEY")
+    backend = _openai(server, api_key_env="SYNPREF_TEST_KEY")
     assert API_KEY not in repr(backend.config) and API_KEY not in str(backend.config.model_dump())
+    assert backend.generate([prompt], sampling)[0].error is None, "the key was sent"
+    assert stats(server)["unauthorized"] == 0
+
+    wrong = "sk-wrong-" + API_KEY[::-1]
+    monkeypatch.setenv("SYNPREF_TEST_KEY", wrong)
+    failed = _openai(server, api_key_env="SYNPREF_TEST_KEY").generate([prompt], sampling)[0]
+    assert failed.error.startswith("request_failed: HTTP 401") and stats(server)["unauthorized"]
+    assert wrong not in failed.error and "***" in failed.error, "the echoed key is redacted"
 
 
 @pytest.mark.slow
@@ -317,7 +332,8 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
     ingest_real(config)
     config.judging.judges = [
         JudgeConfig(name="sampled", backend="openai", base_url=f"{server}/v1", model="smollm2",
-                    api_key_env=None, samples_per_order=2, temperature=0.7, num_cpus=0.5)
+                    api_key_env=None, samples_per_order=2, temperature=0.7, num_cpus=0.5,
+                    verdict="structured")
     ]
     result = run_judge(config, where=HH_SHORT, limit=1, **QUIET)
     rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
@@ -343,6 +359,10 @@ def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
         run_judge(config, where=HH_SHORT, limit=1, **QUIET)
     with pytest.raises(ConfigError, match="samples_per_order > 1 needs temperature > 0"):
         load_config(None, {"judging": {"judges": [{"samples_per_order": 3}]}})
+    with pytest.raises(ConfigError, match="needs verdict: structured"):
+        load_config(None, {"judging": {"judges": [{"samples_per_order": 2, "temperature": 1}]}})
+    with pytest.raises(ConfigError, match="min_judges 2 is more than the 1 judge"):
+        load_config(None, {"judging": {"aggregation": {"min_judges": 2}}})
     with pytest.raises(ConfigError, match="few_shot > 0 needs judging.gold.where"):
         load_config(None, {"judging": {"judges": [{"few_shot": 2}]}})
     with pytest.raises(ConfigError, match="judge names must be unique"):
