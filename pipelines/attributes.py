@@ -272,7 +272,10 @@ def annotate_pairs(
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus or None,
         )
-        new = pa.concat_tables([t for t in ray.get(annotated.to_arrow_refs()) if t.num_rows])
+        parts = [t for t in ray.get(annotated.to_arrow_refs()) if t.num_rows]
+        new = pa.concat_tables(parts) if parts else ATTRIBUTES.schema.empty_table()
+        if new.num_rows != missing.num_rows:
+            raise RuntimeError(f"{new.num_rows} attribute rows for {missing.num_rows} pairs")
         version_written = lake.upsert(ATTRIBUTES, new).version
     reasons = [r.split(":")[0] for r in new["invalid_reason"].to_pylist() if r]
     seconds = time.perf_counter() - started

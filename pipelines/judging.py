@@ -133,6 +133,8 @@ class JudgeIdentity:
             "top_p": judge.top_p,
             "max_tokens": 1 if judge.verdict == "logprobs" else judge.max_tokens,
             "seed": judge.seed,
+            # A prompt over the limit is recorded invalid: raising it must judge those again.
+            "max_prompt_tokens": judge.max_prompt_tokens,
         }
         return cls(judge, template, _digest(template, shape), _digest(params))
 
