@@ -34,7 +34,8 @@ def test_help_lists_the_commands():
         check=True,
         cwd=REPO,
     ).stdout
-    for command in ("ingest", "tables", "history", "demo", "generate", "judge", "annotate"):
+    commands = ("ingest", "tables", "history", "demo", "generate", "dedup", "decontaminate")
+    for command in (*commands, "score", "serve", "eval", "train", "judge", "annotate"):
         assert command in out
 
 
