@@ -354,6 +354,7 @@ def train_worker(setup: WorkerSetup) -> None:
             "pairs_trained": state.pairs,
             "pairs_truncated": state.truncated,
             "pairs_dropped": state.dropped,
+            "tokens_trained": state.tokens,
         }
         _validate(worker, state, final)
         worker.log(final, state.step)

@@ -153,6 +153,7 @@ def test_two_workers_train_register_and_resume(config, hh_lake, decoder_rm, tmp_
     assert np.mean(per_epoch[-1]) < np.mean(per_epoch[0]) - 0.05, "the loss falls"
     run = mlflow.get_run(result["run_id"])
     assert "selected_val_accuracy" in run.data.metrics
+    assert run.data.metrics["tokens_trained"] > 3 * n * 2 * 16, "3 epochs of pairs, both sides"
     assert "training_curves.png" in {a.path for a in client.list_artifacts(result["run_id"])}
     assert run.data.tags["synpref.input.pairs.version"] == str(result["table_version"])
 
