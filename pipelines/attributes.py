@@ -224,6 +224,12 @@ class Annotation:
             f"  invalid           {self.invalid:>10,}",
         ]
         lines += [f"    {reason:<15} {n:>10,}" for reason, n in self.invalid_reasons.items()]
+        if self.annotated >= 4 and self.invalid >= 0.9 * self.annotated:
+            lines.append(
+                f"  WARNING: {self.invalid:,} of {self.annotated:,} answers are invalid: the "
+                "annotator cannot do this task. Use a stronger model (docs/judging.md, "
+                "'Real judges')."
+            )
         return "\n".join(lines)
 
 

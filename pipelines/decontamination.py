@@ -5,9 +5,10 @@ Every source ingested as a benchmark (RM-Bench, JudgeBench, RewardBench-style fi
 its responses. A corpus pair is contaminated when its history, its chosen or its rejected
 response contains one of their n-grams (13 words by default, as in the paper's last revision;
 5 to 13 allowed). A benchmark text shorter than n words, but at least ``min_tokens`` long, is
-matched as a whole wherever it occurs. Any benchmark prompt, however short, also matches a
-history turn that is exactly that prompt (after normalisation): a 3-word prompt is too generic
-to look for inside other text, but not as a whole turn.
+matched as a whole wherever it occurs. A shorter benchmark prompt (any user turn of a
+multi-turn benchmark) matches only a history turn that is exactly that prompt, and only when it
+has at least ``min_turn_tokens`` words: "how can I rob a casino" as a whole turn is evidence,
+"thank you" is not.
 
 Tokens are the words (``\\w+``) of the NFC-normalised, case-folded text. The index of benchmark
 n-grams is built once on the driver and shared with the Ray Data actors that scan the corpus.
@@ -25,23 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipelines.config import DecontaminationConfig
 from pipelines.curation_status import rebuild_status
 from pipelines.lake import Lake
 from pipelines.text_normalisation import tokens
 from storage_schemas import CONTAMINATION, PAIRS
-
-
-@dataclass(frozen=True)
-class DecontaminationOptions:
-    n: int = 13
-    min_tokens: int = 8
-    include_responses: bool = False
-
-    def __post_init__(self) -> None:
-        if not 5 <= self.n <= 13:
-            raise ValueError(f"n-gram size must be 5 to 13, got {self.n}")
-        if not 1 <= self.min_tokens <= self.n:
-            raise ValueError(f"min_tokens must be 1 to n ({self.n}), got {self.min_tokens}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +44,7 @@ class BenchmarkIndex:
     """Whole benchmark prompts (normalised words joined by spaces), matched against whole turns."""
 
     @classmethod
-    def build(cls, benchmark: pa.Table, options: DecontaminationOptions) -> BenchmarkIndex:
+    def build(cls, benchmark: pa.Table, options: DecontaminationConfig) -> BenchmarkIndex:
         """From ``pairs`` rows of benchmark sources; the first pair (by source, pair_id) that
         holds an n-gram is its evidence, so the index does not depend on row order."""
         grams: dict[str, tuple[str, str, str]] = {}
@@ -68,7 +57,7 @@ class BenchmarkIndex:
             for field, text in texts:
                 words = tokens(text)
                 evidence = (row["source"], row["pair_id"], field)
-                if field == "prompt" and words:
+                if field == "prompt" and len(words) >= options.min_turn_tokens:
                     prompts.setdefault(" ".join(words), evidence)
                 for gram in _benchmark_grams(words, options):
                     grams.setdefault(gram, evidence)
@@ -76,7 +65,7 @@ class BenchmarkIndex:
         return cls(grams, lengths, frozenset(g.split(" ", 1)[0] for g in grams), prompts)
 
 
-def _benchmark_grams(words: list[str], options: DecontaminationOptions) -> Iterator[str]:
+def _benchmark_grams(words: list[str], options: DecontaminationConfig) -> Iterator[str]:
     if len(words) >= options.n:
         for i in range(len(words) - options.n + 1):
             yield " ".join(words[i : i + options.n])
@@ -145,6 +134,21 @@ class ContaminationFinder:
         return find_contamination(batch, self.index, self.run_id)
 
 
+EVIDENCE_SHOWN = 10
+"""Contaminated pairs whose evidence the summary shows."""
+
+
+def _evidence(hits: pa.Table) -> list[dict[str, str]]:
+    """The first hit of each of the first ``EVIDENCE_SHOWN`` contaminated pairs (sorted)."""
+    columns = ["source", "pair_id", "field", "benchmark_source", "benchmark_field", "ngram"]
+    shown: dict[tuple[str, str], dict[str, str]] = {}
+    for row in hits.select(columns).sort_by([(c, "ascending") for c in columns]).to_pylist():
+        if len(shown) == EVIDENCE_SHOWN and (row["source"], row["pair_id"]) not in shown:
+            break
+        shown.setdefault((row["source"], row["pair_id"]), row)
+    return list(shown.values())
+
+
 @dataclass
 class DecontaminationSummary:
     pairs_version: int
@@ -160,6 +164,8 @@ class DecontaminationSummary:
     status_version: int | None
     """New ``curation_status`` version, or None when no verdict changed."""
     by_source: dict[str, dict[str, int]]
+    evidence: list[dict[str, str]]
+    """One hit per contaminated pair, the first ``EVIDENCE_SHOWN`` pairs: what matched where."""
     seconds: float
 
     def text(self) -> str:
@@ -178,13 +184,25 @@ class DecontaminationSummary:
             lines.append(f"  from {benchmark:<19} {n:,} pairs")
         if not self.contaminated_pairs:
             lines.append("  no contaminated pairs")
+        total = sum(self.contaminated_pairs.values())
+        if self.evidence:
+            lines.append(
+                f"  evidence ({len(self.evidence)} of {total:,} pairs; all in the contamination "
+                "table):"
+            )
+        for hit in self.evidence:
+            text = hit["ngram"] if len(hit["ngram"]) <= 70 else hit["ngram"][:67] + "..."
+            lines.append(
+                f"    {hit['source']} {hit['pair_id'][:10]} {hit['field']} <- "
+                f'{hit["benchmark_source"]} {hit["benchmark_field"]}: "{text}"'
+            )
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
 
 
 def decontaminate(
     lake: Lake,
-    options: DecontaminationOptions,
+    options: DecontaminationConfig,
     run_id: str,
     progress: Callable[[str], None] = print,
 ) -> DecontaminationSummary:
@@ -225,5 +243,6 @@ def decontaminate(
         contamination_version=result.version,
         status_version=status.version,
         by_source=status.counts,
+        evidence=_evidence(hits),
         seconds=time.perf_counter() - started,
     )

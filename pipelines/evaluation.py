@@ -24,23 +24,27 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines.preference_formats import (
+    MAPPING_TARGETS,
     Message,
     Reject,
     parse_json,
     parse_messages,
     require_content,
+    resolve_path,
 )
 from pipelines.record_files import filesystem_for, find_record_files, fs_path, read_records
 from pipelines.reward_model import scored_conversation
 
 BENCHMARKS = ("rewardbench", "bestofn", "rmbench", "judgebench")
+EVAL_MAPPING_TARGETS = (*MAPPING_TARGETS, "id", "category")
+"""Field-mapping targets for benchmark layouts: ingest's, plus the item id and category."""
 
 REWARDBENCH_SECTIONS = {
     "Chat": [
@@ -149,11 +153,48 @@ def _responses(value: Any, name: str, where: str) -> list[str]:
         raise EvalDataError(f"{where}: {exc.detail}") from None
 
 
-def _prompt(value: Any, where: str) -> list[Message]:
+def _prompt(value: Any, where: str, name: str = "prompt") -> list[Message]:
+    """A prompt given as text or messages (``history``: messages only)."""
     try:
-        return parse_messages(value, "prompt", string_role="user")
+        return parse_messages(value, name, string_role="user" if name == "prompt" else None)
     except Reject as exc:
         raise EvalDataError(f"{where}: {exc.detail}") from None
+
+
+def load_mapped(path: str, mapping: dict[str, str]) -> list[EvalItem]:
+    """Any benchmark layout through field paths, as ingest maps them (``chosen=bon_best.answer``,
+    ``rejected=loser_list[*].answer``); ``id`` and ``category`` are optional targets."""
+    prompt_target = "history" if "history" in mapping else "prompt"
+    if prompt_target not in mapping:
+        raise EvalDataError("a benchmark field mapping needs prompt=... or history=...")
+    items = []
+    for where, record, _ in _records(path):
+        try:
+            values = {target: resolve_path(record, p) for target, p in mapping.items()}
+        except Reject as exc:
+            raise EvalDataError(f"{where}: {exc.detail}") from None
+        items.append(
+            EvalItem(
+                id=str(values.get("id", where)),
+                category=str(values.get("category") or "all"),
+                prompt=_prompt(values[prompt_target], where, prompt_target),
+                chosen=_responses(values["chosen"], mapping["chosen"], where),
+                rejected=_responses(values["rejected"], mapping["rejected"], where),
+            )
+        )
+    return _unique(items)
+
+
+def _as_benchmark_item(benchmark: str, item: EvalItem) -> EvalItem:
+    """A mapped item checked against its benchmark's shape (JudgeBench: chosen shown as A)."""
+    shape = (len(item.chosen), len(item.rejected))
+    if benchmark == "rmbench" and shape != (3, 3):
+        raise EvalDataError(f"item {item.id!r}: RM-Bench items have 3 chosen and 3 rejected")
+    if benchmark == "judgebench":
+        if shape != (1, 1):
+            raise EvalDataError(f"item {item.id!r}: JudgeBench items have one response each")
+        return replace(item, label="A>B")
+    return item
 
 
 def load_pairwise(path: str) -> list[EvalItem]:
@@ -446,10 +487,14 @@ METRICS: dict[str, Callable[[Sequence[EvalItem], dict[str, ItemScores]], EvalRes
 }
 
 
-def load_items(benchmark: str, data: str) -> list[EvalItem]:
+def load_items(benchmark: str, data: str, mapping: dict[str, str] | None = None) -> list[EvalItem]:
+    """The items of ``data`` in the benchmark's own layout, or in any layout through
+    ``mapping`` (target -> field path, see ``load_mapped``)."""
     if benchmark not in BENCHMARKS:
         raise EvalDataError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
-    return LOADERS[benchmark](data)
+    if mapping is None:
+        return LOADERS[benchmark](data)
+    return [_as_benchmark_item(benchmark, item) for item in load_mapped(data, mapping)]
 
 
 def evaluate(

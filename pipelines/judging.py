@@ -613,7 +613,28 @@ class Judging:
                 f"{100 * metrics['flip_rate']:.1f}%, ties {100 * metrics['tie_rate']:.1f}%, "
                 f"invalid {100 * metrics['invalid_rate']:.1f}%"
             )
+            lines += position_warning(name, metrics)
         return "\n".join(lines)
+
+
+POSITION_BIAS_WARNING = 0.9
+"""Share of judgments for the response shown first (or second) above which a judge is flagged."""
+
+
+def position_warning(name: str, metrics: dict[str, float]) -> list[str]:
+    """A warning when a judge picks the same position (A or B) nearly every time: it is not
+    reading the responses (small models such as the default SmolLM2-135M answer "A" always)."""
+    first = metrics.get("first_shown_wins_rate", float("nan"))
+    if np.isnan(first) or metrics.get("pairs", 0) < 4:
+        return []
+    if max(first, 1 - first) < POSITION_BIAS_WARNING:
+        return []
+    letter = "A (the first response shown)" if first >= 0.5 else "B (the second response shown)"
+    return [
+        f"  WARNING: judge {name} chose {letter} in {100 * max(first, 1 - first):.0f}% of its "
+        "judgments: it is not reading the responses. Use a stronger model (an OpenAI-compatible "
+        "or vLLM server; see docs/judging.md, 'Real judges')."
+    ]
 
 
 def select_pairs(lake: Lake, version: int, where: str | None, limit: int | None) -> pa.Table:
@@ -897,6 +918,11 @@ def judge_quality(
             if r["preference"] != "tie" and (r["source"], r["pair_id"]) in chosen_longer
         ]
         p_chosen = [p for p in mine["p_chosen"].to_pylist() if p is not None]
+        first_shown = [
+            (r["preference"] == "chosen") == (r["ordering"] == "AB")
+            for r in valid
+            if r["preference"] != "tie"
+        ]
         quality[name] = {
             "pairs": float(mine.num_rows),
             "agree_rate": counts["agree"] / n,
@@ -908,6 +934,7 @@ def judge_quality(
             "debiased_accuracy": _mean([p > 0.5 for p in p_chosen]),
             "invalid_rate": (len(rows) - len(valid)) / max(len(rows), 1),
             "longer_wins_rate": _mean(longer_won),
+            "first_shown_wins_rate": _mean(first_shown),
             "chosen_longer_rate": _mean(list(chosen_longer.values())),
             "prompt_tokens_per_judgment": _mean([r["prompt_tokens"] for r in rows]),
             "output_tokens_per_judgment": _mean([r["output_tokens"] for r in rows]),

@@ -237,7 +237,7 @@ class Lake:
             columns=columns,
             filter=filter,
             override_num_blocks=max(files, 2 * cpus),
-            ray_remote_args={"num_cpus": read_cpus} if read_cpus is not None else None,
+            num_cpus=read_cpus,
         )
         if keys is None:
             return dataset

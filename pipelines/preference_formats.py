@@ -132,21 +132,23 @@ def detect_format(record: Any) -> str | None:
     return None
 
 
-def parse_mapping(specs: list[str]) -> dict[str, str]:
+def parse_mapping(specs: list[str], targets: tuple[str, ...] = MAPPING_TARGETS) -> dict[str, str]:
     """``["chosen=a.b", "rejected=c[0].d", "prompt=q"]`` -> target -> field path, validated."""
     mapping: dict[str, str] = {}
     for spec in specs:
         target, sep, path = spec.partition("=")
         target, path = target.strip(), path.strip()
         if not sep or not path:
-            raise FormatError(f"--map {spec!r}: expected TARGET=FIELD.PATH")
-        if target not in MAPPING_TARGETS:
-            raise FormatError(f"--map {spec!r}: target must be one of {', '.join(MAPPING_TARGETS)}")
+            raise FormatError(f"field mapping {spec!r}: expected TARGET=FIELD.PATH")
+        if target not in targets:
+            raise FormatError(
+                f"field mapping {spec!r}: the target must be one of {', '.join(targets)}"
+            )
         mapping[target] = path
     if not {"chosen", "rejected"} <= mapping.keys():
-        raise FormatError("--map needs at least chosen=... and rejected=...")
+        raise FormatError("a field mapping needs at least chosen=... and rejected=...")
     if "history" in mapping and "prompt" in mapping:
-        raise FormatError("--map takes history=... or prompt=..., not both")
+        raise FormatError("a field mapping takes history=... or prompt=..., not both")
     return mapping
 
 
@@ -349,16 +351,23 @@ def _from_mapping(record: Mapping[str, Any], mapping: Mapping[str, str]) -> Pair
     return _split_final_turns(history, chosen, rejected, _meta(record, consumed))
 
 
-_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
 
 
 def resolve_path(record: Any, path: str) -> Any:
-    """The value at a dotted field path with list indices: ``a.b.0.c`` or ``a.b[0].c``."""
-    value = record
-    for name, index in _PATH_PART.findall(path):
-        key: str | int = int(index) if index else name
-        if isinstance(value, list) and isinstance(key, str) and key.isdigit():
-            key = int(key)
+    """The value at a dotted field path with list indices: ``a.b.0.c`` or ``a.b[0].c``; a ``*``
+    (``a[*].c`` or ``a.*.c``) takes the rest of the path in every element of a list."""
+    parts = [index or name for name, index in _PATH_PART.findall(path)]
+    return _resolve(record, parts, path)
+
+
+def _resolve(value: Any, parts: list[str], path: str) -> Any:
+    for position, part in enumerate(parts):
+        if part == "*":
+            if not isinstance(value, list):
+                raise Reject("missing_field", f"field path '{path}': '*' needs a list")
+            return [_resolve(item, parts[position + 1 :], path) for item in value]
+        key: str | int = int(part) if isinstance(value, list) and part.isdigit() else part
         try:
             value = value[key]
         except (KeyError, IndexError, TypeError):

@@ -7,8 +7,12 @@ BOS the template already wrote is removed so that the tokenizer adds exactly one
 without a chat template (encoders such as MiniLM) get ``role: content`` lines.
 
 Scoring sorts conversations by length and packs them into batches under a token budget, so a
-batch pads to its longest member only; inputs over ``max_length`` are cut from the left (the
-final response, which is what is being judged, is kept) and counted.
+batch pads to its longest member only. The length a model reads is the smallest of the configured
+``max_length``, the tokenizer's ``model_max_length`` (which training sets to the length it trained
+with) and the model's position limit (``effective_max_length``): training, scoring, evaluation and
+serving agree on it, and a longer input can never index past the position embeddings. Longer
+inputs are cut from the left, keeping the special tokens and the final response (what is being
+judged), and counted.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ Message = dict[str, str]
 HEURISTIC_PREFIX = "heuristic:"
 HEURISTICS = ("length",)
 DEFAULT_MAX_LENGTH = 4096
+"""Used when neither the configuration, the tokenizer nor the model names a length."""
+_UNSET_LENGTH = 10**7
+"""Tokenizers without a declared length report a huge ``model_max_length``; above this is unset."""
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
 def format_conversation(tokenizer: Any, messages: Sequence[Message]) -> str:
@@ -79,8 +87,9 @@ class RewardModel:
 
     name: str
     max_length: int | None = 4096
-    """Tokens read per conversation; ``None``: the length the model was trained with (the
-    tokenizer's ``model_max_length``, which training sets), else ``DEFAULT_MAX_LENGTH``."""
+    """Configured tokens per conversation (``None``: no limit of our own). After loading, the
+    effective length: at most the tokenizer's ``model_max_length`` (the length the model was
+    trained with) and the model's position limit."""
     batch_tokens: int = 16384
     device: str = "cpu"
     reward_mean: float = 0.0
@@ -101,12 +110,10 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         self._tokenizer = load_tokenizer(self.name)
-        if self.max_length is None:
-            trained = self._tokenizer.model_max_length
-            self.max_length = trained if trained < 10**7 else DEFAULT_MAX_LENGTH
         self._model = AutoModelForSequenceClassification.from_pretrained(
             self.name, num_labels=1, dtype=torch.float32
         ).to(self.device)
+        self.max_length = effective_max_length(self.max_length, self._tokenizer, self._model.config)
         self._model.eval()
         self._model.config.pad_token_id = self._tokenizer.pad_token_id
         config = self._model.config
@@ -122,9 +129,7 @@ class RewardModel:
         import torch
 
         texts = [format_conversation(self._tokenizer, c) for c in conversations]
-        encoded = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        full = np.array([len(ids) for ids in encoded], np.int64)
-        encoded = [ids[-self.max_length :] for ids in encoded]
+        encoded, full = encode(self._tokenizer, texts, self.max_length)
         lengths = np.minimum(full, self.max_length)
         rewards = np.empty(len(texts), np.float64)
         for batch in length_batches(lengths, self.batch_tokens):
@@ -137,6 +142,49 @@ class RewardModel:
         return Scores(rewards, lengths, full > self.max_length)
 
 
+def position_limit(model_config: Any) -> int | None:
+    """The number of positions the model can embed, when its config declares one."""
+    for name in POSITION_ATTRIBUTES:
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def effective_max_length(configured: int | None, tokenizer: Any, model_config: Any) -> int:
+    """The smallest of ``configured``, the tokenizer's ``model_max_length`` and the model's
+    position limit (``DEFAULT_MAX_LENGTH`` when none is known)."""
+    declared = tokenizer.model_max_length
+    limits = [
+        configured,
+        declared if declared and declared < _UNSET_LENGTH else None,
+        position_limit(model_config),
+    ]
+    return min((limit for limit in limits if limit), default=DEFAULT_MAX_LENGTH)
+
+
+def encode(
+    tokenizer: Any, texts: Sequence[str], max_length: int
+) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of ``texts`` (special tokens included) cut from the left to ``max_length``,
+    and each text's full length. The tokenizer's own left truncation keeps the special tokens
+    (an encoder's ``[CLS]``, a decoder's BOS); only the over-long texts are tokenised twice."""
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+    ids = ids["input_ids"]
+    full = np.array([len(i) for i in ids], np.int64)
+    over = np.flatnonzero(full > max_length)
+    if len(over):
+        cut = tokenizer(
+            [texts[i] for i in over],
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_length,
+        )["input_ids"]
+        for i, short in zip(over, cut, strict=True):
+            ids[i] = short
+    return ids, full
+
+
 def load_tokenizer(name: str, **kwargs: Any) -> Any:
     """A reward model's tokenizer: truncation from the left, EOS as padding when it has none."""
     from transformers import AutoTokenizer
@@ -146,6 +194,15 @@ def load_tokenizer(name: str, **kwargs: Any) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def backbone_max_length(backbone: str, configured: int | None, **kwargs: Any) -> int:
+    """The length a backbone can be trained with: ``effective_max_length`` of its tokenizer and
+    config (``kwargs`` such as ``gguf_file`` go to ``from_pretrained``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(backbone, **kwargs)
+    return effective_max_length(configured, load_tokenizer(backbone, **kwargs), config)
 
 
 def load_backbone(backbone: str, seed: int = 0, **kwargs: Any) -> Any:

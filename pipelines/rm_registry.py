@@ -9,6 +9,7 @@ scores exactly as ``synpref score`` and ``synpref serve`` do.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,23 @@ def log_reward_model(
         return info, None
     version = mlflow.register_model(info.model_uri, register_as, tags=tags)
     return info, version.version
+
+
+MODEL_VERSION_TAG = "synpref.model_version"
+"""Tag of a registered version: the weights' fingerprint (``reward_model.model_version``), so a
+job given the checkpoint folder finds the registered version it came from."""
+
+
+def registered_as(fingerprint: str) -> str | None:
+    """``models:/NAME/VERSION`` of the registered version holding these weights, if any."""
+    with suppress(mlflow.exceptions.MlflowException):
+        versions = MlflowClient().search_model_versions(
+            f"tags.`{MODEL_VERSION_TAG}` = '{fingerprint}'"
+        )
+        if versions:
+            latest = max(versions, key=lambda v: int(v.version))
+            return f"models:/{latest.name}/{latest.version}"
+    return None
 
 
 def registered_version(name: str, tags: dict[str, str]) -> str | None:

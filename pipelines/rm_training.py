@@ -1,12 +1,15 @@
 """Bradley-Terry reward-model training on Ray Train (TorchTrainer, DDP or FSDP, CPU or GPU).
 
 Each worker reads its shard of the tokenised training set (``get_dataset_shard``) in steps of
-``global_batch / workers`` pairs, sorts a step's pairs by length and cuts them into micro-batches
-under a padded-token budget (gradient accumulation reaches the global batch); chosen and rejected
-go through one forward pass. The loss is normalised by the weight of the whole global batch, so
-uneven shards and micro-batch splits change nothing. Workers move in lockstep: a worker with
-nothing left runs one-token dummy passes, so no collective waits forever and no row is dropped
-(Ray Train's default split drops up to ``workers - 1`` rows to equalise shards; we split unevenly).
+``global_batch / workers`` pairs; the set is cut into blocks of that many pairs before it is
+split, so every worker holds about the same share and contributes to every step (Ray Data splits
+by whole blocks: one large block would leave a worker idle and halve the batch). A worker sorts
+a step's pairs by length and cuts them into micro-batches under a padded-token budget (gradient
+accumulation reaches the global batch); chosen and rejected go through one forward pass. The
+loss is normalised by the weight of the whole global batch, so uneven shards and micro-batch
+splits change nothing. Workers move in lockstep: a worker with nothing left runs one-token dummy
+passes, so no collective waits forever and no row is dropped (Ray Train's default split drops up
+to ``workers - 1`` rows to equalise shards; we split unevenly).
 
 A checkpoint holds the model (HF format, ready to load), optimizer, scheduler and the data
 position: the keys of every pair trained in the current epoch. A restarted or re-run job filters
@@ -20,6 +23,7 @@ import contextlib
 import json
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,7 +52,13 @@ from transformers import get_scheduler
 from pipelines.config import TrainingConfig
 from pipelines.lake import Lake
 from pipelines.prompt_groups import resolve_model
-from pipelines.reward_model import length_batches, load_backbone, load_tokenizer, save_reward_model
+from pipelines.reward_model import (
+    backbone_max_length,
+    length_batches,
+    load_backbone,
+    load_tokenizer,
+    save_reward_model,
+)
 from pipelines.rm_losses import pairwise_loss
 from pipelines.training_data import select_pairs, tokenized_pairs
 
@@ -122,7 +132,7 @@ class _Worker:
         self.scheduler = get_scheduler(
             self.config.lr_schedule,
             self.optimizer,
-            num_warmup_steps=self.config.warmup_steps,
+            num_warmup_steps=warmup_steps(self.config, setup.total_steps),
             num_training_steps=max(setup.total_steps, 1),
         )
         self.bf16 = _use_bf16(self.config.precision, self.device)
@@ -361,6 +371,11 @@ def train_worker(setup: WorkerSetup) -> None:
         worker.save(state, final | {"final": 1.0})
 
 
+def warmup_steps(training: TrainingConfig, total_steps: int) -> int:
+    """``warmup_steps`` when set, else ``warmup_ratio`` of the planned steps."""
+    return training.warmup_steps or math.ceil(training.warmup_ratio * total_steps)
+
+
 def _validate(worker: _Worker, state: TrainState, metrics: dict[str, Any]) -> None:
     if not worker.setup.has_validation:
         return
@@ -441,6 +456,7 @@ def _summary(sums: np.ndarray) -> dict[str, float]:
 def _step_metrics(sums: np.ndarray, seconds: float, state: TrainState) -> dict[str, float]:
     values = dict(zip(SUMS, sums, strict=True))
     return _summary(sums) | {
+        "batch_pairs": values["pairs"],
         "pairs_per_s": values["pairs"] / seconds,
         "tokens_per_s": values["tokens"] / seconds,
         "padding_fraction": 1 - values["tokens"] / values["padded"],
@@ -491,6 +507,8 @@ class TrainingRun:
     pairs_trained: int
     pairs_truncated: int
     pairs_dropped: int
+    max_length: int
+    """The tokens per conversation trained with (at most what the backbone reads)."""
     seconds: float
     selected_step: int
     selected_metrics: dict[str, float]
@@ -518,25 +536,34 @@ def train_reward_model(
 ) -> TrainingRun:
     """Train on the configured selection with Ray Train; resumes run ``name`` if it exists."""
     started = time.perf_counter()
-    training = training.model_copy(update={"backbone": resolve_model(training.backbone)})
+    backbone = resolve_model(training.backbone)
     try:
-        load_tokenizer(training.backbone, **training.backbone_kwargs)
+        max_length = backbone_max_length(backbone, training.max_length, **training.backbone_kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"training.backbone {training.backbone!r} cannot be loaded: {exc}"
         ) from None
+    if max_length < training.max_length:
+        progress(
+            f"[train] max_length {training.max_length} is more than {training.backbone} reads: "
+            f"training with {max_length} tokens (longer pairs: truncation {training.truncation})"
+        )
+    training = training.model_copy(update={"backbone": backbone, "max_length": max_length})
     selection = select_pairs(lake, training.data)
     n_train, n_val = selection.train.num_rows, selection.validation.num_rows
+    steps = training.epochs * math.ceil(n_train / training.global_batch)
     progress(
         f"[train] {name}: {n_train:,} training and {n_val:,} validation pairs from "
-        f"{selection.table} v{selection.version}"
+        f"{selection.table} v{selection.version}; {steps} steps of {training.global_batch} pairs "
+        f"on {training.workers} worker(s)"
     )
-    datasets = {"train": tokenized_pairs(lake, selection, selection.train, training)}
+    local_batch = math.ceil(training.global_batch / training.workers)
+    train = tokenized_pairs(lake, selection, selection.train, training)
+    datasets = {"train": train.repartition(target_num_rows_per_block=local_batch)}
     if n_val:
         # Gold sets are small and read at every validation: tokenise them once.
         validation = tokenized_pairs(lake, selection, selection.validation, training)
         datasets["validation"] = validation.materialize()
-    steps = training.epochs * math.ceil(n_train / training.global_batch)
     setup = WorkerSetup(training, steps, tracking_uri, run_id, has_validation=bool(n_val))
     storage = training.storage_path
     if "://" not in storage:
@@ -563,7 +590,8 @@ def train_reward_model(
         datasets=datasets,
         dataset_config=_EveryRowDataConfig(),
     )
-    result = trainer.fit()
+    with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs, progress):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     checkpoint, metrics = _select(result, training.select, bool(n_val))
@@ -583,12 +611,65 @@ def train_reward_model(
         pairs_trained=int(final.get("pairs_trained", 0)),
         pairs_truncated=int(final.get("pairs_truncated", 0)),
         pairs_dropped=int(final.get("pairs_dropped", 0)),
+        max_length=max_length,
         seconds=time.perf_counter() - started,
         selected_step=int(metrics["step"]),
         selected_metrics={k: float(v) for k, v in metrics.items()},
         checkpoint=checkpoint.path,
         model_folder=str(state_folder / MODEL_DIR),
     )
+
+
+class _ProgressLines:
+    """Progress lines on the driver while Ray Train runs: workers log step metrics to MLflow
+    and this thread reads them back (the one channel that works on any cluster)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        name: str,
+        steps: int,
+        epochs: int,
+        progress: Callable[[str], None],
+        every_s: float = 15.0,
+    ) -> None:
+        self.client, self.run_id, self.name = MlflowClient(tracking_uri), run_id, name
+        self.steps, self.epochs, self.progress, self.every_s = steps, epochs, progress, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.shown: tuple[float, float] = (0.0, 0.0)
+
+    def __enter__(self) -> _ProgressLines:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._show()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._show()
+
+    def _show(self) -> None:
+        with contextlib.suppress(Exception):  # progress must never fail the run
+            metrics = self.client.get_run(self.run_id).data.metrics
+            step, epoch = metrics.get("step", 0.0), metrics.get("epoch", 0.0)
+            if (step, epoch) == self.shown or not step:
+                return
+            self.shown = (step, epoch)
+            line = (
+                f"[train] {self.name}: step {int(step)}/{self.steps}, epoch "
+                f"{min(int(epoch) + 1, self.epochs)}/{self.epochs}: loss "
+                f"{metrics.get('loss', float('nan')):.3f}, accuracy "
+                f"{metrics.get('accuracy', float('nan')):.3f}, "
+                f"{metrics.get('pairs_per_s', 0.0):.1f} pairs/s"
+            )
+            if "val_accuracy" in metrics:
+                line += f"; validation accuracy {metrics['val_accuracy']:.3f}"
+            self.progress(line)
 
 
 def _train_loop(config: dict[str, Any]) -> None:

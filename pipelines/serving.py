@@ -6,11 +6,15 @@ malformed JSON, unknown roles, empty or oversize input, too many items, unknown 
 ``@serve.batch`` merges concurrent requests into one call of ``RewardModel.score``, which
 sorts their conversations by length and packs them into forward passes under the token budget
 (``scoring.batch_tokens``): dynamic batching by requests, then by tokens. The chat formatting
-is the one training and batch scoring use, so served rewards equal ``rm_scores``.
+and the length limit are the ones training and batch scoring use, so served rewards equal
+``rm_scores``: a conversation longer than the model reads is cut from the left (its reward says
+``truncated``). Should a merged call still fail, each request is scored alone, so one bad request
+gets its own 422 and never fails the others of its batch.
 """
 
 # No ``from __future__ import annotations``: FastAPI (inside Serve's ingress) must see the
 # request model classes, not strings, to read them from the request body.
+from dataclasses import dataclass
 from typing import Annotated, Literal, Self
 
 import numpy as np
@@ -68,6 +72,8 @@ class ScoreRequest(BaseModel):
 class Reward(BaseModel):
     raw: float
     normalised: float
+    truncated: bool = False
+    """The conversation was longer than the model reads and was cut from the left."""
 
 
 class PairScore(BaseModel):
@@ -84,6 +90,15 @@ class ScoreResponse(BaseModel):
     pairs: list[PairScore] | None = None
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A request's rewards and truncation flags, or why it could not be scored."""
+
+    rewards: list[float]
+    truncated: list[bool]
+    error: str | None = None
+
+
 @serve.deployment
 class RewardScorer:
     """One reward model; concurrent requests are batched into one scoring call."""
@@ -98,16 +113,31 @@ class RewardScorer:
         return self.version, self.model.reward_mean, self.model.reward_std
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score_batch(self, requests: list[list[list[dict]]]) -> list[list[float]]:
+    async def score_batch(self, requests: list[list[list[dict]]]) -> list[Scored]:
+        try:
+            return self._score(requests)
+        except Exception:  # one bad request must not fail its batch: score each alone
+            return [self._score_alone(request) for request in requests]
+
+    def _score(self, requests: list[list[list[dict]]]) -> list[Scored]:
         flat = [conversation for request in requests for conversation in request]
-        rewards = self.model.score(flat).rewards.tolist()
+        scores = self.model.score(flat)
         result, start = [], 0
         for request in requests:
-            result.append(rewards[start : start + len(request)])
-            start += len(request)
+            end = start + len(request)
+            result.append(
+                Scored(scores.rewards[start:end].tolist(), scores.truncated[start:end].tolist())
+            )
+            start = end
         return result
 
-    async def __call__(self, conversations: list[list[dict]]) -> list[float]:
+    def _score_alone(self, request: list[list[dict]]) -> Scored:
+        try:
+            return self._score([request])[0]
+        except Exception as exc:
+            return Scored([], [], error=f"{type(exc).__name__}: {exc}")
+
+    async def __call__(self, conversations: list[list[dict]]) -> Scored:
         return await self.score_batch(conversations)
 
 
@@ -140,16 +170,21 @@ class RewardAPI:
         if name not in self.info:
             self.info[name] = await handle.info.remote()
         version, mean, std = self.info[name]
-        rewards = np.array(await handle.remote(conversations))
-        normalised = (rewards - mean) / std
+        scored: Scored = await handle.remote(conversations)
+        if scored.error is not None:
+            raise HTTPException(422, f"the model could not score this request: {scored.error}")
+        rewards = np.array(scored.rewards)
+        out = [
+            Reward(raw=r, normalised=n, truncated=t)
+            for r, n, t in zip(rewards, (rewards - mean) / std, scored.truncated, strict=True)
+        ]
         if request.conversations is not None:
-            out = [Reward(raw=r, normalised=n) for r, n in zip(rewards, normalised, strict=True)]
             return ScoreResponse(model=name, model_version=version, rewards=out)
         half = len(rewards) // 2
         pairs = [
             PairScore(
-                chosen=Reward(raw=rewards[i], normalised=normalised[i]),
-                rejected=Reward(raw=rewards[half + i], normalised=normalised[half + i]),
+                chosen=out[i],
+                rejected=out[half + i],
                 p=float(sigmoid(rewards[i] - rewards[half + i])),
             )
             for i in range(half)

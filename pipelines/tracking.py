@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
@@ -25,38 +27,79 @@ from pipelines.config import SynprefConfig, TrackingConfig
 from pipelines.lake import Lake
 from storage_schemas import SCHEMA_VERSION
 
-_SECRET = re.compile(r"secret|token|password|passwd|credential|session|access_key|api_key", re.I)
+_SECRET_NAME = re.compile(
+    r"secret|passw(or)?d|credential|(^|_)key$|(^|_)token$",
+    re.I,
+)
+"""Names of secret values (the last part of a dotted key): ``AWS_SECRET_ACCESS_KEY``,
+``AZURE_STORAGE_ACCOUNT_KEY``, ``AWS_SESSION_TOKEN``; not ``batch_tokens`` or ``max_tokens``."""
 MAX_PARAM_CHARS = 6000
+MAX_ERROR_TAG_CHARS = 4000
 
 
 def ensure_experiment(tracking: TrackingConfig) -> str:
-    """The id of the configured experiment, created (with its artifact location) if missing."""
+    """The id of the configured experiment, created (with its artifact location) if missing.
+
+    A new sqlite store is created under a file lock: two jobs starting at once would otherwise
+    both run MLflow's schema migrations and can leave the store unusable."""
     mlflow.set_tracking_uri(tracking.uri)
-    experiment = mlflow.get_experiment_by_name(tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = tracking.artifact_location
-    if "://" not in location:
-        location = Path(location).resolve().as_uri()
-    return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    with _store_lock(tracking.uri):
+        experiment = mlflow.get_experiment_by_name(tracking.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = tracking.artifact_location
+        if "://" not in location:
+            location = Path(location).resolve().as_uri()
+        try:
+            return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another process created it meanwhile
+            experiment = mlflow.get_experiment_by_name(tracking.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+
+def _store_lock(uri: str) -> AbstractContextManager[Any]:
+    """A file lock beside a sqlite store (other stores serialise their own setup)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return nullcontext()
+    return FileLock(f"{uri.removeprefix(prefix)}.lock", timeout=300)
 
 
 @contextmanager
 def job_run(
-    config: SynprefConfig, job: str, params: Mapping[str, Any] | None = None
+    config: SynprefConfig,
+    job: str,
+    params: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one job; nested under the active run when there is one (the loop)."""
+    """An MLflow run for one job; nested under the active run when there is one (the loop).
+
+    ``run_name`` defaults to the job and the time. A job that fails ends its run as FAILED
+    with the error as the ``synpref.error`` tag and the traceback as ``error.txt``."""
     experiment_id = ensure_experiment(config.tracking)
-    run_name = f"{job}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     with mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=run_name,
+        run_name=run_name or f"{job}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
         nested=mlflow.active_run() is not None,
         tags={"synpref.job": job, "synpref.schema_version": str(SCHEMA_VERSION)},
     ) as run:
-        flat = flatten({"config": config.model_dump(), **(params or {})})
-        mlflow.log_params({k: _param_value(k, v) for k, v in flat.items()})
-        yield run
+        try:
+            flat = flatten({"config": config.model_dump(), **(params or {})})
+            mlflow.log_params({k: _param_value(k, v) for k, v in flat.items()})
+            yield run
+        except BaseException as exc:
+            _record_error(exc)
+            raise
+
+
+def _record_error(exc: BaseException) -> None:
+    """The error of a failed job on its run (never masking the error itself)."""
+    with suppress(Exception):
+        message = f"{type(exc).__name__}: {exc}"
+        mlflow.set_tag("synpref.error", message[:MAX_ERROR_TAG_CHARS])
+        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,7 +115,7 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _param_value(key: str, value: Any) -> str:
-    if _SECRET.search(key):
+    if _SECRET_NAME.search(key.rsplit(".", 1)[-1]):
         return "***"
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."

@@ -23,7 +23,7 @@ from deltalake.exceptions import DeltaError
 
 from pipelines.config import TrainingConfig, TrainingDataConfig
 from pipelines.lake import Lake
-from pipelines.reward_model import format_conversation, load_tokenizer, pair_conversations
+from pipelines.reward_model import encode, format_conversation, load_tokenizer, pair_conversations
 from storage_schemas import CURATION_STATUS
 
 KEYS = ["source", "pair_id"]
@@ -131,11 +131,10 @@ class PairTokenizer:
             batch["history"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist()
         )
         texts = [format_conversation(self.tokenizer, c) for c in conversations]
-        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        full = np.array([len(i) for i in ids], np.int64)
+        ids, full = encode(self.tokenizer, texts, self.max_length)
         over = (full[:n] > self.max_length) | (full[n:] > self.max_length)
         dropped = over if self.drop else np.zeros(n, bool)
-        cut = [[] if dropped[i % n] else i_ids[-self.max_length :] for i, i_ids in enumerate(ids)]
+        cut = [[] if dropped[i % n] else i_ids for i, i_ids in enumerate(ids)]
         length = np.maximum([len(c) for c in cut[:n]], [len(c) for c in cut[n:]])
         return pa.table(
             {

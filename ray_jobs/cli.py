@@ -20,11 +20,12 @@ from ray_jobs import (
     serve,
     train,
 )
-from ray_jobs.job import configure_logging, global_options
+from ray_jobs.job import configure_logging, global_options, json_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @global_options
+@json_option
 @click.pass_context
 def cli(ctx: click.Context, **options: Any) -> None:
     """synpref: curate LLM preference data at scale and train reward models on it.

@@ -10,7 +10,7 @@ import click
 import mlflow
 
 from pipelines.config import SynprefConfig
-from pipelines.decontamination import DecontaminationOptions, decontaminate
+from pipelines.decontamination import decontaminate
 from pipelines.lake import Lake
 from pipelines.ray_cluster import connect
 from pipelines.tracking import job_run, log_delta_table
@@ -30,14 +30,9 @@ def run_decontaminate(
     config: SynprefConfig, report: Callable[[str], None] = progress
 ) -> dict[str, Any]:
     lake = Lake(config.lake.root, config.lake.storage_options)
-    options = DecontaminationOptions(
-        n=config.decontamination.n,
-        min_tokens=config.decontamination.min_tokens,
-        include_responses=config.decontamination.include_responses,
-    )
     dashboard = connect(config.ray)
     with job_run(config, "decontaminate") as run:
-        summary = decontaminate(lake, options, run.info.run_id, report)
+        summary = decontaminate(lake, config.decontamination, run.info.run_id, report)
         log_delta_table(lake, PAIRS.name, summary.pairs_version, context="input")
         for spec, version in (
             (CONTAMINATION, summary.contamination_version),

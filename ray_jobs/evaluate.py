@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from pipelines.config import SynprefConfig
 from pipelines.evaluation import (
     BENCHMARKS,
+    EVAL_MAPPING_TARGETS,
     EvalDataError,
     EvalResult,
     conversations,
@@ -23,9 +24,11 @@ from pipelines.evaluation import (
     load_items,
     model_scores,
 )
+from pipelines.preference_formats import FormatError, parse_mapping
 from pipelines.ray_cluster import connect
 from pipelines.record_files import file_sha256, filesystem_for, find_record_files
 from pipelines.reward_model import model_version
+from pipelines.rm_registry import registered_as
 from pipelines.scoring import score_conversations
 from pipelines.tracking import job_run, log_input_file
 from ray_jobs.job import (
@@ -46,12 +49,19 @@ def run_eval(
     model: str | None = None,
     scores: str | None = None,
     report: Callable[[str], None] = progress,
+    mapping: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     if (model is None) == (scores is None):
         raise EvalDataError("give exactly one of --model and --scores")
-    items = load_items(benchmark, data)
+    items = load_items(benchmark, data, mapping)
     report(f"[eval] {benchmark}: {len(items):,} items from {data}")
-    params = {"benchmark": benchmark, "data": data, "model": model, "scores": scores}
+    params = {
+        "benchmark": benchmark,
+        "data": data,
+        "model": model,
+        "scores": scores,
+        "mapping": mapping,
+    }
     dashboard = None
     with job_run(config, "eval", params) as run:
         for path in [data] + ([scores] if scores else []):
@@ -61,7 +71,12 @@ def run_eval(
         metrics: dict[str, float] = {}
         if model is not None:
             dashboard = connect(config.ray)
-            mlflow.set_tag("synpref.model_version", model_version(model))
+            fingerprint = model_version(model)
+            mlflow.set_tag("synpref.model_version", fingerprint)
+            registered = registered_as(fingerprint)
+            if registered:
+                mlflow.set_tag("synpref.registered_model", registered)
+                report(f"[eval] {model} is {registered}")
             scored = score_conversations(conversations(items), model, config.scoring, report)
             item_scores = model_scores(items, scored.rewards)
             metrics |= {
@@ -128,6 +143,14 @@ def _category_accuracy(result: EvalResult) -> Figure:
 @click.option("--data", required=True, help="Benchmark file or folder (jsonl, json, parquet).")
 @click.option("--model", help="Reward model: HF id or folder, or heuristic:length.")
 @click.option("--scores", help="Precomputed scores (jsonl; JudgeBench's output format too).")
+@click.option(
+    "--map",
+    "mapping",
+    multiple=True,
+    metavar="TARGET=FIELD.PATH",
+    help="Field paths for other layouts, as for ingest: prompt|history|chosen|rejected|id|category"
+    "=a.b[0].c; a[*].c takes every element (repeat).",
+)
 @global_options
 @json_option
 @click.pass_context
@@ -137,14 +160,16 @@ def command(
     data: str,
     model: str | None,
     scores: str | None,
+    mapping: tuple[str, ...],
     as_json: bool,
     **options: Any,
 ) -> None:
     """Evaluate a reward model (or a scores file) on BENCHMARK with its own rules."""
     config = resolve_config(ctx, **options)
     try:
-        result = run_eval(config, benchmark, data, model, scores)
-    except (EvalDataError, FileNotFoundError) as exc:
+        fields = parse_mapping(list(mapping), EVAL_MAPPING_TARGETS) if mapping else None
+        result = run_eval(config, benchmark, data, model, scores, mapping=fields)
+    except (EvalDataError, FormatError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     emit_job_result(result, as_json)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -43,7 +45,7 @@ def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def resolve_config(ctx: click.Context, **options: Any) -> SynprefConfig:
     """The config from the file, the environment, then flags (command flags over group flags)."""
-    given = dict((ctx.obj or {}) if isinstance(ctx.obj, dict) else {})
+    given = dict(ctx.find_root().obj or {}) if isinstance(ctx.find_root().obj, dict) else {}
     given |= {k: v for k, v in options.items() if k in GLOBAL_OPTIONS and v is not None}
     overrides: dict[str, Any] = {}
     if given.get("lake"):
@@ -82,18 +84,61 @@ def emit_job_result(result: dict[str, Any], as_json: bool) -> None:
 
 
 def emit(summary: dict[str, Any], text: str, as_json: bool) -> None:
-    """End a command: the human summary, or the same summary as one JSON object."""
-    if as_json:
+    """End a command: the human summary, or the same summary as one JSON object (``--json``
+    after the command name or before it, as a global flag)."""
+    context = click.get_current_context(silent=True)
+    root = context.find_root().obj if context is not None else None
+    if as_json or (isinstance(root, dict) and root.get("as_json")):
         click.echo(json.dumps(summary, default=str, sort_keys=True))
     else:
         click.echo(text)
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+LOG_FILE_ENV = "SYNPREF_LOG_FILE"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> Path:
+    """Console for people, a log file for the rest: our progress lines and everyone's warnings
+    go to stderr; Ray's banners, Ray Data's execution plans and progress logs, and every
+    library's INFO lines go to the log file (``synpref.log``, or ``$SYNPREF_LOG_FILE``). Of
+    Ray's own records only errors reach the console. Ray Data draws progress bars when stderr
+    is a terminal."""
+    log_file = Path(os.environ.get(LOG_FILE_ENV, "synpref.log")).resolve()
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter(LOG_FORMAT))
+    to_console = logging.StreamHandler(sys.stderr)
+    to_console.setFormatter(_ConsoleFormatter())
+    to_console.addFilter(_for_people)
+    logging.basicConfig(level=logging.INFO, handlers=[to_file, to_console], force=True)
+    for chatty in ("mlflow", "alembic", "urllib3", "filelock", "httpx", "transformers"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+    import ray.data  # sets up the "ray" and "ray.data" loggers, which we take over
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    ray_logger = logging.getLogger("ray")  # ray.init clears its handlers: use the root's
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+    data_logger = logging.getLogger("ray.data")  # Ray Data keeps handlers of its own
+    for handler in data_logger.handlers:
+        if type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.ERROR)
+    data_logger.addHandler(to_file)
+    return log_file
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """INFO lines as bare messages, like the progress lines; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {super().format(record)}"
+
+
+def _for_people(record: logging.LogRecord) -> bool:
+    """What the console shows: our own INFO lines, Ray's errors, other libraries' warnings."""
+    if record.name == "ray" or record.name.startswith("ray."):
+        return record.levelno >= logging.ERROR
+    return record.levelno >= logging.WARNING or record.name.startswith(("pipelines", "ray_jobs"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 import click
@@ -46,13 +48,24 @@ def command(ctx: click.Context, models: tuple[str, ...], **options: Any) -> None
     connect(config.ray)
     serving = config.serving
     serve.start(http_options={"host": serving.host, "port": serving.port})
+    serve.run(reward_app(served, config.scoring, serving), name=APP_NAME, route_prefix="/")
     progress(
         f"[serve] {', '.join(served)} at http://{serving.host}:{serving.port}/v1/score "
-        "(Ctrl-C stops)"
+        "(Ctrl-C or SIGTERM stops)"
     )
-    serve.run(
-        reward_app(served, config.scoring, serving), name=APP_NAME, route_prefix="/", blocking=True
-    )
+    wait_for_stop_signal()
+    progress("[serve] stopping")
+    serve.shutdown()
+    progress("[serve] stopped")
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM (what Kubernetes sends), so the server shuts down cleanly
+    instead of dying mid-request with a stack dump."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from pipelines.config import SynprefConfig, TrainingConfig
 from pipelines.lake import Lake
 from pipelines.ray_cluster import connect
-from pipelines.rm_registry import log_reward_model, registered_version
+from pipelines.reward_model import model_version
+from pipelines.rm_registry import MODEL_VERSION_TAG, log_reward_model, registered_version
 from pipelines.rm_training import train_reward_model
 from pipelines.tracking import absolute_uri, job_run, log_delta_table
 from ray_jobs.job import (
@@ -49,7 +50,7 @@ def run_train(
     dashboard = connect(config.ray)
     training = config.training
     name = name or run_name(lake, training)
-    with job_run(config, "train", {"run_name": name}) as run:
+    with job_run(config, "train", {"run_name": name}, run_name=name) as run:
         result = train_reward_model(
             lake, training, absolute_uri(config.tracking.uri), run.info.run_id, name, report
         )
@@ -62,7 +63,11 @@ def run_train(
         curves = _curves(run.info.run_id)
         if curves is not None:
             mlflow.log_figure(curves, "training_curves.png")
-        tags = {"synpref.train_run": name, "synpref.step": str(result.selected_step)}
+        tags = {
+            "synpref.train_run": name,
+            "synpref.step": str(result.selected_step),
+            MODEL_VERSION_TAG: model_version(result.model_folder),
+        }
         version = registered_version(training.register_as, tags) if training.register_as else None
         if version is None:
             info, version = log_reward_model(result.model_folder, training.register_as, tags)

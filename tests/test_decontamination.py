@@ -5,12 +5,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipelines.decontamination import (
-    BenchmarkIndex,
-    DecontaminationOptions,
-    find_contamination,
-    tokens,
-)
+from pipelines.config import DecontaminationConfig
+from pipelines.decontamination import BenchmarkIndex, find_contamination, tokens
 from pipelines.ingest import IngestRequest
 from pipelines.synthetic import CorpusSpec, benchmark_prompts, write_corpus
 from ray_jobs.decontaminate import run_decontaminate
@@ -19,17 +15,19 @@ from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
 
 LONG = "Explain in detail how the water cycle moves moisture from the oceans to the mountains and back again"
 SHORT = "Name three primary colours please now"  # 6 words
-TINY = "Write a poem"
+TURN = "Write a poem about cats"  # 5 words: only an identical whole turn matches
+TINY = "Thank you"  # too common to be evidence even as a whole turn
 
 
 def rows(*items, kind="corpus", source="corpus"):
+    """Pairs from (pair_id, prompt or list of user turns, chosen)."""
     return pa.Table.from_pylist(
         [
             {
                 "source": source,
                 "source_kind": kind,
                 "pair_id": pid,
-                "history": [{"role": "user", "content": prompt}],
+                "history": _history([prompt] if isinstance(prompt, str) else prompt),
                 "chosen": chosen,
                 "rejected": "no",
             }
@@ -38,11 +36,23 @@ def rows(*items, kind="corpus", source="corpus"):
     )
 
 
+def _history(turns):
+    history = []
+    for turn in turns:
+        history += [{"role": "user", "content": turn}, {"role": "assistant", "content": "Sure."}]
+    return history[:-1]
+
+
 INDEX = BenchmarkIndex.build(
     rows(
-        ("b1", LONG, "x"), ("b2", SHORT, "y"), ("b3", TINY, "z"), kind="benchmark", source="bench"
+        ("b1", LONG, "x"),
+        ("b2", SHORT, "y"),
+        ("b3", TURN, "z"),
+        ("b4", ["Tell me a story about a dragon and a knight", TINY], "w"),
+        kind="benchmark",
+        source="bench",
     ),
-    DecontaminationOptions(n=13, min_tokens=5),
+    DecontaminationConfig(n=13, min_tokens=6, min_turn_tokens=4),
 )
 
 
@@ -62,22 +72,39 @@ def test_long_prompts_match_by_13_grams_anywhere():
     assert hits(("p3", " ".join(LONG.split()[:12]), "partial overlap of 12 words")) == []
 
 
-def test_short_prompts_match_whole_and_tiny_ones_only_as_a_whole_turn():
+def test_short_prompts_match_whole_and_shorter_ones_only_as_a_whole_turn():
     (short,) = hits(("p1", "so: " + SHORT + " thanks", "ok"))
     assert short["benchmark_pair_id"] == "b2" and short["n"] == 6
-    (tiny,) = hits(("p2", "write a poem", "ok"))
-    assert tiny["benchmark_pair_id"] == "b3"
+    (turn,) = hits(("p2", "write a poem about cats!", "ok"))
+    assert turn["benchmark_pair_id"] == "b3" and turn["ngram"] == "write a poem about cats"
     assert hits(("p3", "Please write a poem about cats", "ok")) == []
+
+
+def test_a_short_turn_of_a_multi_turn_benchmark_is_no_evidence():
+    """The false positive users met: an HH conversation ending with "Thank you." was flagged
+    because a multi-turn benchmark's last turn was "thank you"."""
+    assert hits(("p1", ["How do I bake bread at home?", "Thank you."], "ok")) == []
+    (story,) = hits(("p2", ["hi", "Tell me a story about a dragon and a knight"], "ok"))
+    assert (story["benchmark_pair_id"], story["field"]) == ("b4", "history")
 
 
 def test_benchmark_rows_are_never_flagged_against_themselves():
     assert find_contamination(rows(("b1", LONG, "x"), kind="benchmark"), INDEX, "r").num_rows == 0
 
 
-@pytest.mark.parametrize(("n", "min_tokens"), [(4, 3), (14, 3), (13, 0), (5, 6)])
-def test_bad_options_are_rejected(n, min_tokens):
-    with pytest.raises(ValueError, match="must be"):
-        DecontaminationOptions(n=n, min_tokens=min_tokens)
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"n": 4}, "greater than or equal to 5"),
+        ({"n": 14}, "less than or equal to 13"),
+        ({"min_tokens": 0}, "greater than or equal to 1"),
+        ({"n": 5, "min_tokens": 6}, "must be at most n"),
+        ({"min_turn_tokens": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_options_are_rejected(values, message):
+    with pytest.raises(ValueError, match=message):
+        DecontaminationConfig(**values)
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -107,6 +134,8 @@ def test_planted_benchmark_prompts_are_all_caught_and_clean_pairs_are_not(config
     assert len(planted) == 40
     assert flagged == planted, "every planted pair caught, no clean pair flagged"
     assert result["contaminated_pairs"] == {"web": 40}
+    assert len(result["evidence"]) == 10 and "evidence (10 of 40 pairs" in result["text"]
+    assert {e["pair_id"] for e in result["evidence"]} <= planted
     assert set(result["by_benchmark"]) <= {"rm-bench", "judgebench"}
     status = lake.read("curation_status", where="status = 'contaminated'")
     assert set(status["pair_id"].to_pylist()) == planted

@@ -226,3 +226,96 @@ def test_bad_judgebench_outputs_are_refused(tmp_path, judgments, message):
     items = load_items("judgebench", str(data))
     with pytest.raises(EvalDataError, match=message):
         file_scores(items, str(scores))
+
+
+def _rmb_message(text):
+    return [{"content": text, "language": "English", "role": "user"}]
+
+
+RMB_BON = [  # RMB's BoN_set layout (RMB_dataset/BoN_set/*/*.json), written here: no benchmark data
+    {
+        "conversation_input": _rmb_message("How do I keep basil alive indoors?"),
+        "bon_best": {"llm_name": "m1", "answer": "Give it six hours of sun and water it often."},
+        "loser_list": [
+            {"llm_name": "m2", "answer": "No."},
+            {"llm_name": "m3", "answer": "Basil is a plant."},
+        ],
+        "bon_uid": "1",
+        "category_path": "BoN_set/Helpfulness/Chat/Casual Conversation",
+    },
+    {
+        "conversation_input": _rmb_message("Name a prime number above 10."),
+        "bon_best": {"llm_name": "m1", "answer": "11."},
+        "loser_list": [{"llm_name": "m2", "answer": "Twelve is prime, as is every even number."}],
+        "bon_uid": "2",
+        "category_path": "BoN_set/Helpfulness/Reasoning/Logical Deduction",
+    },
+]
+RMB_BON_MAP = [
+    "prompt=conversation_input",
+    "chosen=bon_best.answer",
+    "rejected=loser_list[*].answer",
+    "id=bon_uid",
+    "category=category_path",
+]
+RMB_PAIRWISE_MAP = [
+    "prompt=conversation_input",
+    "chosen=chosen.answer",
+    "rejected=reject.answer",
+    "id=pair_uid",
+    "category=category_path",
+]
+
+
+def test_rmb_best_of_n_layout_evaluates_through_the_cli_with_field_mappings(
+    config, ray_cluster, tmp_path
+):
+    from click.testing import CliRunner
+
+    from ray_jobs.cli import cli
+
+    data = tmp_path / "S1.json"
+    data.write_text(json.dumps(RMB_BON))
+    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
+    mapping = [arg for spec in RMB_BON_MAP for arg in ("--map", spec)]
+    args = [*flags, "eval", "bestofn", "--data", str(data), "--model", "heuristic:length", *mapping]
+    result = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["items"] == 2
+    # The longest answer wins: the best is longest in item 1, not in item 2.
+    assert summary["metrics"]["accuracy"] == 50.0
+    assert {c["category"] for c in summary["categories"]} == {
+        "BoN_set/Helpfulness/Chat/Casual Conversation",
+        "BoN_set/Helpfulness/Reasoning/Logical Deduction",
+    }
+    unmapped = CliRunner().invoke(cli, [*flags, "eval", "bestofn", "--data", str(data), "--model", "heuristic:length"])
+    assert unmapped.exit_code == 1 and "'prompt' is missing" in unmapped.output
+    bad = [*args[:-2], "--map", "rejected=loser_list.answer"]
+    failed = CliRunner().invoke(cli, bad)
+    assert failed.exit_code == 1 and "field path 'loser_list.answer' not found" in failed.output
+
+
+def test_rmb_pairwise_layout_maps_to_items(tmp_path):
+    record = {
+        "pair_uid": "14587",
+        "conversation_input": _rmb_message("Is the sun a star?"),
+        "chosen": {"llm_name": "a", "answer": "Yes, a G-type star.", "score": 4.5},
+        "reject": {"llm_name": "b", "answer": "No, it is a planet.", "score": 2.5},
+        "category_path": "Pairwise_set/Helpfulness/Open QA/Factual",
+    }
+    data = tmp_path / "Factual.json"
+    data.write_text(json.dumps([record]))
+    from pipelines.preference_formats import parse_mapping
+    from pipelines.evaluation import EVAL_MAPPING_TARGETS
+
+    mapping = parse_mapping(RMB_PAIRWISE_MAP, EVAL_MAPPING_TARGETS)
+    (item,) = load_items("rewardbench", str(data), mapping)
+    assert (item.id, item.chosen, item.rejected) == ("14587", ["Yes, a G-type star."], ["No, it is a planet."])
+    assert item.prompt == [{"role": "user", "content": "Is the sun a star?"}]
+    (judged,) = load_items("judgebench", str(data), mapping)
+    assert judged.label == "A>B"
+    with pytest.raises(EvalDataError, match="3 chosen and 3 rejected"):
+        load_items("rmbench", str(data), mapping)
+    with pytest.raises(EvalDataError, match="needs prompt"):
+        load_items("rewardbench", str(data), {"chosen": "chosen.answer", "rejected": "reject.answer"})

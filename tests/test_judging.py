@@ -25,6 +25,7 @@ from pipelines.judging import (
     panel_verdict,
     parse_logprobs,
     parse_structured,
+    position_warning,
     preference,
 )
 from pipelines.llm_backends import Generation, HFBackend, OpenAIBackend, Sampling
@@ -97,7 +98,9 @@ def stats(url: str) -> dict:
 
 
 def ingest_real(config) -> None:
-    run_ingest(config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **QUIET)
+    run_ingest(
+        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **QUIET
+    )
     run_ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh"), **QUIET)
 
 
@@ -138,11 +141,21 @@ def test_verdicts_within_a_judge_need_both_orders_to_agree():
     position = judge_verdict([_judgment("AB", "chosen", 0.9), _judgment("BA", "rejected", 0.1)])
     assert (position.verdict, position.confidence) == ("inconsistent", pytest.approx(0.8))
     assert judge_verdict([_judgment("AB", "tie"), _judgment("BA", "tie")]).verdict == "tie"
-    even = [_judgment("AB", "chosen"), _judgment("AB", "rejected"), *[_judgment("BA", "chosen")] * 2]
+    even = [
+        _judgment("AB", "chosen"),
+        _judgment("AB", "rejected"),
+        *[_judgment("BA", "chosen")] * 2,
+    ]
     split = judge_verdict(even)
     assert split.verdict == "inconsistent" and "AB: split" in split.detail, "not a tie"
-    samples = [_judgment("AB", "chosen"), _judgment("AB", "chosen"), _judgment("AB", "rejected"),
-               _judgment("BA", "chosen"), _judgment("BA", "chosen"), _judgment("BA", "chosen")]
+    samples = [
+        _judgment("AB", "chosen"),
+        _judgment("AB", "chosen"),
+        _judgment("AB", "rejected"),
+        _judgment("BA", "chosen"),
+        _judgment("BA", "chosen"),
+        _judgment("BA", "chosen"),
+    ]
     assert judge_verdict(samples).verdict == "agree", "majority of the samples of each order"
     one_order = judge_verdict([_judgment("AB", "chosen"), _judgment("BA", None, 0, valid=False)])
     assert (one_order.verdict, one_order.invalid) == ("invalid", 1)
@@ -182,8 +195,12 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
     ingest_real(config)
     logprob = JudgeConfig(name="smol-logprobs", num_cpus=0.5, few_shot=2)
     structured = JudgeConfig(
-        name="smol-json", verdict="structured", max_tokens=16, max_retries=1,
-        max_prompt_tokens=560, num_cpus=0.5,
+        name="smol-json",
+        verdict="structured",
+        max_tokens=16,
+        max_retries=1,
+        max_prompt_tokens=560,
+        num_cpus=0.5,
     )
     config.judging.judges = [logprob, structured]
     config.judging.gold.where = HH_SHORT
@@ -191,7 +208,10 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
     first = run_judge(config, where=where, **QUIET)
     pairs = first["selected"]
     assert pairs == lake.count("pairs", where=where) >= 3
-    assert {r["source"] for r in lake.read("judgments", columns=["source"]).to_pylist()} == {"judgebench", "hh"}
+    assert {r["source"] for r in lake.read("judgments", columns=["source"]).to_pylist()} == {
+        "judgebench",
+        "hh",
+    }
 
     rows = lake.read("judgments").to_pylist()
     assert len(rows) == pairs * 2 * 2, "every pair, both orders, both judges"
@@ -209,7 +229,9 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
         elif not r["valid"]:
             assert r["invalid_reason"].split(":")[0] in {"unparseable", "prompt_too_long"}
             assert r["invalid_reason"].startswith("prompt_too_long") or r["attempts"] == 2
-    assert any(r["invalid_reason"] and r["invalid_reason"].startswith("prompt_too_long") for r in rows)
+    assert any(
+        r["invalid_reason"] and r["invalid_reason"].startswith("prompt_too_long") for r in rows
+    )
 
     verdicts = lake.read("verdicts").to_pylist()
     assert len(verdicts) == pairs * 3, "two judges and the panel"
@@ -231,7 +253,10 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
     run = mlflow.get_run(first["run_id"])
     assert run.data.metrics["smol-logprobs.judgments_new"] == pairs * 2
     assert "smol-logprobs.flip_rate" in run.data.metrics
-    assert run.data.tags["synpref.judge.smol-json.template_hash"] == JudgeIdentity.of(structured).template_hash
+    assert (
+        run.data.tags["synpref.judge.smol-json.template_hash"]
+        == JudgeIdentity.of(structured).template_hash
+    )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
     assert {"judge_verdicts.png", "judge_p_chosen.png"} <= artifacts
 
@@ -240,8 +265,14 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
 
 
 def _openai(url: str, **kwargs) -> OpenAIBackend:
-    options = {"backend": "openai", "base_url": f"{url}/v1", "model": "smollm2",
-               "api_key_env": None, "http_retries": 3, "timeout_s": 30}
+    options = {
+        "backend": "openai",
+        "base_url": f"{url}/v1",
+        "model": "smollm2",
+        "api_key_env": None,
+        "http_retries": 3,
+        "timeout_s": 30,
+    }
     return OpenAIBackend(LLMConfig(**(options | kwargs)))
 
 
@@ -307,8 +338,16 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     config, lake, ray_cluster, server
 ):
     ingest_real(config)
-    judge = JudgeConfig(name="served", backend="openai", base_url=f"{server}/v1", model="smollm2",
-                        api_key_env=None, http_retries=1, concurrency=1, num_cpus=0.5)
+    judge = JudgeConfig(
+        name="served",
+        backend="openai",
+        base_url=f"{server}/v1",
+        model="smollm2",
+        api_key_env=None,
+        http_retries=1,
+        concurrency=1,
+        num_cpus=0.5,
+    )
     config.judging.judges = [judge]
     # The first two requests fail twice each (with one retry): those judgments are recorded
     # as failed requests, not guessed.
@@ -331,14 +370,25 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
 def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, server):
     ingest_real(config)
     config.judging.judges = [
-        JudgeConfig(name="sampled", backend="openai", base_url=f"{server}/v1", model="smollm2",
-                    api_key_env=None, samples_per_order=2, temperature=0.7, num_cpus=0.5,
-                    verdict="structured")
+        JudgeConfig(
+            name="sampled",
+            backend="openai",
+            base_url=f"{server}/v1",
+            model="smollm2",
+            api_key_env=None,
+            samples_per_order=2,
+            temperature=0.7,
+            num_cpus=0.5,
+            verdict="structured",
+        )
     ]
     result = run_judge(config, where=HH_SHORT, limit=1, **QUIET)
     rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
     assert sorted((r["ordering"], r["sample"]) for r in rows) == [
-        ("AB", 0), ("AB", 1), ("BA", 0), ("BA", 1)
+        ("AB", 0),
+        ("AB", 1),
+        ("BA", 0),
+        ("BA", 1),
     ]
     verdict = lake.read("verdicts", where="level = 'judge'").to_pylist()[0]
     assert verdict["votes"] + verdict["invalid"] == 4
@@ -388,12 +438,16 @@ def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
     with pytest.raises(ValueError, match="schema: desired_attributes"):
         parse_attributes(Generation(json.dumps(good | {"desired_attributes": []})))
     with pytest.raises(ValueError, match="schema: object: Field required|schema: guideline"):
-        parse_attributes(Generation(json.dumps({k: v for k, v in good.items() if k != "guideline"})))
+        parse_attributes(
+            Generation(json.dumps({k: v for k, v in good.items() if k != "guideline"}))
+        )
     with pytest.raises(ValueError, match="unparseable"):
         parse_attributes(Generation("I think this is a coding task."))
     # Shown to a judge when configured.
     identity = JudgeIdentity.of(JudgeConfig(show_attributes=True))
-    prompt = judge_prompt(identity, [{"role": "user", "content": "hi"}], "a", "b", "AB", (), attributes.model_dump())
+    prompt = judge_prompt(
+        identity, [{"role": "user", "content": "hi"}], "a", "b", "AB", (), attributes.model_dump()
+    )
     assert "Task category: Coding & Debugging" in prompt[1]["content"]
 
 
@@ -459,8 +513,14 @@ def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, t
     )
     ingest_real(config)
     config.judging.judges = [
-        JudgeConfig(name="vllm-smol", backend="vllm", model=smollm2_folder(tmp_path),
-                    gpu_memory_utilization=0.4, max_model_len=2048, max_prompt_tokens=2000)
+        JudgeConfig(
+            name="vllm-smol",
+            backend="vllm",
+            model=smollm2_folder(tmp_path),
+            gpu_memory_utilization=0.4,
+            max_model_len=2048,
+            max_prompt_tokens=2000,
+        )
     ]
     where = f"{HH_SHORT} AND pair_id < '02'"
     first = run_judge(config, where=where, **QUIET)
@@ -487,3 +547,21 @@ def smollm2_folder(folder: Path) -> str:
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(folder)
     return str(folder)
+
+
+def test_a_judge_that_always_picks_one_position_is_flagged():
+    always_a = {"pairs": 8.0, "first_shown_wins_rate": 1.0}
+    (warning,) = position_warning("smollm2", always_a)
+    assert "chose A (the first response shown) in 100%" in warning and "Real judges" in warning
+    assert "chose B" in position_warning("j", {"pairs": 8.0, "first_shown_wins_rate": 0.05})[0]
+    assert position_warning("j", {"pairs": 8.0, "first_shown_wins_rate": 0.6}) == []
+    assert position_warning("j", {"pairs": 2.0, "first_shown_wins_rate": 1.0}) == [], "too few"
+    assert position_warning("j", {"pairs": 8.0, "first_shown_wins_rate": math.nan}) == []
+
+
+def test_an_annotator_whose_answers_are_all_invalid_is_flagged():
+    from pipelines.attributes import Annotation
+
+    bad = Annotation("k", 1, 8, 0, 8, 8, {"schema": 8}, 100, 44.0, 2)
+    assert "WARNING: 8 of 8 answers are invalid" in bad.text()
+    assert "WARNING" not in Annotation("k", 1, 8, 0, 8, 1, {"schema": 1}, 100, 4.0, 2).text()

@@ -15,6 +15,7 @@ from pipelines.preference_formats import (
     detect_format,
     iter_items,
     pair_id,
+    Reject,
     parse_mapping,
     resolve_path,
 )
@@ -223,9 +224,14 @@ def test_a_missing_mapping_path_is_a_row_error_and_a_bad_mapping_a_usage_error()
         convert({}, "csv", LIMITS)
 
 
-def test_resolve_path_handles_dots_and_indices():
-    record = {"a": [{"b": {"c": "x"}}]}
+def test_resolve_path_handles_dots_indices_and_wildcards():
+    record = {"a": [{"b": {"c": "x"}}, {"b": {"c": "y"}}]}
     assert resolve_path(record, "a[0].b.c") == resolve_path(record, "a.0.b.c") == "x"
+    assert resolve_path(record, "a[*].b.c") == resolve_path(record, "a.*.b.c") == ["x", "y"]
+    with pytest.raises(Reject, match="'\\*' needs a list"):
+        resolve_path(record, "a.0.*")
+    with pytest.raises(Reject, match="not found"):
+        resolve_path(record, "a[*].b.d")
 
 
 # ------------------------------------------------------------------------------ detection

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipelines.ingest import IngestRequest
-from pipelines.reward_model import RewardModel, sigmoid
+from pipelines.reward_model import RewardModel, encode, sigmoid
 from ray_jobs.ingest import run_ingest
 from ray_jobs.score import run_score
 from tests.conftest import HH_HARMLESS, shared_data
@@ -76,3 +76,24 @@ def test_bad_selection_is_a_clear_error(config, lake, ray_cluster):
     config.scoring.actors = 2  # 2 x 1 CPU on the 2-CPU test cluster: reads would starve
     with pytest.raises(ValueError, match="takes all 2 CPUs"):
         run_score(config, "heuristic:length", **QUIET)
+
+
+def test_the_length_read_is_the_smallest_limit_and_cuts_keep_special_tokens(encoder_rm):
+    """MiniLM embeds 512 positions: asking for 4096 (the default) reads 512, never more."""
+    model = RewardModel(encoder_rm, max_length=4096)
+    assert model.max_length == 512
+    assert RewardModel(encoder_rm, max_length=100).max_length == 100
+    assert RewardModel(encoder_rm, max_length=None).max_length == 512
+
+    tokenizer = model._tokenizer
+    ids, full = encode(tokenizer, ["word " * 1000 + "final", "short"], 512)
+    assert full[0] > 512 and len(ids[0]) == 512 and full[1] == len(ids[1]) < 10
+    assert ids[0][0] == tokenizer.cls_token_id and ids[0][-1] == tokenizer.sep_token_id
+    assert tokenizer.convert_ids_to_tokens(ids[0][-2]) == "final", "the end is kept"
+
+    long = [
+        {"role": "user", "content": "tell me more " * 800},
+        {"role": "assistant", "content": "ok"},
+    ]
+    scores = model.score([long, long[-1:]])
+    assert scores.truncated.tolist() == [True, False] and scores.tokens[0] == 512

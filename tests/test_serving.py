@@ -23,14 +23,14 @@ def api(ray_cluster, encoder_rm):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = load_config(None, {"scoring": {"max_length": 128}, "serving": {"max_items": 8}})
+    config = load_config(None, {"serving": {"max_items": 8}})  # the default lengths: 4096 asked
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         reward_app({"minilm": encoder_rm}, config.scoring, config.serving),
         name=APP_NAME,
         route_prefix="/",
     )
-    yield f"http://127.0.0.1:{port}", RewardModel(encoder_rm, max_length=128)
+    yield f"http://127.0.0.1:{port}", RewardModel(encoder_rm, max_length=config.scoring.max_length)
     serve.shutdown()
 
 
@@ -89,6 +89,33 @@ def test_bad_requests_get_a_4xx_with_the_reason(api, body, status, message):
         reply = httpx.post(f"{url}/v1/score", json=body, timeout=60)
     assert reply.status_code == status
     assert message in reply.text
+
+
+def test_one_over_long_request_is_truncated_and_never_fails_its_batch(api):
+    """40 concurrent requests and one far longer than the model reads: every answer is a 200
+    (the batch it joins is scored together), the long one says it was cut from the left."""
+    url, model = api
+    long_prompt = [{"role": "user", "content": "Tell me about Paris. " * 2000}]
+    long_body = {"pairs": [{**PAIR, "prompt": long_prompt}]}
+    bodies = [{"pairs": [{**PAIR, "chosen": f"Paris, answer {i}."}]} for i in range(40)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            requests = [
+                client.post("/v1/score", json=b) for b in [*bodies[:20], long_body, *bodies[20:]]
+            ]
+            return await asyncio.gather(*requests)
+
+    replies = asyncio.run(run())
+    assert [r.status_code for r in replies] == [200] * 41, [
+        r.text for r in replies if r.status_code != 200
+    ]
+    (long_pair,) = replies[20].json()["pairs"]
+    assert long_pair["chosen"]["truncated"] and long_pair["rejected"]["truncated"]
+    first = replies[0].json()["pairs"][0]
+    assert not first["chosen"]["truncated"]
+    alone = model.score([[*MESSAGES, {"role": "assistant", "content": "Paris, answer 0."}]])
+    assert first["chosen"]["raw"] == pytest.approx(alone.rewards[0], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,87 @@
+"""MLflow tracking shared by every job: a new sqlite store survives jobs starting at once,
+failed runs say why, and only secrets are masked in the logged config."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipelines.config import load_config
+from pipelines.tracking import _param_value, job_run
+from tests.conftest import REPO
+
+START_A_JOB = """
+import sys
+from pipelines.config import load_config
+from pipelines.tracking import job_run
+
+root = sys.argv[1]
+config = load_config(None, {
+    "lake": {"root": root + "/lake"},
+    "tracking": {"uri": f"sqlite:///{root}/mlruns.db", "artifact_location": root + "/art"},
+})
+with job_run(config, "race", run_name=sys.argv[2]) as run:
+    print(run.info.run_id)
+"""
+
+
+def test_two_jobs_started_at_once_on_a_new_sqlite_store_both_succeed(tmp_path: Path):
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_A_JOB, str(tmp_path), f"job-{i}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    for job, (_, err) in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, err[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "synpref"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["job-0", "job-1"]
+
+
+def test_a_failed_job_records_its_error_on_the_run(config):
+    with pytest.raises(ValueError, match="the lake is on fire"), job_run(config, "doomed") as run:
+        raise ValueError("the lake is on fire")
+    finished = mlflow.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED"
+    assert finished.data.tags["synpref.error"] == "ValueError: the lake is on fire"
+    trace = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
+    assert "Traceback" in trace and "the lake is on fire" in trace
+
+
+@pytest.mark.parametrize(
+    ("key", "masked"),
+    [
+        ("config.lake.storage_options.AWS_SECRET_ACCESS_KEY", True),
+        ("config.lake.storage_options.AWS_SESSION_TOKEN", True),
+        ("config.lake.storage_options.AZURE_STORAGE_ACCOUNT_KEY", True),
+        ("config.lake.storage_options.GOOGLE_SERVICE_ACCOUNT_KEY", True),
+        ("config.lake.storage_options.password", True),
+        ("config.scoring.batch_tokens", False),
+        ("config.training.micro_batch_tokens", False),
+        ("config.decontamination.min_tokens", False),
+        ("config.judging.judges.max_tokens", False),
+        ("config.judging.annotator.api_key_env", False),
+    ],
+)
+def test_only_secret_names_are_masked(key, masked):
+    assert (_param_value(key, "value") == "***") is masked
+
+
+def test_params_keep_hyperparameters_readable(config):
+    config = load_config(
+        None, {"lake": {"root": config.lake.root}, "tracking": config.tracking.model_dump()}
+    )
+    with job_run(config, "params") as run:
+        pass
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert params["config.training.micro_batch_tokens"] == str(config.training.micro_batch_tokens)
+    assert params["config.scoring.batch_tokens"] == str(config.scoring.batch_tokens)
