@@ -289,7 +289,9 @@ def test_rmb_best_of_n_layout_evaluates_through_the_cli_with_field_mappings(
         "BoN_set/Helpfulness/Chat/Casual Conversation",
         "BoN_set/Helpfulness/Reasoning/Logical Deduction",
     }
-    unmapped = CliRunner().invoke(cli, [*flags, "eval", "bestofn", "--data", str(data), "--model", "heuristic:length"])
+    unmapped = CliRunner().invoke(
+        cli, [*flags, "eval", "bestofn", "--data", str(data), "--model", "heuristic:length"]
+    )
     assert unmapped.exit_code == 1 and "'prompt' is missing" in unmapped.output
     bad = [*args[:-2], "--map", "rejected=loser_list.answer"]
     failed = CliRunner().invoke(cli, bad)
@@ -306,16 +308,22 @@ def test_rmb_pairwise_layout_maps_to_items(tmp_path):
     }
     data = tmp_path / "Factual.json"
     data.write_text(json.dumps([record]))
-    from pipelines.preference_formats import parse_mapping
     from pipelines.evaluation import EVAL_MAPPING_TARGETS
+    from pipelines.preference_formats import parse_mapping
 
     mapping = parse_mapping(RMB_PAIRWISE_MAP, EVAL_MAPPING_TARGETS)
     (item,) = load_items("rewardbench", str(data), mapping)
-    assert (item.id, item.chosen, item.rejected) == ("14587", ["Yes, a G-type star."], ["No, it is a planet."])
+    assert (item.id, item.chosen, item.rejected) == (
+        "14587",
+        ["Yes, a G-type star."],
+        ["No, it is a planet."],
+    )
     assert item.prompt == [{"role": "user", "content": "Is the sun a star?"}]
     (judged,) = load_items("judgebench", str(data), mapping)
     assert judged.label == "A>B"
     with pytest.raises(EvalDataError, match="3 chosen and 3 rejected"):
         load_items("rmbench", str(data), mapping)
     with pytest.raises(EvalDataError, match="needs prompt"):
-        load_items("rewardbench", str(data), {"chosen": "chosen.answer", "rejected": "reject.answer"})
+        load_items(
+            "rewardbench", str(data), {"chosen": "chosen.answer", "rejected": "reject.answer"}
+        )

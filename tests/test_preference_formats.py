@@ -10,12 +10,12 @@ from pipelines.preference_formats import (
     FormatError,
     Limits,
     Pair,
+    Reject,
     Rejection,
     convert,
     detect_format,
     iter_items,
     pair_id,
-    Reject,
     parse_mapping,
     resolve_path,
 )

@@ -48,7 +48,9 @@ def test_losses_match_hand_computed_values():
     weights = torch.tensor([2.0, 1.0, 1.0])
     weighted = (2 * per_pair[0] + per_pair[1] + per_pair[2]) / 4
     assert pairwise_loss(chosen, rejected, weights=weights).item() == pytest.approx(weighted)
-    centred = [p + 0.1 * (c + r) ** 2 for p, c, r in zip(per_pair, [2, 0, -1], [1, 0, 1], strict=True)]
+    centred = [
+        p + 0.1 * (c + r) ** 2 for p, c, r in zip(per_pair, [2, 0, -1], [1, 0, 1], strict=True)
+    ]
     assert pairwise_loss(chosen, rejected, centering=0.1).item() == pytest.approx(sum(centred) / 3)
     # A micro-batch's share of a global batch of total weight 10:
     assert pairwise_loss(chosen, rejected, normaliser=10.0).item() == pytest.approx(
@@ -183,7 +185,9 @@ def test_encoder_backbone_trains_with_drop_policy(config, hh_lake, encoder_rm, t
     dropped = result["pairs_dropped"]
     assert dropped > 0 and result["pairs_truncated"] == 0
     assert result["pairs_trained"] + dropped == result["train_pairs"]
-    assert result["registered_version"] is None and result["model_uri"].startswith("models:/m-")  # logged, not registered
+    assert result["registered_version"] is None and result["model_uri"].startswith(
+        "models:/m-"
+    )  # logged, not registered
 
 
 def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
