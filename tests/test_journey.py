@@ -1,0 +1,119 @@
+"""A new user's journey on the defaults, as the README tells it: ingest HH pairs, train a reward
+model on 1,500 of them, score, evaluate on JudgeBench and RM-Bench, serve it and query it with a
+conversation longer than the model reads, stop the server. Only the lake, the tracking URI and
+the selections are given: every other value is the default a user gets (the lesson of a round
+whose tests all set a small max_length and so never ran the defaults)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import mlflow
+import pytest
+import ray
+from click.testing import CliRunner
+
+from ray_jobs.cli import cli
+from tests.conftest import HH_HARMLESS, JUDGEBENCH, REPO, RM_BENCH, shared_data
+
+TRAIN = "pair_id < 'a6'"  # about 1,500 of HH's 2,303 pairs (ids are hex digests)
+GOLD = "pair_id >= 'd8'"  # about 370 validation pairs, removed from training
+
+
+@pytest.mark.slow
+def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster, tmp_path):
+    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri, "--json"]
+
+    def synpref(*args: str) -> dict:
+        result = CliRunner().invoke(cli, [*flags, *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    synpref("ingest", str(shared_data(HH_HARMLESS)), "--source", "hh")
+    trained = synpref("train", "--name", "journey", "--where", TRAIN, "--validation-where", GOLD)
+    assert 1400 < trained["train_pairs"] < 1600 and trained["validation_pairs"] > 300
+    assert trained["max_length"] == 512, "MiniLM reads 512 tokens, whatever 4096 asks"
+    assert trained["pairs_truncated"] > 0, "HH has conversations over 512 tokens: cut, not a crash"
+    accuracy = trained["selected_metrics"]["val_accuracy"]
+    assert accuracy > 0.58, f"validation accuracy {accuracy:.3f}: the length heuristic gets 0.45"
+    run = mlflow.get_run(trained["run_id"])
+    assert run.info.run_name == "journey"
+    assert run.data.params["config.training.micro_batch_tokens"] != "***"
+    batches = mlflow.MlflowClient().get_metric_history(trained["run_id"], "batch_pairs")
+    global_batch = config.training.global_batch
+    full = [m.value for m in batches].count(global_batch)
+    assert full >= len(batches) - 2, "every worker contributes to every step but the last"
+
+    folder = trained["model_folder"]
+    scored = synpref("score", "--model", folder, "--where", GOLD)
+    assert scored["accuracy"] == pytest.approx(accuracy), "scoring reads what training read"
+
+    judgebench = synpref(
+        "eval", "judgebench", "--data", str(shared_data(JUDGEBENCH)), "--model", folder
+    )
+    assert judgebench["items"] == 350 and 0 < judgebench["metrics"]["accuracy"] < 100
+    tags = mlflow.get_run(judgebench["run_id"]).data.tags
+    assert (
+        tags["synpref.registered_model"]
+        == f"models:/synpref-reward-model/{trained['registered_version']}"
+    )
+    chat = shared_data(RM_BENCH) / "chat_filtered.json"
+    rmbench = synpref("eval", "rmbench", "--data", str(chat), "--model", folder)
+    assert rmbench["items"] == 129
+
+    _serve_query_and_stop(folder, tmp_path)
+
+
+def _serve_query_and_stop(folder: str, tmp_path) -> None:
+    """`synpref serve` in its own process on the session's cluster, as a user runs it; a long
+    conversation is cut, not a 500; SIGTERM stops it cleanly."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.serve",
+            "--model",
+            f"rm={folder}",
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+        ],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "SYNPREF_SERVING__PORT": str(port),
+            "SYNPREF_LOG_FILE": str(tmp_path / "serve.log"),
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
+            time.sleep(1)
+        history = [{"role": "user", "content": "Tell me everything about Paris. " * 600}]
+        body = {
+            "pairs": [{"prompt": history, "chosen": "Paris is the capital.", "rejected": "No."}]
+        }
+        reply = httpx.post(f"{url}/v1/score", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["pairs"][0]["chosen"]["truncated"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=120)
+    assert server.returncode == 0, stderr[-2000:]
+    assert "[serve] stopped" in stderr and "Aborted" not in stderr
