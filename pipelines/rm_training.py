@@ -20,6 +20,7 @@ twice. Every checkpoint is validated first, which makes "best by validation accu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import tempfile
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from ray.data._internal.logical.interfaces import LogicalPlan
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -60,7 +62,7 @@ from pipelines.reward_model import (
     save_reward_model,
 )
 from pipelines.rm_losses import pairwise_loss
-from pipelines.training_data import select_pairs, tokenized_pairs
+from pipelines.training_data import DATA_CPUS, select_pairs, tokenized_pairs
 
 MODEL_DIR = "model"
 STATE_FILE = "state.json"
@@ -117,6 +119,8 @@ class _Worker:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS to int(num_cpus): 1 for 1.5
+            torch.set_num_threads(max(1, math.ceil(self.config.cpus_per_worker)))
         self.tokenizer = load_tokenizer(self.config.backbone, **self.config.backbone_kwargs)
         model = load_backbone(self.config.backbone, self.config.seed, **self.config.backbone_kwargs)
         model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -559,7 +563,7 @@ def train_reward_model(
     )
     local_batch = math.ceil(training.global_batch / training.workers)
     train = tokenized_pairs(lake, selection, selection.train, training)
-    datasets = {"train": train.repartition(target_num_rows_per_block=local_batch)}
+    datasets = {"train": _in_blocks_of(train, local_batch)}
     if n_val:
         # Gold sets are small and read at every validation: tokenise them once.
         validation = tokenized_pairs(lake, selection, selection.validation, training)
@@ -618,6 +622,17 @@ def train_reward_model(
         checkpoint=checkpoint.path,
         model_folder=str(state_folder / MODEL_DIR),
     )
+
+
+def _in_blocks_of(dataset: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """``dataset`` in blocks of at most ``rows`` rows (a streaming repartition, no shuffle).
+
+    Ray Data's ``repartition`` takes no resources argument and its tasks ask for a whole CPU,
+    which is never free beside the training workers on a small machine (the job hangs): the
+    same logical operator is planned with the data pipeline's CPUs instead."""
+    repartition = dataset.repartition(target_num_rows_per_block=rows)._logical_plan.dag
+    light = dataclasses.replace(repartition, ray_remote_args={"num_cpus": DATA_CPUS})
+    return ray.data.Dataset._from_parent(dataset, LogicalPlan(light, dataset.context))
 
 
 class _ProgressLines:
