@@ -209,11 +209,15 @@ class TrainingConfig(_Section):
     """TRL's reward centering: adds coefficient x mean((r_w + r_l)^2)."""
     global_batch: int = Field(default=32, ge=1)
     """Pairs per optimizer step over all workers (gradient accumulation reaches it)."""
-    micro_batch_tokens: int = Field(default=4096, ge=16)
+    micro_batch_tokens: int = Field(default=2048, ge=16)
     """Padded tokens (chosen + rejected) per forward pass; a step runs as many as it needs. On
-    CPUs small is fast (less padding, small attention matrices); on GPUs fill the memory."""
+    CPUs small is fast (MiniLM on one core: 637 tokens/s at 2048, 567 at 4096); on GPUs fill
+    the memory."""
     group_by_length: bool = True
-    """Sort each step's pairs by length before cutting micro-batches (less padding)."""
+    """Pairs of similar length train together, as HF's length-grouped sampler does: each window
+    of ``LENGTH_WINDOW_STEPS`` steps is sorted by length, cut into steps taken in a seeded
+    order, and each step sorted again into micro-batches (less padding, and DDP workers get
+    pairs of similar length at the same step)."""
     learning_rate: float = Field(default=2e-4, gt=0)
     """The default suits the default MiniLM encoder on small data (1,500 HH pairs in one
     epoch: 62% validation accuracy against 56% at 2e-5); decoders want about 1e-5, and the
@@ -224,6 +228,9 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     """Share of the planned steps (epochs x pairs / global_batch) spent warming up."""
     weight_decay: float = Field(default=0.0, ge=0)
+    disable_dropout: bool = True
+    """Train with the backbone's dropout off, as TRL's reward trainer does by default (rewards
+    of the two responses then differ only by the responses)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     epochs: int = Field(default=1, ge=1)
     seed: int = 0

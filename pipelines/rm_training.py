@@ -3,13 +3,14 @@
 Each worker reads its shard of the tokenised training set (``get_dataset_shard``) in steps of
 ``global_batch / workers`` pairs; the set is cut into blocks of that many pairs before it is
 split, so every worker holds about the same share and contributes to every step (Ray Data splits
-by whole blocks: one large block would leave a worker idle and halve the batch). A worker sorts
-a step's pairs by length and cuts them into micro-batches under a padded-token budget (gradient
-accumulation reaches the global batch); chosen and rejected go through one forward pass. The
-loss is normalised by the weight of the whole global batch, so uneven shards and micro-batch
-splits change nothing. Workers move in lockstep: a worker with nothing left runs one-token dummy
-passes, so no collective waits forever and no row is dropped (Ray Train's default split drops up
-to ``workers - 1`` rows to equalise shards; we split unevenly).
+by whole blocks: one large block would leave a worker idle and halve the batch). Pairs of
+similar length train together (``length_grouped_steps``), and a worker cuts a step's pairs into
+micro-batches under a padded-token budget (gradient accumulation reaches the global batch);
+chosen and rejected go through one forward pass. The loss is normalised by the weight of the
+whole global batch, so uneven shards and micro-batch splits change nothing. Workers move in
+lockstep: a worker with nothing left runs one-token dummy passes, so no collective waits forever
+and no row is dropped (Ray Train's default split drops up to ``workers - 1`` rows to equalise
+shards; we split unevenly).
 
 A checkpoint holds the model (HF format, ready to load), optimizer, scheduler and the data
 position: the keys of every pair trained in the current epoch. A restarted or re-run job filters
@@ -26,7 +27,7 @@ import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ SEEN_FILE = "seen.npy"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+LENGTH_WINDOW_STEPS = 8
+"""Steps per window of pairs sorted by length (HF's length-grouped sampler uses 50 batches:
+fewer keeps a small run's order random)."""
 SUMS = ("loss", "weight", "pairs", "correct", "margin", "reward", "reward_sq", "tokens", "padded")
 """Per-pair statistics summed over micro-batches and workers (``loss`` is weighted)."""
 
@@ -124,6 +128,10 @@ class _Worker:
         self.tokenizer = load_tokenizer(self.config.backbone, **self.config.backbone_kwargs)
         model = load_backbone(self.config.backbone, self.config.seed, **self.config.backbone_kwargs)
         model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.config.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.base = model
@@ -325,13 +333,15 @@ def train_worker(setup: WorkerSetup) -> None:
     while state.epoch < config.epochs:
         if state.seen_epoch != state.epoch:  # a new epoch: every pair is trainable again
             state.seen, state.seen_epoch = np.empty(0, np.int64), state.epoch
-        shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_batches(
-            batch_size=local_batch,
+        window = local_batch * (LENGTH_WINDOW_STEPS if config.group_by_length else 1)
+        batches = ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=window,
             batch_format="pyarrow",
             local_shuffle_buffer_size=4 * local_batch,
             local_shuffle_seed=config.seed + state.epoch,
         )
+        if config.group_by_length:
+            batches = length_grouped_steps(batches, local_batch, (config.seed, state.epoch))
         trained = np.sort(state.seen)  # restored from a checkpoint: skip these pairs
         started = time.perf_counter()
         for batch in worker.lockstep_batches(batches):
@@ -373,6 +383,20 @@ def train_worker(setup: WorkerSetup) -> None:
         _validate(worker, state, final)
         worker.log(final, state.step)
         worker.save(state, final | {"final": 1.0})
+
+
+def length_grouped_steps(
+    windows: Iterable[pa.Table], local_batch: int, seed: tuple[int, ...]
+) -> Iterator[pa.Table]:
+    """Steps of ``local_batch`` rows cut from each window sorted by length, in an order drawn
+    from ``seed`` and the window's index only. Every worker draws the same order, so the
+    workers of a step hold pairs of about the same length quantile and none waits long for
+    the others (DDP steps at the pace of the slowest)."""
+    for index, window in enumerate(windows):
+        ordered = window.take(np.argsort(window["length"].to_numpy(), kind="stable"))
+        steps = [ordered.slice(at, local_batch) for at in range(0, ordered.num_rows, local_batch)]
+        for position in np.random.default_rng([*seed, index]).permutation(len(steps)):
+            yield steps[position]
 
 
 def warmup_steps(training: TrainingConfig, total_steps: int) -> int:

@@ -14,18 +14,21 @@ import time
 
 import httpx
 import mlflow
+import pandas as pd
 import pytest
 import ray
 from click.testing import CliRunner
 
+from pipelines.reward_model import RewardModel
 from ray_jobs.cli import cli
 from tests.conftest import HH_HARMLESS, JUDGEBENCH, REPO, RM_BENCH, shared_data
 
 TRAIN = "pair_id < 'a6'"  # about 1,500 of HH's 2,303 pairs (ids are hex digests)
-GOLD = "pair_id >= 'd8'"  # about 370 validation pairs, removed from training
+GOLD = "pair_id >= 'a6'"  # the other 800: validation accuracy within about 1.7 points
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster, tmp_path):
     flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri, "--json"]
 
@@ -36,7 +39,7 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
 
     synpref("ingest", str(shared_data(HH_HARMLESS)), "--source", "hh")
     trained = synpref("train", "--name", "journey", "--where", TRAIN, "--validation-where", GOLD)
-    assert 1400 < trained["train_pairs"] < 1600 and trained["validation_pairs"] > 300
+    assert 1400 < trained["train_pairs"] < 1600 and trained["validation_pairs"] > 750
     assert trained["max_length"] == 512, "MiniLM reads 512 tokens, whatever 4096 asks"
     assert trained["pairs_truncated"] > 0, "HH has conversations over 512 tokens: cut, not a crash"
     accuracy = trained["selected_metrics"]["val_accuracy"]
@@ -48,6 +51,17 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
     global_batch = config.training.global_batch
     full = [m.value for m in batches].count(global_batch)
     assert full >= len(batches) - 2, "every worker contributes to every step but the last"
+    assert trained["pairs_trained"] == trained["train_pairs"]
+    assert run.data.tags["synpref.input.pairs.version"] == str(trained["table_version"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(trained["run_id"])}
+    assert "training_curves.png" in artifacts
+    _registered_model_scores_as_trained(trained)
+
+    # Re-running the same name resumes the finished run: nothing trained, nothing registered.
+    again = synpref("train", "--name", "journey", "--where", TRAIN, "--validation-where", GOLD)
+    assert again["registered_version"] == trained["registered_version"]
+    assert again["checkpoint"] == trained["checkpoint"]
+    assert "loss" not in mlflow.get_run(again["run_id"]).data.metrics
 
     folder = trained["model_folder"]
     scored = synpref("score", "--model", folder, "--where", GOLD)
@@ -67,6 +81,22 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
     assert rmbench["items"] == 129
 
     _serve_query_and_stop(folder, tmp_path)
+
+
+def _registered_model_scores_as_trained(trained: dict) -> None:
+    """The registered pyfunc model and the checkpoint folder give the same rewards, normalised
+    by the validation statistics training saved."""
+    registered = mlflow.pyfunc.load_model(trained["model_uri"])
+    conversations = [
+        [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": a}]
+        for a in ("Mix flour, water, yeast and salt, knead, rise, bake at 230 C.", "No.")
+    ]
+    rewards = registered.predict(pd.DataFrame({"messages": conversations}))
+    direct = RewardModel(trained["model_folder"])
+    assert rewards == pytest.approx(direct.score(conversations).rewards, abs=1e-6)
+    metrics = trained["selected_metrics"]
+    assert direct.reward_mean == pytest.approx(metrics["val_reward_mean"])
+    assert direct.reward_std == pytest.approx(metrics["val_reward_std"])
 
 
 def _serve_query_and_stop(folder: str, tmp_path) -> None:
