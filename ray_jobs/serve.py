@@ -45,27 +45,39 @@ def command(ctx: click.Context, models: tuple[str, ...], **options: Any) -> None
     """Serve reward models: POST /v1/score, GET /healthz, OpenAPI at /docs."""
     config = resolve_config(ctx, **options)
     served = parse_models(models)
-    connect(config.ray)
     serving = config.serving
-    serve.start(http_options={"host": serving.host, "port": serving.port})
-    serve.run(reward_app(served, config.scoring, serving), name=APP_NAME, route_prefix="/")
-    progress(
-        f"[serve] {', '.join(served)} at http://{serving.host}:{serving.port}/v1/score "
-        "(Ctrl-C or SIGTERM stops)"
-    )
-    wait_for_stop_signal()
-    progress("[serve] stopping")
-    serve.shutdown()
-    progress("[serve] stopped")
+    connect(config.ray)
+    stop_on_signals()  # after connecting: ray.init installs a SIGTERM handler that aborts
+    try:
+        serve.start(http_options={"host": serving.host, "port": serving.port})
+        serve.run(reward_app(served, config.scoring, serving), name=APP_NAME, route_prefix="/")
+        progress(
+            f"[serve] {', '.join(served)} at http://{serving.host}:{serving.port}/v1/score "
+            "(Ctrl-C or SIGTERM stops)"
+        )
+        threading.Event().wait()
+    except Stopped:
+        pass
+    finally:
+        progress("[serve] stopping")
+        serve.shutdown()
+        progress("[serve] stopped")
 
 
-def wait_for_stop_signal() -> None:
-    """Block until SIGINT or SIGTERM (what Kubernetes sends), so the server shuts down cleanly
-    instead of dying mid-request with a stack dump."""
-    stop = threading.Event()
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def stop_on_signals() -> None:
+    """SIGINT or SIGTERM (what Kubernetes sends) raise ``Stopped`` wherever the server is, even
+    while it waits for its replicas, so Serve is shut down cleanly instead of the process dying
+    with a stack dump and leaving its actors on the cluster."""
+
+    def stopped(*_: object) -> None:
+        raise Stopped
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, stopped)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import ray
 from click.testing import CliRunner
+from ray import serve
 
 from pipelines.reward_model import RewardModel
 from ray_jobs.cli import cli
@@ -105,35 +106,40 @@ def _serve_query_and_stop(folder: str, tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ray_jobs.serve",
-            "--model",
-            f"rm={folder}",
-            "--ray-address",
-            ray.get_runtime_context().gcs_address,
-        ],
-        cwd=REPO,
-        env={
-            **os.environ,
-            "SYNPREF_SERVING__PORT": str(port),
-            "SYNPREF_LOG_FILE": str(tmp_path / "serve.log"),
-        },
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    errors = tmp_path / "serve.err"
+    with errors.open("w") as stderr:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.serve",
+                "--model",
+                f"rm={folder}",
+                "--ray-address",
+                ray.get_runtime_context().gcs_address,
+            ],
+            cwd=REPO,
+            env={
+                **os.environ,
+                "SYNPREF_SERVING__PORT": str(port),
+                "SYNPREF_LOG_FILE": str(tmp_path / "serve.log"),
+            },
+            stderr=stderr,
+            text=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while True:
             try:
                 if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
+            assert time.monotonic() < deadline and server.poll() is None, (
+                f"serve did not start; free: {ray.available_resources()}\n"
+                f"{errors.read_text()[-3000:]}"
+            )
             time.sleep(1)
         history = [{"role": "user", "content": "Tell me everything about Paris. " * 600}]
         body = {
@@ -144,6 +150,10 @@ def _serve_query_and_stop(folder: str, tmp_path) -> None:
         assert reply.json()["pairs"][0]["chosen"]["truncated"]
     finally:
         server.send_signal(signal.SIGTERM)
-        _, stderr = server.communicate(timeout=120)
-    assert server.returncode == 0, stderr[-2000:]
-    assert "[serve] stopped" in stderr and "Aborted" not in stderr
+        try:
+            server.wait(timeout=120)
+        finally:
+            serve.shutdown()  # whatever happened, the session's cluster is left without Serve
+    log = errors.read_text()
+    assert server.returncode == 0, log[-3000:]
+    assert "[serve] stopped" in log and "Aborted" not in log
