@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 
@@ -20,6 +25,31 @@ JUDGEBENCH = (
     / "data"
     / ("dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl")
 )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(
+    url: str, process: subprocess.Popen, seconds: float, why: Callable[[], str] = str
+) -> None:
+    """Poll ``url`` until it answers 200; kill ``process`` and fail, saying ``why()``, if it
+    exits or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{url} did not come up in {seconds:.0f} s: {why()}")
+        time.sleep(0.5)
 
 
 def shared_data(path: Path) -> Path:
@@ -68,16 +98,11 @@ def s3_endpoint():
     the server's answer.
     """
     import shutil
-    import socket
-    import subprocess
     import sys
-    import time
 
     import boto3
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     executable = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     server = subprocess.Popen(
         [executable, "-H", "127.0.0.1", "-p", str(port)],

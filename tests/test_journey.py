@@ -7,10 +7,8 @@ whose tests all set a small max_length and so never ran the defaults)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import mlflow
@@ -22,7 +20,15 @@ from ray import serve
 
 from pipelines.reward_model import RewardModel
 from ray_jobs.cli import cli
-from tests.conftest import HH_HARMLESS, JUDGEBENCH, REPO, RM_BENCH, shared_data
+from tests.conftest import (
+    HH_HARMLESS,
+    JUDGEBENCH,
+    REPO,
+    RM_BENCH,
+    free_port,
+    shared_data,
+    wait_until_up,
+)
 
 TRAIN = "pair_id < 'a6'"  # about 1,500 of HH's 2,303 pairs (ids are hex digests)
 GOLD = "pair_id >= 'a6'"  # the other 800: validation accuracy within about 1.7 points
@@ -103,9 +109,7 @@ def _registered_model_scores_as_trained(trained: dict) -> None:
 def _serve_query_and_stop(folder: str, tmp_path) -> None:
     """`synpref serve` in its own process on the session's cluster, as a user runs it; a long
     conversation is cut, not a 500; SIGTERM stops it cleanly."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     errors = tmp_path / "serve.err"
     with errors.open("w") as stderr:
         server = subprocess.Popen(
@@ -129,18 +133,12 @@ def _serve_query_and_stop(folder: str, tmp_path) -> None:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, (
-                f"serve did not start; free: {ray.available_resources()}\n"
-                f"{errors.read_text()[-3000:]}"
-            )
-            time.sleep(1)
+        wait_until_up(
+            f"{url}/healthz",
+            server,
+            300,
+            lambda: f"free: {ray.available_resources()}\n{errors.read_text()[-3000:]}",
+        )
         history = [{"role": "user", "content": "Tell me everything about Paris. " * 600}]
         body = {
             "pairs": [{"prompt": history, "chosen": "Paris is the capital.", "rejected": "No."}]

@@ -4,7 +4,6 @@ backend against a real server on the loopback (429, 500 and timeouts injected)."
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from ray_jobs.annotate import run_annotate
 from ray_jobs.ingest import run_ingest
 from ray_jobs.judge import run_judge
 from storage_schemas import TASK_CATEGORIES
-from tests.conftest import HH_HARMLESS, JUDGEBENCH, shared_data
+from tests.conftest import HH_HARMLESS, JUDGEBENCH, free_port, shared_data, wait_until_up
 
 QUIET = {"report": lambda _: None}
 SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
@@ -55,9 +54,7 @@ def hf_backend():
 @pytest.fixture(scope="session")
 def openai_server():
     """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("openai_server.py")), "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -66,17 +63,7 @@ def openai_server():
         cwd=Path(__file__).resolve().parents[1],
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError("the test OpenAI server did not start")
-        time.sleep(0.5)
+    wait_until_up(f"{url}/health", server, 180)
     yield url
     server.terminate()
     server.wait(timeout=10)
@@ -333,22 +320,18 @@ def test_openai_backend_sends_the_key_from_the_environment_only(server, monkeypa
     assert wrong not in failed.error and "***" in failed.error, "the echoed key is redacted"
 
 
+def _served_judge(server: str, name: str, **options) -> JudgeConfig:
+    """A judge on the session's test OpenAI server, with half a CPU per actor."""
+    served = {"backend": "openai", "base_url": f"{server}/v1", "model": "smollm2"}
+    return JudgeConfig(name=name, api_key_env=None, num_cpus=0.5, **served, **options)
+
+
 @pytest.mark.slow
 def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     config, lake, ray_cluster, server
 ):
     ingest_real(config)
-    judge = JudgeConfig(
-        name="served",
-        backend="openai",
-        base_url=f"{server}/v1",
-        model="smollm2",
-        api_key_env=None,
-        http_retries=1,
-        concurrency=1,
-        num_cpus=0.5,
-    )
-    config.judging.judges = [judge]
+    config.judging.judges = [_served_judge(server, "served", http_retries=1, concurrency=1)]
     # The first two requests fail twice each (with one retry): those judgments are recorded
     # as failed requests, not guessed.
     faults(server, *[{"status": 500}] * 4)
@@ -370,17 +353,7 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
 def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, server):
     ingest_real(config)
     config.judging.judges = [
-        JudgeConfig(
-            name="sampled",
-            backend="openai",
-            base_url=f"{server}/v1",
-            model="smollm2",
-            api_key_env=None,
-            samples_per_order=2,
-            temperature=0.7,
-            num_cpus=0.5,
-            verdict="structured",
-        )
+        _served_judge(server, "sampled", samples_per_order=2, temperature=0.7, verdict="structured")
     ]
     result = run_judge(config, where=HH_SHORT, limit=1, **QUIET)
     rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()

@@ -2,7 +2,6 @@
 request gets a 4xx with a message, and a bounded load test completes without errors."""
 
 import asyncio
-import socket
 
 import httpx
 import pytest
@@ -12,6 +11,7 @@ from pipelines.config import load_config
 from pipelines.reward_model import RewardModel, sigmoid
 from pipelines.serving import reward_app
 from ray_jobs.serve import APP_NAME, parse_models
+from tests.conftest import free_port
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PAIR = {"prompt": MESSAGES, "chosen": "Paris.", "rejected": "It is Lyon, I think."}
@@ -20,9 +20,7 @@ PAIR = {"prompt": MESSAGES, "chosen": "Paris.", "rejected": "It is Lyon, I think
 @pytest.fixture(scope="module")
 def api(ray_cluster, encoder_rm):
     """One Serve app (MiniLM RM) for the module, at a free loopback port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = load_config(None, {"serving": {"max_items": 8}})  # the default lengths: 4096 asked
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
