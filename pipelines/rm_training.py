@@ -596,6 +596,7 @@ def train_reward_model(
     storage = training.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    by_accuracy = bool(n_val) and training.select == "best"
     resources = {"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {})
     trainer = ray.train.torch.TorchTrainer(
         _train_loop,
@@ -611,7 +612,8 @@ def train_reward_model(
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=training.keep_checkpoints,
-                checkpoint_score_attribute="val_accuracy" if n_val else "step",
+                # Kept: the best by validation accuracy, or the latest for ``select: last``.
+                checkpoint_score_attribute="val_accuracy" if by_accuracy else "step",
                 checkpoint_score_order="max",
             ),
         ),

@@ -197,6 +197,7 @@ def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice_an_
     training.global_batch = 8
     training.epochs = 2  # the position in the data restarts with each epoch
     training.truncation = "drop"  # pairs over 128 tokens are left out, counted, never trained
+    training.select = "last"  # the final checkpoint holds the last epoch's position
     training.checkpoint_every = training.validate_every = 5
     training.register_as = None
     storage = Path(training.storage_path)
