@@ -249,7 +249,8 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(default=50, ge=1)
     """Steps between checkpoints (model, optimizer, scheduler, data position)."""
     keep_checkpoints: int = Field(default=2, ge=1)
-    """Checkpoints kept besides the latest, best validation accuracy first."""
+    """Checkpoints kept besides the latest: the best by validation accuracy (``select: best``)
+    or the latest ones (``select: last``, or no validation set)."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts from the last checkpoint before the run fails."""
     storage_path: str = "./checkpoints"
