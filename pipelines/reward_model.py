@@ -216,6 +216,16 @@ def load_backbone(backbone: str, seed: int = 0, **kwargs: Any) -> Any:
     )
 
 
+def without_dropout(model: Any) -> Any:
+    """``model`` with every dropout layer at p=0 (TRL's reward trainer trains so by default)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def save_reward_model(
     model: Any,
     tokenizer: Any,

@@ -61,6 +61,7 @@ from pipelines.reward_model import (
     load_backbone,
     load_tokenizer,
     save_reward_model,
+    without_dropout,
 )
 from pipelines.rm_losses import pairwise_loss
 from pipelines.training_data import DATA_CPUS, select_pairs, tokenized_pairs
@@ -129,9 +130,7 @@ class _Worker:
         model = load_backbone(self.config.backbone, self.config.seed, **self.config.backbone_kwargs)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.config.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+            without_dropout(model)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.base = model

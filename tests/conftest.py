@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def wait_until_up(
-    url: str, process: subprocess.Popen, seconds: float, why: Callable[[], str] = str
+    url: str, process: subprocess.Popen, seconds: float, why: Callable[[], str] = lambda: ""
 ) -> None:
     """Poll ``url`` until it answers 200; kill ``process`` and fail, saying ``why()``, if it
     exits or ``seconds`` pass first."""

@@ -1,6 +1,7 @@
 """A new user's journey on the defaults, as the README tells it: ingest HH pairs, train a reward
-model on 1,500 of them, score, evaluate on JudgeBench and RM-Bench, serve it and query it with a
-conversation longer than the model reads, stop the server. Only the lake, the tracking URI and
+model on 1,500 of them (registered, scoring as trained; a re-run resumes the finished run),
+score, evaluate on JudgeBench and RM-Bench, serve it and query it with a conversation longer than
+the model reads, stop the server. Only the lake, the tracking URI and
 the selections are given: every other value is the default a user gets (the lesson of a round
 whose tests all set a small max_length and so never ran the defaults)."""
 

@@ -20,7 +20,13 @@ import torch
 
 from pipelines.config import ConfigError, load_config
 from pipelines.ingest import IngestRequest
-from pipelines.reward_model import RewardModel, length_batches, scored_conversation
+from pipelines.reward_model import (
+    RewardModel,
+    length_batches,
+    load_backbone,
+    scored_conversation,
+    without_dropout,
+)
 from pipelines.rm_losses import pairwise_loss
 from pipelines.rm_training import SEEN_FILE, TrainState, length_grouped_steps
 from pipelines.training_data import row_keys, select_pairs
@@ -110,6 +116,16 @@ def test_workers_get_steps_of_similar_length_and_every_row_once():
     assert [s["length"][0].as_py() for s in steps[0][:8]] != sorted(
         s["length"][0].as_py() for s in steps[0][:8]
     ), "steps are taken in a random order, not from short to long"
+
+
+def test_training_without_dropout_is_deterministic(encoder_rm):
+    model = load_backbone(encoder_rm)
+    model.train()
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])}
+    with torch.no_grad():
+        assert model(**inputs).logits.item() != model(**inputs).logits.item(), "dropout is on"
+        without_dropout(model)
+        assert model(**inputs).logits.item() == model(**inputs).logits.item()
 
 
 @pytest.fixture
