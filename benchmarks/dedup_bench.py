@@ -38,11 +38,11 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, corpus
 
-from pipelines.config import IngestConfig
-from pipelines.dedup import DedupOptions, dedup
-from pipelines.ingest import IngestRequest, ingest
-from pipelines.lake import Lake
-from pipelines.near_dedup import MinHashOptions
+from pipelines.core.config import IngestConfig
+from pipelines.core.lake import Lake
+from pipelines.hygiene.dedup import DedupOptions, dedup
+from pipelines.hygiene.near_dedup import MinHashOptions
+from pipelines.ingest.job import IngestRequest, ingest
 from storage_schemas import PAIRS
 
 DECISION_TABLES = ("dedup_clusters", "conflicts", "curation_status", "minhash_signatures")

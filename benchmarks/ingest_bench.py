@@ -32,12 +32,12 @@ import pyarrow.fs as pafs
 import ray
 from deltalake import write_deltalake
 
-from pipelines.config import IngestConfig, SynprefConfig, load_config
-from pipelines.ingest import IngestRequest, detect_file_format, ingest, normalise_batch
-from pipelines.lake import Lake
-from pipelines.preference_formats import Limits
-from pipelines.record_files import read_records, records_table
-from pipelines.synthetic import CorpusSpec, write_corpus
+from pipelines.core.config import IngestConfig, SynprefConfig, load_config
+from pipelines.core.lake import Lake
+from pipelines.ingest.formats import Limits
+from pipelines.ingest.job import IngestRequest, detect_file_format, ingest, normalise_batch
+from pipelines.ingest.record_files import read_records, records_table
+from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from storage_schemas import PAIRS
 
 OUT = Path(__file__).resolve().parent / "out"

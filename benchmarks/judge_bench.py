@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, job_bench_config
 
-from pipelines.config import JudgeConfig
-from pipelines.ingest import IngestRequest
-from pipelines.judging import JudgeIdentity, judge_prompt
-from pipelines.lake import Lake
-from pipelines.llm_backends import HFBackend
+from pipelines.core.config import JudgeConfig
+from pipelines.core.lake import Lake
+from pipelines.ingest.job import IngestRequest
+from pipelines.judging.job import JudgeIdentity, judge_prompt
+from pipelines.llm.backends import HFBackend
 from ray_jobs.ingest import run_ingest
 from ray_jobs.judge import run_judge
 from storage_schemas import JUDGE_ORDERS

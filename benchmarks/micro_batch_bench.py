@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.preference_formats import Limits, Pair, convert
-from pipelines.prompt_groups import resolve_model
-from pipelines.reward_model import (
+from pipelines.core.batching import length_batches
+from pipelines.core.model_paths import resolve_model
+from pipelines.ingest.formats import Limits, Pair, convert
+from pipelines.rm.model import (
     backbone_max_length,
     encode,
     format_conversation,
-    length_batches,
     load_backbone,
     load_tokenizer,
     pair_conversations,

@@ -16,8 +16,8 @@ import time
 import xxhash
 from datasketch import MinHash
 
-from pipelines.near_dedup import MinHasher, MinHashOptions
-from pipelines.text_normalisation import tokens
+from pipelines.core.text import tokens
+from pipelines.hygiene.near_dedup import MinHasher, MinHashOptions
 
 
 def shingles(text: str) -> list[bytes]:

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, job_bench_config
 
-from pipelines.ingest import IngestRequest
-from pipelines.lake import Lake
-from pipelines.reward_model import format_conversation, init_reward_model, pair_conversations
+from pipelines.core.lake import Lake
+from pipelines.ingest.job import IngestRequest
+from pipelines.rm.model import format_conversation, init_reward_model, pair_conversations
 from ray_jobs.ingest import run_ingest
 from ray_jobs.score import run_score
 

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT
 from score_bench import HH, reward_model
 
-from pipelines.config import load_config
-from pipelines.preference_formats import Limits, Pair, convert
-from pipelines.serving import reward_app
+from pipelines.core.config import load_config
+from pipelines.ingest.formats import Limits, Pair, convert
+from pipelines.rm.serving import reward_app
 
 MAX_LENGTH = 256
 
@@ -68,7 +68,7 @@ def baseline_server(model_path: str, port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from pipelines.reward_model import RewardModel, pair_conversations
+    from pipelines.rm.model import RewardModel, pair_conversations
 
     torch.set_num_threads(2)
     model = RewardModel(model_path, max_length=MAX_LENGTH)

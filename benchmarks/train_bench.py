@@ -36,16 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, job_bench_config
 
-from pipelines.ingest import IngestRequest
-from pipelines.lake import Lake
-from pipelines.prompt_groups import DEFAULT_EMBEDDER, resolve_model
-from pipelines.reward_model import (
+from pipelines.core.lake import Lake
+from pipelines.core.model_paths import DEFAULT_EMBEDDER, resolve_model
+from pipelines.ingest.job import IngestRequest
+from pipelines.rm.losses import pairwise_loss
+from pipelines.rm.model import (
     format_conversation,
     load_backbone,
     load_tokenizer,
     pair_conversations,
 )
-from pipelines.rm_losses import pairwise_loss
 from ray_jobs.ingest import run_ingest
 from ray_jobs.train import run_train
 

@@ -9,12 +9,12 @@ from typing import Any
 import click
 import mlflow
 
-from pipelines.attributes import annotate_pairs
-from pipelines.config import SynprefConfig
-from pipelines.judging import select_pairs
-from pipelines.lake import Lake
-from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table
+from pipelines.attributes.job import annotate_pairs
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, log_delta_table
+from pipelines.judging.job import select_pairs
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

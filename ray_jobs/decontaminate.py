@@ -9,11 +9,11 @@ from typing import Any
 import click
 import mlflow
 
-from pipelines.config import SynprefConfig
-from pipelines.decontamination import decontaminate
-from pipelines.lake import Lake
-from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, log_delta_table
+from pipelines.hygiene.decontamination import decontaminate
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

@@ -10,13 +10,13 @@ import click
 import mlflow
 from matplotlib.figure import Figure
 
-from pipelines.config import SynprefConfig
-from pipelines.dedup import DedupOptions, DedupSummary, dedup
-from pipelines.lake import Lake
-from pipelines.near_dedup import MinHashOptions
-from pipelines.prompt_groups import PromptGroupOptions
-from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, log_delta_table
+from pipelines.hygiene.dedup import DedupOptions, DedupSummary, dedup
+from pipelines.hygiene.near_dedup import MinHashOptions
+from pipelines.hygiene.prompt_groups import PromptGroupOptions
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

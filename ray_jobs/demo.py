@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 
-from pipelines.config import SynprefConfig
-from pipelines.ingest import IngestRequest
-from pipelines.lake import Lake
-from pipelines.ray_cluster import connect
-from pipelines.synthetic import CorpusSpec, benchmark_prompts, write_corpus
-from pipelines.tracking import job_run, run_location
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, run_location
+from pipelines.ingest.job import IngestRequest
+from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corpus
 from ray_jobs.decontaminate import run_decontaminate
 from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest

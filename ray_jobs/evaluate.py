@@ -12,8 +12,12 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipelines.config import SynprefConfig
-from pipelines.evaluation import (
+from pipelines.core.config import SynprefConfig
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, log_input_file
+from pipelines.ingest.formats import FormatError, parse_mapping
+from pipelines.ingest.record_files import file_sha256, filesystem_for, find_record_files
+from pipelines.rm.evaluation import (
     BENCHMARKS,
     EVAL_MAPPING_TARGETS,
     EvalDataError,
@@ -24,13 +28,9 @@ from pipelines.evaluation import (
     load_items,
     model_scores,
 )
-from pipelines.preference_formats import FormatError, parse_mapping
-from pipelines.ray_cluster import connect
-from pipelines.record_files import file_sha256, filesystem_for, find_record_files
-from pipelines.reward_model import model_version
-from pipelines.rm_registry import registered_as
-from pipelines.scoring import score_conversations
-from pipelines.tracking import job_run, log_input_file
+from pipelines.rm.model import model_version
+from pipelines.rm.registry import registered_as
+from pipelines.rm.scoring import score_conversations
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from pipelines.synthetic import CorpusSpec, benchmark_prompts, write_corpus
+from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corpus
 from ray_jobs.job import emit, json_option
 
 

@@ -13,12 +13,12 @@ from typing import Any
 import click
 import mlflow
 
-from pipelines.config import SynprefConfig
-from pipelines.ingest import IngestRequest, IngestSummary, ingest
-from pipelines.lake import Lake
-from pipelines.preference_formats import FORMATS, FormatError, parse_mapping
-from pipelines.ray_cluster import connect
-from pipelines.tracking import job_run, log_delta_table, log_input_file
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, log_delta_table, log_input_file
+from pipelines.ingest.formats import FORMATS, FormatError, parse_mapping
+from pipelines.ingest.job import IngestRequest, IngestSummary, ingest
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

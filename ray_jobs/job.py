@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from pipelines.config import ConfigError, SynprefConfig, TrackingConfig, load_config
-from pipelines.tracking import run_location
+from pipelines.core.config import ConfigError, SynprefConfig, TrackingConfig, load_config
+from pipelines.core.tracking import run_location
 
 GLOBAL_OPTIONS = ("config_path", "lake", "tracking_uri", "ray_address")
 

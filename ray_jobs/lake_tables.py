@@ -9,7 +9,7 @@ from typing import Any
 import click
 from deltalake.exceptions import TableNotFoundError
 
-from pipelines.lake import Lake
+from pipelines.core.lake import Lake
 from ray_jobs.job import emit, global_options, json_option, resolve_config
 from storage_schemas import SCHEMA_VERSION, table_spec
 

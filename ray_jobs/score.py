@@ -11,11 +11,11 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipelines.config import SynprefConfig
-from pipelines.lake import Lake
-from pipelines.ray_cluster import connect
-from pipelines.scoring import score_pairs
-from pipelines.tracking import job_run, log_delta_table
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import job_run, log_delta_table
+from pipelines.rm.scoring import score_pairs
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

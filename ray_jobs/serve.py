@@ -9,8 +9,8 @@ from typing import Any
 import click
 from ray import serve
 
-from pipelines.ray_cluster import connect
-from pipelines.serving import reward_app
+from pipelines.core.ray_cluster import connect
+from pipelines.rm.serving import reward_app
 from ray_jobs.job import configure_logging, global_options, progress, resolve_config
 
 APP_NAME = "synpref-rewards"

@@ -12,13 +12,13 @@ import click
 import mlflow
 from matplotlib.figure import Figure
 
-from pipelines.config import SynprefConfig, TrainingConfig
-from pipelines.lake import Lake
-from pipelines.ray_cluster import connect
-from pipelines.reward_model import model_version
-from pipelines.rm_registry import MODEL_VERSION_TAG, log_reward_model, registered_version
-from pipelines.rm_training import train_reward_model
-from pipelines.tracking import absolute_uri, job_run, log_delta_table
+from pipelines.core.config import SynprefConfig, TrainingConfig
+from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import connect
+from pipelines.core.tracking import absolute_uri, job_run, log_delta_table
+from pipelines.rm.model import model_version
+from pipelines.rm.registry import MODEL_VERSION_TAG, log_reward_model, registered_version
+from pipelines.rm.training import train_reward_model
 from ray_jobs.job import (
     configure_logging,
     emit_job_result,

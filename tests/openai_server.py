@@ -23,8 +23,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pipelines.config import LLMConfig
-from pipelines.llm_backends import HFBackend, Sampling
+from pipelines.core.config import LLMConfig
+from pipelines.llm.backends import HFBackend, Sampling
 
 
 def build_app(backend: HFBackend, api_key: str | None) -> FastAPI:

@@ -108,7 +108,7 @@ def test_the_job_module_runs_as_a_ray_job_against_a_running_cluster(config, tmp_
     (what `ray job submit -- python -m ray_jobs.ingest ...` does on a real cluster)."""
     import ray
 
-    from pipelines.synthetic import CorpusSpec, write_corpus
+    from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 
     (corpus,) = write_corpus(CorpusSpec(pairs=40, seed=5), tmp_path / "c")
     address = ray.get_runtime_context().gcs_address

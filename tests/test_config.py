@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.core.config import ConfigError, load_config
 
 
 def test_defaults_are_the_embedded_local_setup():
@@ -65,7 +65,7 @@ def test_a_bad_flag_value_names_its_key():
 
 
 def test_without_the_checkout_the_field_defaults_apply(monkeypatch, tmp_path):
-    import pipelines.config as config_module
+    import pipelines.core.config as config_module
 
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG", tmp_path / "absent.yaml")
     assert load_config().lake.root == "./lake"

@@ -5,10 +5,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipelines.config import DecontaminationConfig
-from pipelines.decontamination import BenchmarkIndex, find_contamination, tokens
-from pipelines.ingest import IngestRequest
-from pipelines.synthetic import CorpusSpec, benchmark_prompts, write_corpus
+from pipelines.core.config import DecontaminationConfig
+from pipelines.hygiene.decontamination import BenchmarkIndex, find_contamination, tokens
+from pipelines.ingest.job import IngestRequest
+from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corpus
 from ray_jobs.decontaminate import run_decontaminate
 from ray_jobs.ingest import run_ingest
 from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data

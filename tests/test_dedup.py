@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.curation_status import derive
-from pipelines.dedup import (
+from pipelines.core.text import normalise_text
+from pipelines.hygiene.curation_status import derive
+from pipelines.hygiene.dedup import (
     KEYS_SCHEMA,
     DedupOptions,
     content_keys,
     exact_clusters,
     flip_conflicts,
 )
-from pipelines.ingest import IngestRequest
-from pipelines.text_normalisation import normalise_text
+from pipelines.ingest.job import IngestRequest
 from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest
 from storage_schemas import CONTAMINATION

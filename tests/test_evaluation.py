@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipelines.evaluation import (
+from pipelines.rm.evaluation import (
     EvalDataError,
     EvalItem,
     ItemScores,
@@ -20,7 +20,7 @@ from pipelines.evaluation import (
     model_scores,
     rewardbench_metrics,
 )
-from pipelines.reward_model import RewardModel
+from pipelines.rm.model import RewardModel
 from ray_jobs.evaluate import run_eval
 from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
 
@@ -308,8 +308,8 @@ def test_rmb_pairwise_layout_maps_to_items(tmp_path):
     }
     data = tmp_path / "Factual.json"
     data.write_text(json.dumps([record]))
-    from pipelines.evaluation import EVAL_MAPPING_TARGETS
-    from pipelines.preference_formats import parse_mapping
+    from pipelines.ingest.formats import parse_mapping
+    from pipelines.rm.evaluation import EVAL_MAPPING_TARGETS
 
     mapping = parse_mapping(RMB_PAIRWISE_MAP, EVAL_MAPPING_TARGETS)
     (item,) = load_items("rewardbench", str(data), mapping)

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import SynprefConfig
-from pipelines.ingest import IngestRequest, normalise_batch
-from pipelines.lake import Lake
-from pipelines.preference_formats import FormatError, Limits
-from pipelines.record_files import RAW_SCHEMA
-from pipelines.synthetic import BAD_ROW_KINDS, CorpusSpec, write_corpus
+from pipelines.core.config import SynprefConfig
+from pipelines.core.lake import Lake
+from pipelines.ingest.formats import FormatError, Limits
+from pipelines.ingest.job import IngestRequest, normalise_batch
+from pipelines.ingest.record_files import RAW_SCHEMA
+from pipelines.ingest.synthetic import BAD_ROW_KINDS, CorpusSpec, write_corpus
 from ray_jobs.ingest import run_ingest
 from storage_schemas import PAIRS, QUARANTINE
 from tests.conftest import HH_HARMLESS, JUDGEBENCH, RM_BENCH, shared_data

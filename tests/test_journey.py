@@ -19,7 +19,7 @@ import ray
 from click.testing import CliRunner
 from ray import serve
 
-from pipelines.reward_model import RewardModel
+from pipelines.rm.model import RewardModel
 from ray_jobs.cli import cli
 from tests.conftest import (
     HH_HARMLESS,

@@ -13,10 +13,10 @@ import httpx
 import mlflow
 import pytest
 
-from pipelines.attributes import ATTRIBUTE_FIELDS, Attributes, parse_attributes
-from pipelines.config import JudgeConfig, LLMConfig
-from pipelines.ingest import IngestRequest
-from pipelines.judging import (
+from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
+from pipelines.core.config import JudgeConfig, LLMConfig
+from pipelines.ingest.job import IngestRequest
+from pipelines.judging.job import (
     Choice,
     JudgeIdentity,
     judge_prompt,
@@ -27,8 +27,8 @@ from pipelines.judging import (
     position_warning,
     preference,
 )
-from pipelines.llm_backends import Generation, HFBackend, OpenAIBackend, Sampling
-from pipelines.retrieval import SimilarityIndex
+from pipelines.llm.backends import Generation, HFBackend, OpenAIBackend, Sampling
+from pipelines.llm.retrieval import SimilarityIndex
 from ray_jobs.annotate import run_annotate
 from ray_jobs.ingest import run_ingest
 from ray_jobs.judge import run_judge
@@ -369,7 +369,7 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
 
 
 def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
-    from pipelines.config import ConfigError, load_config
+    from pipelines.core.config import ConfigError, load_config
 
     ingest_real(config)
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
@@ -458,7 +458,7 @@ def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
         reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
     )
     hf_backend = request.getfixturevalue("hf_backend")
-    from pipelines.llm_backends import VLLMBackend
+    from pipelines.llm.backends import VLLMBackend
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -509,7 +509,7 @@ def smollm2_folder(folder: Path) -> str:
     cannot save_pretrained, so it is rebuilt from its config and given the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.llm_backends import resolve_llm
+    from pipelines.llm.backends import resolve_llm
 
     path, kwargs = resolve_llm(LLMConfig().model)
     loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -533,7 +533,7 @@ def test_a_judge_that_always_picks_one_position_is_flagged():
 
 
 def test_an_annotator_whose_answers_are_all_invalid_is_flagged():
-    from pipelines.attributes import Annotation
+    from pipelines.attributes.job import Annotation
 
     bad = Annotation("k", 1, 8, 0, 8, 8, {"schema": 8}, 100, 44.0, 2)
     assert "WARNING: 8 of 8 answers are invalid" in bad.text()

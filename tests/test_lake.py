@@ -10,7 +10,7 @@ import pytest
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
-from pipelines.lake import Lake
+from pipelines.core.lake import Lake
 from storage_schemas import PAIRS, QUARANTINE, SCHEMA_VERSION, TABLES, TableSpec, table_spec
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

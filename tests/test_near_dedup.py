@@ -7,9 +7,8 @@ import pyarrow as pa
 import pytest
 import ray
 
-from pipelines.ingest import IngestRequest
-from pipelines.lake import Lake
-from pipelines.near_dedup import (
+from pipelines.core.lake import Lake
+from pipelines.hygiene.near_dedup import (
     MinHasher,
     MinHashOptions,
     SignatureMaker,
@@ -18,7 +17,8 @@ from pipelines.near_dedup import (
     near_pairs,
     node_ids,
 )
-from pipelines.synthetic import CorpusSpec, write_corpus
+from pipelines.ingest.job import IngestRequest
+from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.preference_formats import (
+from pipelines.ingest.formats import (
     FormatError,
     Limits,
     Pair,

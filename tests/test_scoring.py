@@ -5,8 +5,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipelines.ingest import IngestRequest
-from pipelines.reward_model import RewardModel, encode, sigmoid
+from pipelines.ingest.job import IngestRequest
+from pipelines.rm.model import RewardModel, encode, sigmoid
 from ray_jobs.ingest import run_ingest
 from ray_jobs.score import run_score
 from tests.conftest import HH_HARMLESS, shared_data

@@ -7,9 +7,9 @@ import httpx
 import pytest
 from ray import serve
 
-from pipelines.config import load_config
-from pipelines.reward_model import RewardModel, sigmoid
-from pipelines.serving import reward_app
+from pipelines.core.config import load_config
+from pipelines.rm.model import RewardModel, sigmoid
+from pipelines.rm.serving import reward_app
 from ray_jobs.serve import APP_NAME, parse_models
 from tests.conftest import free_port
 

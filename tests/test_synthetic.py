@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipelines.preference_formats import Limits, Pair, convert
-from pipelines.synthetic import (
+from pipelines.ingest.formats import Limits, Pair, convert
+from pipelines.ingest.synthetic import (
     BAD_ROW_KINDS,
     CorpusGenerator,
     CorpusSpec,

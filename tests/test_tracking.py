@@ -8,14 +8,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines.config import load_config
-from pipelines.tracking import _param_value, job_run
+from pipelines.core.config import load_config
+from pipelines.core.tracking import _param_value, job_run
 from tests.conftest import REPO
 
 START_A_JOB = """
 import sys
-from pipelines.config import load_config
-from pipelines.tracking import job_run
+from pipelines.core.config import load_config
+from pipelines.core.tracking import job_run
 
 root = sys.argv[1]
 config = load_config(None, {

@@ -18,18 +18,18 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.config import ConfigError, load_config
-from pipelines.ingest import IngestRequest
-from pipelines.reward_model import (
+from pipelines.core.batching import length_batches
+from pipelines.core.config import ConfigError, load_config
+from pipelines.ingest.job import IngestRequest
+from pipelines.rm.data import row_keys, select_pairs
+from pipelines.rm.losses import pairwise_loss
+from pipelines.rm.model import (
     RewardModel,
-    length_batches,
     load_backbone,
     scored_conversation,
     without_dropout,
 )
-from pipelines.rm_losses import pairwise_loss
-from pipelines.rm_training import SEEN_FILE, TrainState, length_grouped_steps
-from pipelines.training_data import row_keys, select_pairs
+from pipelines.rm.training import SEEN_FILE, TrainState, length_grouped_steps
 from ray_jobs.ingest import run_ingest
 from ray_jobs.train import run_train
 from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf

@@ -3,7 +3,7 @@
 A canonical pair is (history, chosen, rejected): history is the list of {role, content} messages
 before the final assistant turn; chosen and rejected are the two final assistant turns. Every
 format below is converted to that, then validated by the same rules, so a new format only has to
-say where its fields are. Pure Python on one record; ``pipelines.ingest`` applies it to Arrow
+say where its fields are. Pure Python on one record; ``pipelines.ingest.job`` applies it to Arrow
 batches on Ray Data.
 
 Formats (``FORMATS``):
@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from pipelines.core.errors import FormatError
+from pipelines.core.text import Message
 from storage_schemas import ROLES
 
 FORMATS = ("messages", "prompt", "hh", "ratings", "rmbench", "judgebench", "mapping")
@@ -39,12 +41,6 @@ PROMPT_KEYS = ("prompt", "instruction", "question")
 COMPLETION_KEYS = ("completions", "responses")
 COMPLETION_TEXT_KEYS = ("response", "text", "content", "output")
 RATING_KEYS = ("overall_score", "rating", "score")
-
-Message = dict[str, str]
-
-
-class FormatError(ValueError):
-    """The format of a file cannot be detected or a mapping is malformed (a usage error)."""
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
-from pipelines.config import SynprefConfig, TrackingConfig
-from pipelines.lake import Lake
+from pipelines.core.config import SynprefConfig, TrackingConfig
+from pipelines.core.lake import Lake
 from storage_schemas import SCHEMA_VERSION
 
 _SECRET_NAME = re.compile(

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.preference_formats import (
+from pipelines.core.errors import SynprefError
+from pipelines.ingest.formats import (
     MAPPING_TARGETS,
     Message,
     Reject,
@@ -39,8 +40,8 @@ from pipelines.preference_formats import (
     require_content,
     resolve_path,
 )
-from pipelines.record_files import filesystem_for, find_record_files, fs_path, read_records
-from pipelines.reward_model import scored_conversation
+from pipelines.ingest.record_files import filesystem_for, find_record_files, fs_path, read_records
+from pipelines.rm.model import scored_conversation
 
 BENCHMARKS = ("rewardbench", "bestofn", "rmbench", "judgebench")
 EVAL_MAPPING_TARGETS = (*MAPPING_TARGETS, "id", "category")
@@ -75,7 +76,7 @@ REWARDBENCH_WEIGHTS = {"math-prm": 984}
 """Subset weights that differ from the example count (RewardBench's upweighting of math-prm)."""
 
 
-class EvalDataError(ValueError):
+class EvalDataError(SynprefError):
     """A benchmark or scores file that cannot be evaluated; the message names file and record."""
 
 

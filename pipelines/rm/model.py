@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-Message = dict[str, str]
+from pipelines.core.batching import length_batches
+from pipelines.core.text import Message
+
 HEURISTIC_PREFIX = "heuristic:"
 HEURISTICS = ("length",)
 DEFAULT_MAX_LENGTH = 4096
@@ -274,27 +276,6 @@ def model_version(name: str) -> str:
         return name
     stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     return hashlib.blake2b(stamp.encode(), digest_size=8).hexdigest()
-
-
-def length_batches(
-    lengths: np.ndarray, batch_tokens: int, group_by_length: bool = True
-) -> list[np.ndarray]:
-    """Indices packed into batches whose padded size (members x longest) is within
-    ``batch_tokens``; grouped by ascending length unless ``group_by_length`` is off (then in
-    input order, which pads each batch to a random long member)."""
-    order = np.argsort(lengths, kind="stable") if group_by_length else np.arange(len(lengths))
-    batches, start = [], 0
-    while start < len(order):
-        end = start + 1
-        longest = lengths[order[start]]
-        while end < len(order):
-            longest = max(longest, lengths[order[end]])
-            if (end - start + 1) * longest > batch_tokens:
-                break
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

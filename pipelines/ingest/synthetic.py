@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.preference_formats import Limits, Pair, convert, detect_format
+from pipelines.ingest.formats import Limits, Pair, convert, detect_format
 
 BAD_ROW_KINDS = (
     "malformed_json",

@@ -30,12 +30,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines.curation_status import rebuild_status
-from pipelines.lake import Lake
-from pipelines.near_dedup import MinHashOptions, near_duplicates
-from pipelines.preference_formats import pair_id as content_hash
-from pipelines.prompt_groups import PromptGroupOptions, prompt_groups
-from pipelines.text_normalisation import normalise_text
+from pipelines.core.lake import Lake
+from pipelines.core.text import normalise_text
+from pipelines.hygiene.curation_status import rebuild_status
+from pipelines.hygiene.near_dedup import MinHashOptions, near_duplicates
+from pipelines.hygiene.prompt_groups import PromptGroupOptions, prompt_groups
+from pipelines.ingest.formats import pair_id as content_hash
 from storage_schemas import CONFLICTS, CURATION_STATUS, DEDUP_CLUSTERS, PAIRS
 
 ConflictPolicy = Literal["majority", "source_priority", "judge"]

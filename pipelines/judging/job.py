@@ -44,10 +44,11 @@ import pyarrow.compute as pc
 import ray
 from deltalake.exceptions import DeltaError
 
-from pipelines.attributes import annotator_key, attributes_text, valid_attributes
-from pipelines.config import JudgeConfig, JudgingConfig
-from pipelines.lake import Lake, pair_keys
-from pipelines.llm_backends import (
+from pipelines.attributes.job import annotator_key, attributes_text, valid_attributes
+from pipelines.core.config import JudgeConfig, JudgingConfig
+from pipelines.core.lake import Lake, pair_keys
+from pipelines.core.text import prompt_text
+from pipelines.llm.backends import (
     Answer,
     Generation,
     Message,
@@ -55,8 +56,7 @@ from pipelines.llm_backends import (
     answer_with_retries,
     load_backend,
 )
-from pipelines.prompt_groups import prompt_text
-from pipelines.retrieval import Embedder, NearestGold, build_index
+from pipelines.llm.retrieval import Embedder, NearestGold, build_index
 from storage_schemas import JUDGE_ORDERS, JUDGMENTS, PAIRS, VERDICTS
 
 PREFILL = '{"winner": "'

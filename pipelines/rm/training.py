@@ -52,19 +52,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import get_scheduler
 
-from pipelines.config import TrainingConfig
-from pipelines.lake import Lake
-from pipelines.prompt_groups import resolve_model
-from pipelines.reward_model import (
+from pipelines.core.batching import length_batches
+from pipelines.core.config import TrainingConfig
+from pipelines.core.lake import Lake
+from pipelines.core.model_paths import resolve_model
+from pipelines.rm.data import DATA_CPUS, select_pairs, tokenized_pairs
+from pipelines.rm.losses import pairwise_loss
+from pipelines.rm.model import (
     backbone_max_length,
-    length_batches,
     load_backbone,
     load_tokenizer,
     save_reward_model,
     without_dropout,
 )
-from pipelines.rm_losses import pairwise_loss
-from pipelines.training_data import DATA_CPUS, select_pairs, tokenized_pairs
 
 MODEL_DIR = "model"
 STATE_FILE = "state.json"

@@ -39,8 +39,8 @@ import xxhash
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipelines.lake import Lake
-from pipelines.text_normalisation import tokens
+from pipelines.core.lake import Lake
+from pipelines.core.text import tokens
 from storage_schemas import DEDUP_CLUSTERS, MINHASH_SIGNATURES, PAIRS
 
 _SHINGLES_PER_CHUNK = 1024

@@ -15,11 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipelines.core.errors import ConfigError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
 
 
 class _Section(BaseModel):
@@ -331,7 +329,7 @@ class JudgeConfig(LLMConfig):
     """How the judge is named in tables and reports (its cache identity is model, template and
     sampling parameters, not the name)."""
     template: str = "pairwise-v1"
-    """Versioned prompt template (``pipelines.judging.TEMPLATES``); its hash is recorded."""
+    """Versioned prompt template (``pipelines.judging.job.TEMPLATES``); its hash is recorded."""
     verdict: Literal["logprobs", "structured"] = "logprobs"
     """``logprobs``: the answer is prefilled up to the choice and the probabilities of the
     choice tokens decide (needs an engine that returns logprobs and continues a prefilled

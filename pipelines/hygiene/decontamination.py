@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines.config import DecontaminationConfig
-from pipelines.curation_status import rebuild_status
-from pipelines.lake import Lake
-from pipelines.text_normalisation import tokens
+from pipelines.core.config import DecontaminationConfig
+from pipelines.core.lake import Lake
+from pipelines.core.text import tokens
+from pipelines.hygiene.curation_status import rebuild_status
 from storage_schemas import CONTAMINATION, PAIRS
 
 

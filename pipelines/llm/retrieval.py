@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.lake import Lake
-from pipelines.prompt_groups import prompt_text, resolve_model
+from pipelines.core.lake import Lake
+from pipelines.core.model_paths import resolve_model
+from pipelines.core.text import prompt_text
 from storage_schemas import PAIRS
 
 

@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import LLMConfig
-from pipelines.lake import Lake
-from pipelines.llm_backends import Generation, Message, Sampling, answer_with_retries, load_backend
-from pipelines.prompt_groups import prompt_text
+from pipelines.core.config import LLMConfig
+from pipelines.core.lake import Lake
+from pipelines.core.text import prompt_text
+from pipelines.llm.backends import Generation, Message, Sampling, answer_with_retries, load_backend
 from storage_schemas import ATTRIBUTES, CONTROVERSIALITY, OBJECTIVITY, PAIRS, TASK_CATEGORIES
 
 ATTRIBUTE_FIELDS = (

@@ -28,7 +28,7 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
     with the assistant response). Output: the raw reward of each conversation."""
 
     def load_context(self, context: Any) -> None:
-        from pipelines.reward_model import RewardModel
+        from pipelines.rm.model import RewardModel
 
         self.model = RewardModel(context.artifacts[ARTIFACT], max_length=None)
 

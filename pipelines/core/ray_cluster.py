@@ -6,7 +6,7 @@ import os
 
 import ray
 
-from pipelines.config import RayConfig
+from pipelines.core.config import RayConfig
 
 
 def connect(config: RayConfig) -> str | None:

@@ -21,9 +21,9 @@ import ray
 import xxhash
 from deltalake.exceptions import DeltaError
 
-from pipelines.config import TrainingConfig, TrainingDataConfig
-from pipelines.lake import Lake
-from pipelines.reward_model import encode, format_conversation, load_tokenizer, pair_conversations
+from pipelines.core.config import TrainingConfig, TrainingDataConfig
+from pipelines.core.lake import Lake
+from pipelines.rm.model import encode, format_conversation, load_tokenizer, pair_conversations
 from storage_schemas import CURATION_STATUS
 
 KEYS = ["source", "pair_id"]

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.lake import Lake
+from pipelines.core.lake import Lake
 from storage_schemas import CONFLICTS, CONTAMINATION, CURATION_STATUS, DEDUP_CLUSTERS
 
 KEPT = ("kept", "no duplicate, conflict or contamination found")

@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 import ray
 from deltalake.exceptions import DeltaError
 
-from pipelines.config import ScoringConfig
-from pipelines.lake import Lake
-from pipelines.preference_formats import Message
-from pipelines.reward_model import RewardModel, model_version, pair_conversations, sigmoid
+from pipelines.core.config import ScoringConfig
+from pipelines.core.lake import Lake
+from pipelines.ingest.formats import Message
+from pipelines.rm.model import RewardModel, model_version, pair_conversations, sigmoid
 from storage_schemas import PAIRS, RM_SCORES
 
 

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipelines.config import DEFAULT_JUDGE_MODEL, LLMConfig
-from pipelines.reward_model import length_batches
+from pipelines.core.batching import length_batches
+from pipelines.core.config import DEFAULT_JUDGE_MODEL, LLMConfig
+from pipelines.core.text import Message
 
-Message = dict[str, str]
 Prompts = Sequence[Sequence[Message]]
 """Chat prompts; a final assistant message is a prefilled answer to continue."""
 TOP_LOGPROBS = 20

@@ -30,9 +30,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import ray
 
-from pipelines.config import IngestConfig
-from pipelines.lake import Lake
-from pipelines.preference_formats import (
+from pipelines.core.config import IngestConfig
+from pipelines.core.lake import Lake
+from pipelines.ingest.formats import (
     BENCHMARK_FORMATS,
     FormatError,
     Limits,
@@ -42,7 +42,7 @@ from pipelines.preference_formats import (
     iter_items,
     parse_json,
 )
-from pipelines.record_files import (
+from pipelines.ingest.record_files import (
     RecordFileDatasource,
     file_sha256,
     filesystem_for,

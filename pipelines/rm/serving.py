@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipelines.config import ScoringConfig, ServingConfig
-from pipelines.reward_model import model_version, pair_conversations, sigmoid
-from pipelines.scoring import load_model
+from pipelines.core.config import ScoringConfig, ServingConfig
+from pipelines.rm.model import model_version, pair_conversations, sigmoid
+from pipelines.rm.scoring import load_model
 
 Text = Annotated[str, StringConstraints(min_length=1)]
 

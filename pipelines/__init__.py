@@ -1,0 +1,1 @@
+"""synpref library: one subpackage per step of the curation process (docs/architecture.md)."""

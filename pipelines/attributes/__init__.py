@@ -1,0 +1,1 @@
+"""Pair attributes (task category, difficulty, guideline) annotated by an LLM."""

@@ -1,0 +1,3 @@
+"""LLM-as-judge: templates, cache identity, verdict parsing, the judging actor, verdicts and judge
+quality.
+"""

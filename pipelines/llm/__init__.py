@@ -1,0 +1,1 @@
+"""LLM and embedding backends shared by judging, attributes and prompt grouping."""
