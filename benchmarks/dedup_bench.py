@@ -38,10 +38,9 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, corpus
 
-from pipelines.core.config import IngestConfig
+from pipelines.core.config import DedupConfig, IngestConfig
 from pipelines.core.lake import Lake
-from pipelines.hygiene.dedup import DedupOptions, dedup
-from pipelines.hygiene.near_dedup import MinHashOptions
+from pipelines.hygiene.dedup import dedup
 from pipelines.ingest.job import IngestRequest, ingest
 from storage_schemas import PAIRS
 
@@ -110,7 +109,7 @@ def quality(flagged: set[str], family: dict[str, int], flips: set[str]) -> dict:
 
 
 def run_synpref(lake: Lake) -> tuple[float, float, set[str], dict]:
-    options = DedupOptions(minhash=MinHashOptions())
+    options = DedupConfig()
     with PeakMemory() as memory:
         started = time.perf_counter()
         summary = dedup(lake, options, run_id="bench", progress=print)

@@ -16,8 +16,9 @@ import time
 import xxhash
 from datasketch import MinHash
 
+from pipelines.core.config import MinHashConfig
 from pipelines.core.text import tokens
-from pipelines.hygiene.near_dedup import MinHasher, MinHashOptions
+from pipelines.hygiene.near_dedup import MinHasher
 
 
 def shingles(text: str) -> list[bytes]:
@@ -34,7 +35,7 @@ def main() -> None:
     texts = [" ".join(rng.choice(vocabulary) for _ in range(150)) for _ in range(args.texts)]
 
     started = time.perf_counter()
-    MinHasher(MinHashOptions()).signatures(texts)
+    MinHasher(MinHashConfig()).signatures(texts)
     ours = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.core.config import DedupConfig
 from pipelines.core.text import normalise_text
 from pipelines.hygiene.curation_status import derive
 from pipelines.hygiene.dedup import (
     KEYS_SCHEMA,
-    DedupOptions,
     content_keys,
     exact_clusters,
     flip_conflicts,
@@ -75,14 +75,14 @@ def test_representative_is_the_most_trusted_source_then_the_smallest_pair_id():
         ("gold", "z9", USER, "x", "y"),
         ("web", "a0", USER, "x ", "y"),
     )
-    clusters = exact_clusters(k, DedupOptions(source_priority=("gold",)), "run").to_pylist()
+    clusters = exact_clusters(k, DedupConfig(source_priority=["gold"]), "run").to_pylist()
     assert {(c["source"], c["pair_id"]) for c in clusters} == {
         ("web", "a1"),
         ("gold", "z9"),
         ("web", "a0"),
     }
     assert {c["representative_pair_id"] for c in clusters} == {"z9"}
-    plain = exact_clusters(k, DedupOptions(), "run").to_pylist()
+    plain = exact_clusters(k, DedupConfig(), "run").to_pylist()
     assert {c["representative_pair_id"] for c in plain} == {"a0"}
     assert all(c["cluster_size"] == 3 for c in plain)
 
@@ -102,7 +102,7 @@ def test_flips_are_conflicts_resolved_by_the_policy(policy, priority, expected):
         ("flipper", "p3", USER, "2", "3"),
     )
     conflicts = flip_conflicts(
-        k, DedupOptions(conflict_policy=policy, source_priority=priority), "run"
+        k, DedupConfig(conflict_policy=policy, source_priority=priority), "run"
     )
     side_of = {r["pair_id"]: r["side"] for r in conflicts.to_pylist()}
     outcome = {r["side"]: r["resolution"] for r in conflicts.to_pylist()}
@@ -112,7 +112,7 @@ def test_flips_are_conflicts_resolved_by_the_policy(policy, priority, expected):
 
 def test_a_tie_is_never_resolved_silently():
     k = keys(("s", "p1", USER, "3", "2"), ("s", "p2", USER, "2", "3"))
-    conflicts = flip_conflicts(k, DedupOptions(conflict_policy="majority"), "run")
+    conflicts = flip_conflicts(k, DedupConfig(conflict_policy="majority"), "run")
     assert set(conflicts["resolution"].to_pylist()) == {"unresolved"}
 
 
@@ -123,7 +123,7 @@ def test_status_precedence_conflict_over_duplicate_over_kept():
         ("s", "p3", USER, "2", "3"),
         ("s", "p4", USER, "4", "5"),
     )
-    options = DedupOptions(conflict_policy="majority")
+    options = DedupConfig(conflict_policy="majority")
     no_contamination = CONTAMINATION.schema.empty_table()
     status = derive(
         k, exact_clusters(k, options, "r"), flip_conflicts(k, options, "r"), no_contamination, "r"
@@ -153,7 +153,7 @@ def test_decisions_are_deterministic_and_order_independent(rows, rnd):
             for i, (s, q, c, r) in enumerate(rows)
         ]
     )
-    options = DedupOptions(source_priority=("s2",))
+    options = DedupConfig(source_priority=["s2"])
 
     def decide(t):
         k = content_keys(t)
@@ -168,8 +168,8 @@ def test_decisions_are_deterministic_and_order_independent(rows, rnd):
 
 def test_empty_input_makes_no_decisions():
     empty = KEYS_SCHEMA.empty_table()
-    assert exact_clusters(empty, DedupOptions(), "r").num_rows == 0
-    assert flip_conflicts(empty, DedupOptions(), "r").num_rows == 0
+    assert exact_clusters(empty, DedupConfig(), "r").num_rows == 0
+    assert flip_conflicts(empty, DedupConfig(), "r").num_rows == 0
 
 
 # ------------------------------------------------------------------------------ the job

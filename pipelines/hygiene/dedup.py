@@ -19,26 +19,31 @@ and (``casefold=True``) case folded. Raw pairs are never changed: decisions are 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from matplotlib.figure import Figure
 
+from pipelines.core import reporting
+from pipelines.core.config import DedupConfig
+from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.text import normalise_text
 from pipelines.hygiene.curation_status import rebuild_status
-from pipelines.hygiene.near_dedup import MinHashOptions, near_duplicates
-from pipelines.hygiene.prompt_groups import PromptGroupOptions, prompt_groups
+from pipelines.hygiene.near_dedup import near_duplicates
+from pipelines.hygiene.prompt_groups import prompt_groups
 from pipelines.ingest.formats import pair_id as content_hash
 from storage_schemas import CONFLICTS, CURATION_STATUS, DEDUP_CLUSTERS, PAIRS
 
-ConflictPolicy = Literal["majority", "source_priority", "judge"]
+log = logging.getLogger(__name__)
+
 
 KEYS_SCHEMA = pa.schema(
     [
@@ -50,26 +55,6 @@ KEYS_SCHEMA = pa.schema(
         pa.field("prompt_key", pa.string(), nullable=False),
     ]
 )
-
-
-@dataclass(frozen=True)
-class DedupOptions:
-    casefold: bool = False
-    conflict_policy: ConflictPolicy = "majority"
-    source_priority: tuple[str, ...] = ()
-    """Sources in order of trust: the representative of a cluster comes from the first one
-    (then the smallest pair_id); ``source_priority`` conflicts are won by it."""
-    minhash: MinHashOptions | None = field(default_factory=MinHashOptions)
-    """Near-duplicate detection (``None``: exact dedup and flips only)."""
-    prompt_groups: PromptGroupOptions | None = None
-    """Prompt-level semantic groups (optional: it embeds every distinct prompt)."""
-
-    def rank(self, source: str) -> int:
-        return (
-            self.source_priority.index(source)
-            if source in self.source_priority
-            else len(self.source_priority)
-        )
 
 
 def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
@@ -103,12 +88,12 @@ def content_keys(batch: pa.Table, casefold: bool = False) -> pa.Table:
     )
 
 
-def _ranked(keys: pa.Table, options: DedupOptions) -> pa.Table:
+def _ranked(keys: pa.Table, options: DedupConfig) -> pa.Table:
     ranks = [options.rank(s) for s in keys["source"].to_pylist()]
     return keys.append_column("rank", pa.array(ranks, pa.int32()))
 
 
-def exact_clusters(keys: pa.Table, options: DedupOptions, run_id: str) -> pa.Table:
+def exact_clusters(keys: pa.Table, options: DedupConfig, run_id: str) -> pa.Table:
     """``dedup_clusters`` rows (method ``exact``) for every exact key shared by two or more pairs.
 
     The representative is the member from the highest-priority source, then the smallest
@@ -144,7 +129,7 @@ def exact_clusters(keys: pa.Table, options: DedupOptions, run_id: str) -> pa.Tab
     ).sort_by([("cluster_id", "ascending"), ("source", "ascending"), ("pair_id", "ascending")])
 
 
-def flip_conflicts(keys: pa.Table, options: DedupOptions, run_id: str) -> pa.Table:
+def flip_conflicts(keys: pa.Table, options: DedupConfig, run_id: str) -> pa.Table:
     """``conflicts`` rows for every flip key seen on both sides, resolved by the policy."""
     ranked = _ranked(keys, options)
     per_side = ranked.group_by(["flip_key", "side"]).aggregate(
@@ -189,7 +174,7 @@ def flip_conflicts(keys: pa.Table, options: DedupOptions, run_id: str) -> pa.Tab
 
 
 def _resolve(
-    mine: tuple[int, int], theirs: tuple[int, int], options: DedupOptions
+    mine: tuple[int, int], theirs: tuple[int, int], options: DedupConfig
 ) -> tuple[str, str]:
     """(resolution, reason) for one side; ``mine``/``theirs`` are (votes, best source rank)."""
     if options.conflict_policy == "majority":
@@ -206,7 +191,8 @@ def _resolve(
 
 
 @dataclass
-class DedupSummary:
+class DedupSummary(JobSummary):
+    job: ClassVar[str] = "dedup"
     pairs_version: int
     pairs: int
     exact_clusters: int
@@ -245,6 +231,35 @@ class DedupSummary:
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
 
+    def inputs(self) -> list[TableVersion]:
+        return [TableVersion(PAIRS.name, self.pairs_version)]
+
+    def outputs(self) -> list[TableVersion]:
+        return [TableVersion(t, v) for t, v in self.written.items() if v is not None]
+
+    def metrics(self) -> dict[str, float]:
+        counts = {
+            "pairs": self.pairs,
+            "exact_clusters": self.exact_clusters,
+            "exact_duplicates": self.exact_duplicates,
+            "near_clusters": self.near_clusters,
+            "near_duplicates": self.near_duplicates,
+            "prompt_groups": self.prompt_groups,
+            "conflicts": self.conflicts,
+            "conflict_pairs_overruled": self.conflict_pairs_overruled,
+            "conflict_pairs_unresolved": self.conflict_pairs_unresolved,
+        }
+        return counts | {
+            f"status.{source}.{status}": n
+            for source, by_status in self.by_source.items()
+            for status, n in by_status.items()
+        }
+
+    def figures(self, lake: Lake) -> dict[str, Figure]:
+        if not any(self.cluster_sizes.values()):
+            return {}
+        return {"cluster_sizes.png": reporting.cluster_sizes(self.cluster_sizes)}
+
 
 CORPUS = pc.field("source_kind") == "corpus"
 """Hygiene applies to training data; benchmark sources are only read to decontaminate."""
@@ -276,21 +291,19 @@ DECISION_COLUMNS = {
 """Columns whose change makes a re-run rewrite a decision row (run ids and times do not)."""
 
 
-def dedup(
-    lake: Lake, options: DedupOptions, run_id: str, progress: Callable[[str], None] = print
-) -> DedupSummary:
+def dedup(lake: Lake, options: DedupConfig, run_id: str) -> DedupSummary:
     """Exact dedup, flip detection and near-dedup over all pairs; writes the decision tables."""
     started = time.perf_counter()
     version = lake.version(PAIRS.name)
     keys = compute_keys(lake, version, options.casefold)
-    progress(
+    log.info(
         f"[dedup] content keys of {keys.num_rows:,} pairs (pairs v{version}) "
         f"in {time.perf_counter() - started:.1f}s"
     )
     exact = exact_clusters(keys, options, run_id)
     conflicts = flip_conflicts(keys, options, run_id)
     near = DEDUP_CLUSTERS.schema.empty_table()
-    if options.minhash is not None:
+    if options.minhash.enabled:
         # near-duplicates among the pairs that are not exact duplicates of another pair
         repeats = exact.filter(
             pc.or_(
@@ -298,11 +311,9 @@ def dedup(
                 pc.not_equal(exact["source"], exact["representative_source"]),
             )
         )
-        near = near_duplicates(
-            lake, version, repeats, options.minhash, options.rank, run_id, progress
-        )
+        near = near_duplicates(lake, version, repeats, options.minhash, options.rank, run_id)
     prompts = DEDUP_CLUSTERS.schema.empty_table()
-    if options.prompt_groups is not None:
+    if options.prompt_groups.enabled:
         prompts = prompt_groups(lake, version, keys, options.prompt_groups, run_id)
     clusters = pa.concat_tables([exact, near, prompts])
     written = {}
@@ -312,7 +323,7 @@ def dedup(
         written[spec.name] = result.version if result.version != before else None
     status = rebuild_status(lake, keys.select(["source", "pair_id"]), run_id)
     written[CURATION_STATUS.name] = status.version
-    progress(f"[dedup] decisions written in {time.perf_counter() - started:.1f}s")
+    log.info(f"[dedup] decisions written in {time.perf_counter() - started:.1f}s")
     sizes = exact.group_by("cluster_id").aggregate([("cluster_size", "min")])
     near_sizes = near.group_by("cluster_id").aggregate([("cluster_size", "min")])
     resolutions = conflicts["resolution"].to_pylist()

@@ -25,10 +25,9 @@ docs/performance.md.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -39,44 +38,22 @@ import xxhash
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pipelines.core.config import MinHashConfig
 from pipelines.core.lake import Lake
 from pipelines.core.text import tokens
 from storage_schemas import DEDUP_CLUSTERS, MINHASH_SIGNATURES, PAIRS
+
+log = logging.getLogger(__name__)
 
 _SHINGLES_PER_CHUNK = 1024
 _MAX_BUCKET_PAIRS = 64
 """Members of a bucket compared all-to-all up to this size; larger buckets are chained."""
 
 
-@dataclass(frozen=True)
-class MinHashOptions:
-    ngram: int = 3
-    bands: int = 25
-    rows: int = 4
-    threshold: float = 0.5
-    seed: int = 1
-
-    def __post_init__(self) -> None:
-        if self.ngram < 1 or self.bands < 1 or self.rows < 1:
-            raise ValueError("ngram, bands and rows must be positive")
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-
-    @property
-    def permutations(self) -> int:
-        return self.bands * self.rows
-
-    @property
-    def params_id(self) -> str:
-        """Identifies signatures made with these parameters (stored with them)."""
-        text = f"v1:{self.ngram}:{self.bands}:{self.rows}:{self.seed}"
-        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
-
-
 class MinHasher:
     """Batched MinHash signatures and LSH buckets of preference pairs."""
 
-    def __init__(self, options: MinHashOptions) -> None:
+    def __init__(self, options: MinHashConfig) -> None:
         self.options = options
         rng = np.random.default_rng(options.seed)
         p = options.permutations
@@ -175,7 +152,7 @@ SIGNATURE_SCHEMA = pa.schema(
 class SignatureMaker:
     """Ray Data ``map_batches`` callable: pairs -> ``SIGNATURE_SCHEMA`` rows."""
 
-    def __init__(self, options: MinHashOptions) -> None:
+    def __init__(self, options: MinHashConfig) -> None:
         self.hasher = MinHasher(options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -259,9 +236,8 @@ EDGE_COLUMNS = ["source_a", "pair_id_a", "source_b", "pair_id_b"]
 
 def near_pairs(
     signatures: Callable[[list[str]], ray.data.Dataset],
-    options: MinHashOptions,
+    options: MinHashConfig,
     partitions: int,
-    progress: Callable[[str], None] = print,
 ) -> pa.Table:
     """Confirmed near-duplicate edges (``EDGE_COLUMNS``) among the pairs of ``signatures``
     (a fresh read of these columns of the signature rows), on Ray Data:
@@ -283,7 +259,7 @@ def near_pairs(
     nodes = pc.unique(
         pa.chunked_array([c for t in ends for end in "ab" for c in t[end].chunks], pa.int64())
     )
-    progress(f"[dedup] {sum(map(len, ends)):,} candidate edges between {len(nodes):,} pairs")
+    log.info(f"[dedup] {sum(map(len, ends)):,} candidate edges between {len(nodes):,} pairs")
     schema = pa.schema([(name, pa.string()) for name in EDGE_COLUMNS])
     if not ends:
         return schema.empty_table()
@@ -364,9 +340,7 @@ def components(edges: np.ndarray, n: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def store_signatures(
-    lake: Lake, version: int, options: MinHashOptions, progress: Callable[[str], None]
-) -> None:
+def store_signatures(lake: Lake, version: int, options: MinHashConfig) -> None:
     """Compute on Ray Data and store the signatures of the corpus pairs at ``version`` that
     have none yet (incremental: a re-run hashes only the pairs added since)."""
     pairs = lake.read(PAIRS.name, version, ["source", "pair_id"], "source_kind = 'corpus'")
@@ -399,7 +373,7 @@ def store_signatures(
     new = pa.concat_tables(parts)
     new = new.append_column("params_id", pa.array([options.params_id] * new.num_rows, pa.string()))
     lake.insert_new(MINHASH_SIGNATURES, new)
-    progress(
+    log.info(
         f"[dedup] MinHash signatures of {new.num_rows:,} new pairs "
         f"in {time.perf_counter() - started:.1f}s"
     )
@@ -421,14 +395,13 @@ def near_duplicates(
     lake: Lake,
     version: int,
     excluded: pa.Table,
-    options: MinHashOptions,
+    options: MinHashConfig,
     rank: Callable[[str], int],
     run_id: str,
-    progress: Callable[[str], None] = print,
 ) -> pa.Table:
     """Near-duplicate clusters among the corpus pairs at ``version`` but the ``excluded``
     (source, pair_id): in dedup, the pairs that are exact duplicates of another."""
-    store_signatures(lake, version, options, progress)
+    store_signatures(lake, version, options)
     started = time.perf_counter()
     count = lake.count(MINHASH_SIGNATURES.name, where=f"params_id = '{options.params_id}'")
     partitions = max(2 * _cpus(), -(-count // _PAIRS_PER_PARTITION))
@@ -444,8 +417,8 @@ def near_duplicates(
             rows = rows.map_batches(_drop, batch_format="pyarrow", fn_kwargs={"keys": excluded})
         return rows.select_columns(columns)
 
-    edges = near_pairs(signatures, options, partitions, progress)
-    progress(
+    edges = near_pairs(signatures, options, partitions)
+    log.info(
         f"[dedup] {edges.num_rows:,} near-duplicate edges confirmed "
         f"({partitions} shuffle partitions) in {time.perf_counter() - started:.1f}s"
     )

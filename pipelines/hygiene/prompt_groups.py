@@ -11,7 +11,6 @@ connected components, as for near-duplicates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -19,21 +18,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipelines.core.config import PromptGroupsConfig
 from pipelines.core.lake import Lake
-from pipelines.core.model_paths import DEFAULT_EMBEDDER, resolve_model
+from pipelines.core.model_paths import resolve_model
 from pipelines.core.text import prompt_text
 from pipelines.hygiene.near_dedup import candidate_edges, components
 from storage_schemas import DEDUP_CLUSTERS, PAIRS
 
 _BANDS, _BITS = 16, 8
-
-
-@dataclass(frozen=True)
-class PromptGroupOptions:
-    model: str = DEFAULT_EMBEDDER
-    threshold: float = 0.9
-    batch_size: int = 64
-    seed: int = 1
 
 
 class PromptEmbedder:
@@ -61,7 +53,7 @@ class PromptEmbedder:
 
 
 def prompt_groups(
-    lake: Lake, version: int, keys: pa.Table, options: PromptGroupOptions, run_id: str
+    lake: Lake, version: int, keys: pa.Table, options: PromptGroupsConfig, run_id: str
 ) -> pa.Table:
     """``dedup_clusters`` rows (method ``prompt``) for groups of two or more pairs; ``keys`` are
     the content keys of all pairs (source, pair_id, prompt_key)."""
@@ -99,7 +91,7 @@ def _with_prompt_key(batch: pa.Table, first_pairs: pa.Table) -> pa.Table:
     )
 
 
-def _confirmed(vectors: np.ndarray, options: PromptGroupOptions) -> np.ndarray:
+def _confirmed(vectors: np.ndarray, options: PromptGroupsConfig) -> np.ndarray:
     planes = np.random.default_rng(options.seed).standard_normal((vectors.shape[1], _BANDS * _BITS))
     bits = (vectors @ planes > 0).reshape(len(vectors), _BANDS, _BITS)
     buckets = np.packbits(bits, axis=2).reshape(len(vectors), _BANDS).astype(np.uint64)

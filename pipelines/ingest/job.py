@@ -19,10 +19,9 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +30,7 @@ import pyarrow.fs as pafs
 import ray
 
 from pipelines.core.config import IngestConfig
+from pipelines.core.jobs import InputFile, JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake
 from pipelines.ingest.formats import (
     BENCHMARK_FORMATS,
@@ -97,8 +97,10 @@ class InputSummary:
 
 
 @dataclass
-class IngestSummary:
+class IngestSummary(JobSummary):
     """The accounting of one ingest: candidates = kept + already present + quarantined."""
+
+    job: ClassVar[str] = "ingest"
 
     source: str
     source_kind: str
@@ -127,6 +129,27 @@ class IngestSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"quarantined": self.quarantined, "balanced": self.balanced}
+
+    def outputs(self) -> list[TableVersion]:
+        return versions((PAIRS, self.pairs_version), (QUARANTINE, self.quarantine_version))
+
+    def input_files(self) -> list[InputFile]:
+        return [
+            InputFile(i.path, i.sha256, {"format": i.format, "size": str(i.size)})
+            for i in self.inputs
+        ]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "records_read": self.records_read,
+            "candidates": self.candidates,
+            "pairs_inserted": self.pairs_inserted,
+            "pairs_already_present": self.pairs_already_present,
+            "quarantined_inserted": self.quarantined_inserted,
+            "quarantined_already_present": self.quarantined_already_present,
+            "seconds": self.seconds,
+            **{f"quarantine.{r}": n for r, n in self.quarantine_reasons.items()},
+        }
 
     def text(self) -> str:
         reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(self.quarantine_reasons.items()))
@@ -249,7 +272,6 @@ def ingest(
     lake: Lake,
     config: IngestConfig,
     run_id: str,
-    progress: Callable[[str], None] = print,
 ) -> IngestSummary:
     """Ingest ``request`` into ``lake``; ``run_id`` (the MLflow run) is stamped on every row."""
     started = time.perf_counter()
@@ -263,7 +285,7 @@ def ingest(
         InputSummary(f.path, formats[f.path], f.size, file_sha256(f.path, input_fs)) for f in files
     ]
     summary = IngestSummary(request.source, source_kind, run_id, inputs)
-    progress(
+    log.info(
         f"[ingest] {request.source}: {len(files)} file(s), formats {sorted(set(formats.values()))}"
     )
 
@@ -292,7 +314,7 @@ def ingest(
         },
     )
     staged.write_parquet(fs_path(staging), filesystem=lake_fs, partition_cols=["kind"])
-    progress(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
+    log.info(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
     try:
         if lake_fs.get_file_info(fs_path(staging)).type == pafs.FileType.NotFound:
             staged_rows = pads.dataset(STAGED_SCHEMA.empty_table())  # the inputs held no record
@@ -303,7 +325,7 @@ def ingest(
         if lake_fs.get_file_info(fs_path(staging)).type != pafs.FileType.NotFound:
             lake_fs.delete_dir(fs_path(staging))
     summary.seconds = time.perf_counter() - started
-    progress(f"[ingest] committed in {summary.seconds:.1f}s")
+    log.info(f"[ingest] committed in {summary.seconds:.1f}s")
     return summary
 
 

@@ -27,14 +27,11 @@ reason; nothing is guessed. Verdicts (``verdicts`` table) are derived from the j
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
+import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -44,531 +41,17 @@ import pyarrow.compute as pc
 import ray
 from deltalake.exceptions import DeltaError
 
-from pipelines.attributes.job import annotator_key, attributes_text, valid_attributes
+from pipelines.attributes.job import annotator_key, valid_attributes
 from pipelines.core.config import JudgeConfig, JudgingConfig
 from pipelines.core.lake import Lake, pair_keys
-from pipelines.core.text import prompt_text
-from pipelines.llm.backends import (
-    Answer,
-    Generation,
-    Message,
-    Sampling,
-    answer_with_retries,
-    load_backend,
-)
+from pipelines.judging.actor import PairJudge, attach_attributes, request_rows
+from pipelines.judging.identity import JudgeIdentity
+from pipelines.judging.quality import judge_quality
+from pipelines.judging.verdicts import verdict_rows
 from pipelines.llm.retrieval import Embedder, NearestGold, build_index
 from storage_schemas import JUDGE_ORDERS, JUDGMENTS, PAIRS, VERDICTS
 
-PREFILL = '{"winner": "'
-
-
-@dataclass(frozen=True)
-class Template:
-    """A versioned pairwise prompt. Changing any text makes a new hash, so a new cache entry."""
-
-    version: str
-    system: str
-    user: str
-    """With ``{examples}``, ``{conversation}``, ``{response_a}``, ``{response_b}``,
-    ``{attributes}``."""
-    example: str
-    """One few-shot example, with ``{conversation}``, ``{response_a}``, ``{response_b}``,
-    ``{attributes}``, ``{winner}``."""
-
-
-TEMPLATES = {
-    "pairwise-v1": Template(
-        version="pairwise-v1",
-        system=(
-            "You are an impartial judge of AI assistant responses. Compare two responses to the "
-            "same conversation and decide which one is better: more helpful, correct, honest "
-            "and harmless. Do not let the order, the length or the style of the responses "
-            "influence you."
-        ),
-        user=(
-            "{examples}[Conversation]\n{conversation}\n\n[Response A]\n{response_a}\n\n"
-            "[Response B]\n{response_b}\n\n{attributes}"
-            'Which response is better? Answer with only a JSON object: {{"winner": "A"}}, '
-            '{{"winner": "B"}} or {{"winner": "tie"}}.'
-        ),
-        example=(
-            "[Example]\n[Conversation]\n{conversation}\n\n[Response A]\n{response_a}\n\n"
-            '[Response B]\n{response_b}\n\n{attributes}Verdict: {{"winner": "{winner}"}}\n\n'
-        ),
-    ),
-}
-
-
-def _digest(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def template_for(judge: JudgeConfig) -> Template:
-    try:
-        return TEMPLATES[judge.template]
-    except KeyError:
-        raise ValueError(
-            f"judge {judge.name}: unknown template {judge.template!r}; known: "
-            + ", ".join(sorted(TEMPLATES))
-        ) from None
-
-
-@dataclass(frozen=True)
-class JudgeIdentity:
-    """What a judgment depends on, hashed: the cache key of a judge (the name is only a label)."""
-
-    judge: JudgeConfig
-    template: Template
-    template_hash: str
-    params_hash: str
-
-    @classmethod
-    def of(cls, judge: JudgeConfig) -> JudgeIdentity:
-        template = template_for(judge)
-        shape = {"few_shot": judge.few_shot, "show_attributes": judge.show_attributes}
-        params = {
-            "verdict": judge.verdict,
-            "temperature": judge.temperature,
-            "top_p": judge.top_p,
-            "max_tokens": 1 if judge.verdict == "logprobs" else judge.max_tokens,
-            "seed": judge.seed,
-            # A prompt over the limit is recorded invalid: raising it must judge those again.
-            "max_prompt_tokens": judge.max_prompt_tokens,
-        }
-        return cls(judge, template, _digest(template, shape), _digest(params))
-
-    @property
-    def cache_id(self) -> tuple[str, str, str]:
-        """What identifies this judge's rows in ``judgments``."""
-        return (self.judge.model, self.template_hash, self.params_hash)
-
-    @property
-    def key(self) -> str:
-        """The judge's key in ``verdicts``: its identity and its number of samples."""
-        return _digest(
-            self.judge.model, self.template_hash, self.params_hash, self.judge.samples_per_order
-        )
-
-    def sql(self) -> str:
-        return (
-            f"model = '{_sql(self.judge.model)}' AND template_hash = '{self.template_hash}' "
-            f"AND params_hash = '{self.params_hash}'"
-        )
-
-    def sampling(self, sample: int) -> Sampling:
-        judge = self.judge
-        logprobs = judge.verdict == "logprobs"
-        return Sampling(
-            temperature=judge.temperature,
-            top_p=judge.top_p,
-            max_tokens=1 if logprobs else judge.max_tokens,
-            seed=judge.seed + sample,
-            logprobs=logprobs,
-        )
-
-
-# ------------------------------------------------------------------------ prompts and parsing
-
-
-def conversation_text(history: Sequence[Message]) -> str:
-    return prompt_text(history) or "(empty)"
-
-
-def _shown(ordering: str, chosen: str, rejected: str) -> tuple[str, str]:
-    return (chosen, rejected) if ordering == "AB" else (rejected, chosen)
-
-
-def _example_text(template: Template, example: dict[str, Any]) -> str:
-    """A gold pair as a solved example; which side is A is fixed by its pair_id (no position
-    pattern for the judge to copy)."""
-    ordering = JUDGE_ORDERS[int(example["pair_id"][-1], 16) % 2]
-    a, b = _shown(ordering, example["chosen"], example["rejected"])
-    return template.example.format(
-        conversation=conversation_text(example["history"]),
-        response_a=a,
-        response_b=b,
-        attributes=attributes_text(example.get("attributes")),
-        winner="A" if ordering == "AB" else "B",
-    )
-
-
-def judge_prompt(
-    identity: JudgeIdentity,
-    history: Sequence[Message],
-    chosen: str,
-    rejected: str,
-    ordering: str,
-    examples: Sequence[dict[str, Any]] = (),
-    attributes: dict[str, Any] | None = None,
-) -> list[Message]:
-    """The chat messages asking ``identity``'s judge about one pair in one order."""
-    template = identity.template
-    a, b = _shown(ordering, chosen, rejected)
-    user = template.user.format(
-        examples="".join(_example_text(template, e) for e in examples),
-        conversation=conversation_text(history),
-        response_a=a,
-        response_b=b,
-        attributes=attributes_text(attributes),
-    )
-    messages = [{"role": "system", "content": template.system}, {"role": "user", "content": user}]
-    if identity.judge.verdict == "logprobs":
-        messages.append({"role": "assistant", "content": PREFILL})
-    return messages
-
-
-@dataclass(frozen=True)
-class Choice:
-    winner: str
-    """``A``, ``B`` or ``tie`` (positions as shown)."""
-    p_a: float | None
-    """P(A) / (P(A) + P(B)) from the choice tokens, when read from log-probabilities."""
-
-
-_WINNERS = {"a": "A", "b": "B", "tie": "tie"}
-_JSON_OBJECT = re.compile(r"\{[^{}]*\}")
-
-
-def parse_structured(generation: Generation) -> Choice:
-    """The first ``{"winner": ...}`` object in the answer, or ``ValueError`` with the reason."""
-    for match in _JSON_OBJECT.finditer(generation.text):
-        try:
-            value = json.loads(match.group())
-        except ValueError:
-            continue
-        if isinstance(value, dict) and "winner" in value:
-            winner = _WINNERS.get(str(value["winner"]).strip().lower())
-            if winner is None:
-                raise ValueError(
-                    f'unparseable: winner must be "A", "B" or "tie", got {value["winner"]!r}'
-                )
-            return Choice(winner, None)
-    raise ValueError('unparseable: no {"winner": ...} JSON object in the answer')
-
-
-def parse_logprobs(generation: Generation) -> Choice:
-    """The choice from the first token's probabilities of ``A``, ``B`` and ``tie``."""
-    if not generation.first_logprobs:
-        raise ValueError("no_logprobs: the backend returned no log-probabilities")
-    mass = dict.fromkeys(("A", "B", "tie"), 0.0)
-    for token, logprob in generation.first_logprobs.items():
-        if token.strip() in mass:
-            mass[token.strip()] += float(np.exp(logprob))
-    if mass["A"] + mass["B"] == 0:
-        raise ValueError(
-            "choice_tokens_missing: neither A nor B among the first token's top "
-            f"log-probabilities (answer {generation.text!r})"
-        )
-    return Choice(max(mass, key=mass.__getitem__), mass["A"] / (mass["A"] + mass["B"]))
-
-
-def preference(ordering: str, choice: Choice) -> tuple[str, float]:
-    """(chosen / rejected / tie, p_chosen) of a choice made in ``ordering``."""
-    if choice.winner == "tie":
-        pref = "tie"
-    else:
-        pref = "chosen" if (choice.winner == "A") == (ordering == "AB") else "rejected"
-    if choice.p_a is not None:
-        return pref, choice.p_a if ordering == "AB" else 1 - choice.p_a
-    return pref, {"chosen": 1.0, "rejected": 0.0, "tie": 0.5}[pref]
-
-
-# ------------------------------------------------------------------------ the judge actor
-
-
-class PairJudge:
-    """Ray Data actor: one backend (engine or client) per actor; request rows -> judgments."""
-
-    def __init__(self, judge: JudgeConfig, run_id: str) -> None:
-        self.identity = JudgeIdentity.of(judge)
-        self.backend = load_backend(judge)
-        self.run_id = run_id
-        self.parse = parse_logprobs if judge.verdict == "logprobs" else parse_structured
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        started = time.perf_counter()
-        rows = batch.to_pylist()
-        answers: list[Answer | None] = [None] * len(rows)
-        by_sample: dict[int, list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            by_sample[row["sample"]].append(i)
-        for sample, members in by_sample.items():
-            prompts = [self._prompt(rows[i]) for i in members]
-            sampled = answer_with_retries(
-                self.backend,
-                prompts,
-                self.identity.sampling(sample),
-                self.parse,
-                self.identity.judge.max_retries,
-            )
-            for i, answer in zip(members, sampled, strict=True):
-                answers[i] = answer
-        seconds = (time.perf_counter() - started) / max(len(rows), 1)
-        return judgment_rows(self.identity, rows, answers, seconds, self.run_id)
-
-    def _prompt(self, row: dict[str, Any]) -> list[Message]:
-        examples = orjson.loads(row["example_rows"]) if row.get("example_rows") else []
-        attributes = orjson.loads(row["attributes"]) if row.get("attributes") else None
-        return judge_prompt(
-            self.identity,
-            row["history"],
-            row["chosen"],
-            row["rejected"],
-            row["ordering"],
-            examples,
-            attributes,
-        )
-
-
-def judgment_rows(
-    identity: JudgeIdentity,
-    requests: Sequence[dict[str, Any]],
-    answers: Sequence[Answer | None],
-    seconds: float,
-    run_id: str,
-) -> pa.Table:
-    """``judgments`` rows for answered requests (source, pair_id, ordering, sample, examples)."""
-    now = datetime.now(UTC)
-    out = []
-    for request, answer in zip(requests, answers, strict=True):
-        assert answer is not None
-        pref, p_chosen = (None, None)
-        if answer.error is None:
-            pref, p_chosen = preference(request["ordering"], answer.value)
-        out.append(
-            {
-                "source": request["source"],
-                "pair_id": request["pair_id"],
-                "model": identity.judge.model,
-                "template_hash": identity.template_hash,
-                "params_hash": identity.params_hash,
-                "ordering": request["ordering"],
-                "sample": request["sample"],
-                "judge": identity.judge.name,
-                "template": identity.template.version,
-                "valid": answer.error is None,
-                "invalid_reason": answer.error,
-                "winner": answer.value.winner if answer.error is None else None,
-                "preference": pref,
-                "p_chosen": p_chosen,
-                "output": answer.text,
-                "examples": request.get("examples") or [],
-                "attempts": answer.attempts,
-                "prompt_tokens": answer.prompt_tokens,
-                "output_tokens": answer.output_tokens,
-                "seconds": seconds,
-                "judge_run_id": run_id,
-                "judged_at": now,
-            }
-        )
-    return pa.Table.from_pylist(out, schema=JUDGMENTS.schema)
-
-
-def _requests(batch: pa.Table, missing: pa.Table) -> pa.Table:
-    """One row per missing (ordering, sample) of each pair of ``batch``."""
-    keys = batch.select(["source", "pair_id"]).append_column(
-        "row", pa.array(np.arange(batch.num_rows), pa.int64())
-    )
-    wanted = keys.join(missing, ["source", "pair_id"], join_type="inner")
-    rows = batch.take(wanted["row"])
-    return rows.append_column("ordering", wanted["ordering"]).append_column(
-        "sample", wanted["sample"]
-    )
-
-
-def _attach(batch: pa.Table, values: dict[tuple[str, str], str]) -> pa.Table:
-    """Add the ``attributes`` column (JSON of the pair's valid attributes, or null)."""
-    keys = zip(batch["source"].to_pylist(), batch["pair_id"].to_pylist(), strict=True)
-    return batch.append_column("attributes", pa.array([values.get(k) for k in keys], pa.string()))
-
-
-# ------------------------------------------------------------------------ verdicts
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str
-    confidence: float
-    p_chosen: float | None
-    votes: int
-    invalid: int
-    detail: str
-
-
-_LABEL = {"chosen": "agree", "rejected": "disagree", "tie": "tie"}
-
-
-def _majority(prefs: Sequence[str]) -> str:
-    """The most frequent preference; ``split`` when the top two are as frequent (the samples
-    disagree: that is not the judge calling a tie)."""
-    counts = Counter(prefs).most_common()
-    if len(counts) > 1 and counts[0][1] == counts[1][1]:
-        return "split"
-    return counts[0][0]
-
-
-def judge_verdict(judgments: Sequence[dict[str, Any]]) -> Verdict:
-    """One judge's verdict on one pair from its judgments (both orders, all samples)."""
-    valid = [j for j in judgments if j["valid"]]
-    invalid = len(judgments) - len(valid)
-    by_order = {o: [j for j in valid if j["ordering"] == o] for o in JUDGE_ORDERS}
-    empty = [o for o, js in by_order.items() if not js]
-    if empty:
-        return Verdict(
-            "invalid",
-            0.0,
-            None,
-            len(valid),
-            invalid,
-            f"no valid judgment in order {', '.join(empty)}",
-        )
-    order_prefs = {o: _majority([j["preference"] for j in js]) for o, js in by_order.items()}
-    p_order = {o: float(np.mean([j["p_chosen"] for j in js])) for o, js in by_order.items()}
-    p_chosen = float(np.mean([j["p_chosen"] for j in valid]))
-    detail = f"AB: {order_prefs['AB']}, BA: {order_prefs['BA']}"
-    if "split" in order_prefs.values() or order_prefs["AB"] != order_prefs["BA"]:
-        return Verdict(
-            "inconsistent",
-            abs(p_order["AB"] - p_order["BA"]),
-            p_chosen,
-            len(valid),
-            invalid,
-            detail,
-        )
-    verdict = _LABEL[order_prefs["AB"]]
-    confidence = {
-        "agree": p_chosen,
-        "disagree": 1 - p_chosen,
-        "tie": sum(j["preference"] == "tie" for j in valid) / len(valid),
-    }[verdict]
-    return Verdict(verdict, confidence, p_chosen, len(valid), invalid, detail)
-
-
-def panel_verdict(
-    verdicts: Sequence[tuple[Verdict, float]], policy: str, min_judges: int
-) -> Verdict:
-    """The verdict across judges ((verdict, weight) each) under ``policy``."""
-    valid = [(v, w) for v, w in verdicts if v.verdict != "invalid"]
-    invalid = len(verdicts) - len(valid)
-    if len(valid) < min_judges:
-        return Verdict(
-            "invalid",
-            0.0,
-            None,
-            len(valid),
-            invalid,
-            f"{len(valid)} valid judge verdicts < min_judges {min_judges}",
-        )
-    weight = defaultdict(float)
-    for v, w in valid:
-        weight[v.verdict] += w if policy == "weighted" else 1.0
-    ranked = sorted(weight.items(), key=lambda kv: -kv[1])
-    total = sum(weight.values())
-    detail = ", ".join(f"{name} {value:g}" for name, value in ranked)
-    top, top_weight = ranked[0]
-    decided = {
-        "majority": len(ranked) == 1 or ranked[1][1] < top_weight,
-        "unanimity": len(ranked) == 1,
-        "weighted": top_weight > total / 2,
-    }[policy]
-    ps = [(v.p_chosen, w) for v, w in valid if v.p_chosen is not None]
-    p_chosen = float(np.average([p for p, _ in ps], weights=[w for _, w in ps])) if ps else None
-    if not decided:
-        return Verdict(
-            "inconsistent",
-            1 - top_weight / total,
-            p_chosen,
-            len(valid),
-            invalid,
-            f"judges split: {detail}",
-        )
-    support = [(v.confidence, w) for v, w in valid if v.verdict == top]
-    confidence = float(np.average([c for c, _ in support], weights=[w for _, w in support]))
-    return Verdict(top, confidence * top_weight / total, p_chosen, len(valid), invalid, detail)
-
-
-def panel_key(config: JudgingConfig) -> str:
-    identities = sorted(JudgeIdentity.of(j).key for j in config.judges)
-    return _digest(config.aggregation.policy, config.aggregation.min_judges, identities)
-
-
-def verdict_rows(judgments: pa.Table, config: JudgingConfig, run_id: str) -> pa.Table:
-    """``verdicts`` rows (one per judge and one per panel) for every pair in ``judgments``
-    (the rows of the configured judges, up to their ``samples_per_order``)."""
-    identities = {i.cache_id: i for i in map(JudgeIdentity.of, config.judges)}
-    grouped: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    columns = [
-        "source",
-        "pair_id",
-        "model",
-        "template_hash",
-        "params_hash",
-        "ordering",
-        "sample",
-        "valid",
-        "preference",
-        "p_chosen",
-    ]
-    for row in judgments.select(columns).to_pylist():
-        identity = identities.get((row["model"], row["template_hash"], row["params_hash"]))
-        if identity is not None and row["sample"] < identity.judge.samples_per_order:
-            grouped[(row["source"], row["pair_id"])][identity.key].append(row)
-    now, panel = datetime.now(UTC), panel_key(config)
-    name = f"panel:{config.aggregation.policy}"
-    out = []
-    for (source, pair_id), per_judge in sorted(grouped.items()):
-        decided = []
-        for identity in identities.values():
-            verdict = judge_verdict(per_judge.get(identity.key, []))
-            decided.append((verdict, identity.judge.weight))
-            out.append(
-                _verdict_row(
-                    source,
-                    pair_id,
-                    identity.key,
-                    "judge",
-                    identity.judge.name,
-                    verdict,
-                    run_id,
-                    now,
-                )
-            )
-        verdict = panel_verdict(decided, config.aggregation.policy, config.aggregation.min_judges)
-        out.append(_verdict_row(source, pair_id, panel, "panel", name, verdict, run_id, now))
-    return pa.Table.from_pylist(out, schema=VERDICTS.schema)
-
-
-def _verdict_row(
-    source: str,
-    pair_id: str,
-    key: str,
-    level: str,
-    judge: str,
-    verdict: Verdict,
-    run_id: str,
-    now: datetime,
-) -> dict[str, Any]:
-    return {
-        "source": source,
-        "pair_id": pair_id,
-        "judge_key": key,
-        "level": level,
-        "judge": judge,
-        "verdict": verdict.verdict,
-        "confidence": min(max(verdict.confidence, 0.0), 1.0),
-        "p_chosen": verdict.p_chosen,
-        "votes": verdict.votes,
-        "invalid": verdict.invalid,
-        "detail": verdict.detail,
-        "verdict_run_id": run_id,
-        "decided_at": now,
-    }
-
-
-# ------------------------------------------------------------------------ the job
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -686,7 +169,6 @@ def judge_pairs(
     run_id: str,
     where: str | None = None,
     limit: int | None = None,
-    progress: Callable[[str], None] = print,
 ) -> Judging:
     """Judge the selected pairs with every configured judge (only missing judgments), then
     write the verdicts of those pairs."""
@@ -701,7 +183,7 @@ def judge_pairs(
             )
     pairs_version = lake.version(PAIRS.name)
     selected = select_pairs(lake, pairs_version, where, limit)
-    progress(f"[judge] {selected.num_rows:,} pairs selected, {len(config.judges)} judges")
+    log.info(f"[judge] {selected.num_rows:,} pairs selected, {len(config.judges)} judges")
     attributes = _attributes_json(lake, config)
     index = None
     runs, written = [], []
@@ -713,7 +195,7 @@ def judge_pairs(
             ["source", "pair_id", "ordering", "sample"],
             join_type="left anti",
         )
-        progress(
+        log.info(
             f"[judge] {judge.name}: {wanted.num_rows:,} judgments wanted, "
             f"{missing.num_rows:,} not cached"
         )
@@ -743,7 +225,7 @@ def judge_pairs(
                 seconds=time.perf_counter() - judge_started,
             )
         )
-        progress(
+        log.info(
             f"[judge] {judge.name}: {new.num_rows:,} judged in {runs[-1].seconds:.1f}s "
             f"({runs[-1].invalid:,} invalid)"
         )
@@ -771,7 +253,7 @@ def judge_pairs(
     lengths = _of_pairs(lengths, selected)
     quality = judge_quality(_named_now(judgments, config.judges), verdicts, lengths)
     seconds = time.perf_counter() - started
-    progress(f"[judge] verdicts of {panel.num_rows:,} pairs written in {seconds:.1f}s")
+    log.info(f"[judge] verdicts of {panel.num_rows:,} pairs written in {seconds:.1f}s")
     return Judging(
         pairs_version,
         selected.num_rows,
@@ -807,10 +289,10 @@ def _judge(
         pairs_version,
         ["source", "pair_id", "history", "chosen", "rejected"],
         keys=pairs,
-    ).map_batches(_requests, batch_format="pyarrow", fn_kwargs={"missing": missing})
+    ).map_batches(request_rows, batch_format="pyarrow", fn_kwargs={"missing": missing})
     if judge.show_attributes:
         dataset = dataset.map_batches(
-            _attach, batch_format="pyarrow", fn_kwargs={"values": attributes}
+            attach_attributes, batch_format="pyarrow", fn_kwargs={"values": attributes}
         )
     if judge.few_shot:
         dataset = dataset.map_batches(
@@ -881,80 +363,3 @@ def _named_now(judgments: pa.Table, judges: Sequence[JudgeConfig]) -> pa.Table:
 def _of_pairs(table: pa.Table, selected: pa.Table) -> pa.Table:
     """The rows of ``table`` whose (source, pair_id) is in ``selected``."""
     return table.filter(pc.is_in(pair_keys(table), value_set=pair_keys(selected).combine_chunks()))
-
-
-def _sql(value: str) -> str:
-    return value.replace("'", "''")
-
-
-# ------------------------------------------------------------------------ quality
-
-
-def judge_quality(
-    judgments: pa.Table, verdicts: pa.Table, lengths: pa.Table
-) -> dict[str, dict[str, float]]:
-    """Per judge, over the judged pairs: verdict rates against the pairs' labels (gold or
-    original), accuracies, invalid answers, length bias, and cost (NaN where undefined).
-
-    ``lengths``: (source, pair_id, chosen_chars, rejected_chars) of the pairs.
-    """
-    columns = ("source", "pair_id", "chosen_chars", "rejected_chars")
-    chosen_longer = {
-        (s, p): c > r
-        for s, p, c, r in zip(*(lengths[k].to_pylist() for k in columns), strict=True)
-        if c != r
-    }
-    quality: dict[str, dict[str, float]] = {}
-    judge_rows = verdicts.filter(pc.equal(verdicts["level"], "judge"))
-    for name in sorted(set(judge_rows["judge"].to_pylist())):
-        mine = judge_rows.filter(pc.equal(judge_rows["judge"], name))
-        rows = judgments.filter(pc.equal(judgments["judge"], name)).to_pylist()
-        counts = Counter(mine["verdict"].to_pylist())
-        n = max(mine.num_rows, 1)
-        valid = [r for r in rows if r["valid"]]
-        longer_won = [
-            (r["preference"] == "chosen") == chosen_longer[(r["source"], r["pair_id"])]
-            for r in valid
-            if r["preference"] != "tie" and (r["source"], r["pair_id"]) in chosen_longer
-        ]
-        p_chosen = [p for p in mine["p_chosen"].to_pylist() if p is not None]
-        first_shown = [
-            (r["preference"] == "chosen") == (r["ordering"] == "AB")
-            for r in valid
-            if r["preference"] != "tie"
-        ]
-        quality[name] = {
-            "pairs": float(mine.num_rows),
-            "agree_rate": counts["agree"] / n,
-            "disagree_rate": counts["disagree"] / n,
-            "tie_rate": counts["tie"] / n,
-            "flip_rate": counts["inconsistent"] / n,
-            "invalid_verdict_rate": counts["invalid"] / n,
-            "judgebench_accuracy": _judgebench_accuracy(valid, mine.num_rows),
-            "debiased_accuracy": _mean([p > 0.5 for p in p_chosen]),
-            "invalid_rate": (len(rows) - len(valid)) / max(len(rows), 1),
-            "longer_wins_rate": _mean(longer_won),
-            "first_shown_wins_rate": _mean(first_shown),
-            "chosen_longer_rate": _mean(list(chosen_longer.values())),
-            "prompt_tokens_per_judgment": _mean([r["prompt_tokens"] for r in rows]),
-            "output_tokens_per_judgment": _mean([r["output_tokens"] for r in rows]),
-            "seconds_per_judgment": _mean([r["seconds"] for r in rows]),
-        }
-    return quality
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-def _judgebench_accuracy(valid: Sequence[dict[str, Any]], pairs: int) -> float:
-    """JudgeBench's rule: a pair is right when its orders preferring chosen outnumber those
-    preferring rejected (each order's majority over its samples; a tie counts for neither)."""
-    by_order: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for r in valid:
-        by_order[(r["source"], r["pair_id"], r["ordering"])].append(r["preference"])
-    score: dict[tuple[str, str], int] = defaultdict(int)
-    for (source, pair_id, _), prefs in by_order.items():
-        pref = _majority(prefs)
-        score[(source, pair_id)] += {"chosen": 1, "rejected": -1, "tie": 0}[pref]
-    return sum(s > 0 for s in score.values()) / max(pairs, 1)

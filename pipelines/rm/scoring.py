@@ -8,8 +8,9 @@ version are scored, and the merge is idempotent, so a re-run after a crash adds 
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,8 @@ from pipelines.core.lake import Lake
 from pipelines.ingest.formats import Message
 from pipelines.rm.model import RewardModel, model_version, pair_conversations, sigmoid
 from storage_schemas import PAIRS, RM_SCORES
+
+log = logging.getLogger(__name__)
 
 
 def load_model(model: str, config: ScoringConfig) -> RewardModel:
@@ -81,7 +84,6 @@ def score_conversations(
     conversations: Sequence[Sequence[Message]],
     model: str,
     config: ScoringConfig,
-    progress: Callable[[str], None] = print,
 ) -> ScoringRun:
     """Rewards of ``conversations`` (in order) from ``config.actors`` Ray Data actors."""
     started = time.perf_counter()
@@ -102,7 +104,7 @@ def score_conversations(
         truncated=int(np.sum(result["truncated"].to_numpy(zero_copy_only=False))),
         seconds=time.perf_counter() - started,
     )
-    progress(
+    log.info(
         f"[score] {len(conversations):,} conversations with {model} in {run.seconds:.1f}s "
         f"({run.per_second:,.1f}/s, {run.tokens:,} tokens, {run.truncated:,} truncated)"
     )
@@ -176,7 +178,6 @@ def score_pairs(
     run_id: str,
     where: str | None = None,
     model_name: str | None = None,
-    progress: Callable[[str], None] = print,
 ) -> PairScoring:
     """Score the pairs matching ``where`` (SQL over ``pairs``) that ``model`` has not scored."""
     started = time.perf_counter()
@@ -192,7 +193,7 @@ def score_pairs(
         missing = selected.join(done, ["source", "pair_id"], join_type="left anti")
     else:
         missing = selected
-    progress(
+    log.info(
         f"[score] {selected.num_rows:,} pairs selected, {missing.num_rows:,} without a score "
         f"from {name} ({version})"
     )
@@ -219,7 +220,7 @@ def score_pairs(
         new = pa.concat_tables([t for t in ray.get(rows.to_arrow_refs()) if t.num_rows])
         result = lake.insert_new(RM_SCORES, new)
     seconds = time.perf_counter() - started
-    progress(f"[score] {new.num_rows:,} pairs scored and written in {seconds:.1f}s")
+    log.info(f"[score] {new.num_rows:,} pairs scored and written in {seconds:.1f}s")
     scores = lake.read(RM_SCORES.name, columns=["source", "pair_id", "p"], where=scored_filter)
     mine = scores.join(selected, ["source", "pair_id"], join_type="inner")
     accuracy = float(np.mean(mine["p"].to_numpy() > 0.5)) if mine.num_rows else None

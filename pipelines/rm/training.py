@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ from pipelines.rm.model import (
     save_reward_model,
     without_dropout,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 STATE_FILE = "state.json"
@@ -559,7 +562,6 @@ def train_reward_model(
     tracking_uri: str,
     run_id: str,
     name: str,
-    progress: Callable[[str], None] = print,
 ) -> TrainingRun:
     """Train on the configured selection with Ray Train; resumes run ``name`` if it exists."""
     started = time.perf_counter()
@@ -571,7 +573,7 @@ def train_reward_model(
             f"training.backbone {training.backbone!r} cannot be loaded: {exc}"
         ) from None
     if max_length < training.max_length:
-        progress(
+        log.info(
             f"[train] max_length {training.max_length} is more than {training.backbone} reads: "
             f"training with {max_length} tokens (longer pairs: truncation {training.truncation})"
         )
@@ -579,7 +581,7 @@ def train_reward_model(
     selection = select_pairs(lake, training.data)
     n_train, n_val = selection.train.num_rows, selection.validation.num_rows
     steps = training.epochs * math.ceil(n_train / training.global_batch)
-    progress(
+    log.info(
         f"[train] {name}: {n_train:,} training and {n_val:,} validation pairs from "
         f"{selection.table} v{selection.version}; {steps} steps of {training.global_batch} pairs "
         f"on {training.workers} worker(s)"
@@ -619,14 +621,14 @@ def train_reward_model(
         datasets=datasets,
         dataset_config=_EveryRowDataConfig(),
     )
-    with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs, progress):
+    with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs):
         result = trainer.fit()
     if result.error is not None:
         raise result.error
     checkpoint, metrics = _select(result, training.select, bool(n_val))
     state_folder = Path(checkpoint.path)
     final = result.metrics or {}
-    progress(
+    log.info(
         f"[train] {name}: {int(final.get('step', 0))} steps done; model from step "
         f"{int(metrics['step'])} ({training.select})"
     )
@@ -671,11 +673,10 @@ class _ProgressLines:
         name: str,
         steps: int,
         epochs: int,
-        progress: Callable[[str], None],
         every_s: float = 15.0,
     ) -> None:
         self.client, self.run_id, self.name = MlflowClient(tracking_uri), run_id, name
-        self.steps, self.epochs, self.progress, self.every_s = steps, epochs, progress, every_s
+        self.steps, self.epochs, self.every_s = steps, epochs, every_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.shown: tuple[float, float] = (0.0, 0.0)
@@ -709,7 +710,7 @@ class _ProgressLines:
             )
             if "val_accuracy" in metrics:
                 line += f"; validation accuracy {metrics['val_accuracy']:.3f}"
-            self.progress(line)
+            log.info(line)
 
 
 def _train_loop(config: dict[str, Any]) -> None:

@@ -1,0 +1,73 @@
+"""What a judgment depends on, hashed: the cache key of a judge (its name is only a label)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.core.config import JudgeConfig
+from pipelines.core.sql import literal
+from pipelines.judging.templates import Template, template_for
+from pipelines.llm.backends import Sampling
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class JudgeIdentity:
+    """What a judgment depends on, hashed: the cache key of a judge (the name is only a label)."""
+
+    judge: JudgeConfig
+    template: Template
+    template_hash: str
+    params_hash: str
+
+    @classmethod
+    def of(cls, judge: JudgeConfig) -> JudgeIdentity:
+        template = template_for(judge)
+        shape = {"few_shot": judge.few_shot, "show_attributes": judge.show_attributes}
+        params = {
+            "verdict": judge.verdict,
+            "temperature": judge.temperature,
+            "top_p": judge.top_p,
+            "max_tokens": 1 if judge.verdict == "logprobs" else judge.max_tokens,
+            "seed": judge.seed,
+            # A prompt over the limit is recorded invalid: raising it must judge those again.
+            "max_prompt_tokens": judge.max_prompt_tokens,
+        }
+        return cls(judge, template, digest(template, shape), digest(params))
+
+    @property
+    def cache_id(self) -> tuple[str, str, str]:
+        """What identifies this judge's rows in ``judgments``."""
+        return (self.judge.model, self.template_hash, self.params_hash)
+
+    @property
+    def key(self) -> str:
+        """The judge's key in ``verdicts``: its identity and its number of samples."""
+        return digest(
+            self.judge.model, self.template_hash, self.params_hash, self.judge.samples_per_order
+        )
+
+    def sql(self) -> str:
+        return (
+            f"model = {literal(self.judge.model)} AND template_hash = '{self.template_hash}' "
+            f"AND params_hash = '{self.params_hash}'"
+        )
+
+    def sampling(self, sample: int) -> Sampling:
+        judge = self.judge
+        logprobs = judge.verdict == "logprobs"
+        return Sampling(
+            temperature=judge.temperature,
+            top_p=judge.top_p,
+            max_tokens=1 if logprobs else judge.max_tokens,
+            seed=judge.seed + sample,
+            logprobs=logprobs,
+        )
