@@ -30,13 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, job_bench_config
 
+from pipelines import jobs
 from pipelines.core.config import JudgeConfig
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.judging.job import JudgeIdentity, judge_prompt
 from pipelines.llm.backends import HFBackend
-from ray_jobs.ingest import run_ingest
-from ray_jobs.judge import run_judge
 from storage_schemas import JUDGE_ORDERS
 
 JUDGEBENCH = Path(__file__).resolve().parents[2] / "shared/data/JudgeBench/data"
@@ -52,10 +51,10 @@ def main() -> None:
     judge = JudgeConfig(actors=2, num_cpus=0.5, batch_size=args.batch_size)
     config = job_bench_config("judge-bench")
     config.judging.judges = [judge]
-    run_ingest(config, IngestRequest([str(JUDGEBENCH)], source="judgebench"), print)
+    jobs.ingest(config, IngestRequest([str(JUDGEBENCH)], source="judgebench"), print).as_dict()
 
     started = time.perf_counter()
-    summary = run_judge(config, where=WHERE, limit=args.pairs, report=print)
+    summary = jobs.judge(config, where=WHERE, limit=args.pairs).as_dict()
     synpref_seconds = time.perf_counter() - started
     ray.shutdown()
     run = summary["judges"][0]

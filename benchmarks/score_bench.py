@@ -30,11 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, job_bench_config
 
+from pipelines import jobs
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.rm.model import format_conversation, init_reward_model, pair_conversations
-from ray_jobs.ingest import run_ingest
-from ray_jobs.score import run_score
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
@@ -96,12 +95,12 @@ def main() -> None:
     model = reward_model()
     scoring = {"max_length": args.max_length, "actors": 2, "num_cpus": 0.5, "batch_size": 256}
     config = job_bench_config("score-bench", scoring=scoring)
-    run_ingest(config, IngestRequest([str(corpus(args.pairs))], source="bench"), print)
+    jobs.ingest(config, IngestRequest([str(corpus(args.pairs))], source="bench"), print).as_dict()
     lake = Lake(config.lake.root)
     pairs = lake.read("pairs", columns=["history", "chosen", "rejected"]).to_pylist()
 
     started = time.perf_counter()
-    summary = run_score(config, model, report=print)
+    summary = jobs.score(config, model).as_dict()
     synpref_seconds = time.perf_counter() - started
     ray.shutdown()
 

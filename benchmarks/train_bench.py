@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import OUT, job_bench_config
 
+from pipelines import jobs
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import DEFAULT_EMBEDDER, resolve_model
 from pipelines.ingest.job import IngestRequest
@@ -46,8 +47,6 @@ from pipelines.rm.model import (
     load_tokenizer,
     pair_conversations,
 )
-from ray_jobs.ingest import run_ingest
-from ray_jobs.train import run_train
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 LEARNING_RATE = 1e-5
@@ -162,7 +161,7 @@ def _rates(pairs: int, tokens: int, seconds: float, steps: list[tuple[int, int, 
 
 def synpref_train(config, name: str) -> dict:
     started = time.perf_counter()
-    summary = run_train(config, name=name, report=print)
+    summary = jobs.train(config, name=name).as_dict()
     seconds = time.perf_counter() - started
     client = mlflow.MlflowClient()
     history = {
@@ -206,7 +205,7 @@ def main() -> None:
         "register_as": None,
     }
     config = job_bench_config("train-bench", training=training)
-    run_ingest(config, IngestRequest([str(HH)], source="hh"), print)
+    jobs.ingest(config, IngestRequest([str(HH)], source="hh"), print).as_dict()
     lake = Lake(config.lake.root)
     keys = lake.read("pairs", columns=["pair_id"]).sort_by("pair_id")["pair_id"]
     last = keys[min(args.pairs, len(keys)) - 1].as_py()

@@ -18,9 +18,10 @@ from ray_jobs import (
     lake_tables,
     score,
     serve,
+    show_config,
     train,
 )
-from ray_jobs.job import configure_logging, global_options, json_option
+from ray_jobs.job import configure_logging, global_options, json_option, take_over_ray_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,7 @@ def cli(ctx: click.Context, **options: Any) -> None:
     JSON object.
     """
     ctx.obj = options
+    take_over_ray_logging()
 
 
 cli.add_command(ingest.command)
@@ -51,10 +53,11 @@ cli.add_command(evaluate.command)
 cli.add_command(serve.command)
 cli.add_command(train.command)
 cli.add_command(demo.command)
+cli.add_command(show_config.command)
 
 
 def main() -> None:
-    configure_logging()
+    configure_logging(take_over_ray=False)
     cli()
 
 

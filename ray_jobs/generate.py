@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 
-from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corpus
 from ray_jobs.job import emit, json_option
 
 
@@ -42,6 +41,8 @@ def command(
     **rates: float,
 ) -> None:
     """Generate a synthetic preference corpus (jsonl.gz) with ground truth in each record."""
+    from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corpus
+
     prompts = benchmark_prompts(contaminate_with) if contaminate_with else None
     try:
         spec = CorpusSpec(pairs=pairs, seed=seed, **rates)

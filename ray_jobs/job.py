@@ -6,14 +6,18 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pipelines.core.config import ConfigError, SynprefConfig, TrackingConfig, load_config
-from pipelines.core.tracking import run_location
+from pipelines.core.config import SynprefConfig, load_config
+from pipelines.core.errors import SynprefError
+
+if TYPE_CHECKING:
+    from pipelines.core.jobs import JobResult
 
 GLOBAL_OPTIONS = ("config_path", "lake", "tracking_uri", "ray_address")
 
@@ -54,33 +58,23 @@ def resolve_config(ctx: click.Context, **options: Any) -> SynprefConfig:
         overrides["tracking"] = {"uri": given["tracking_uri"]}
     if given.get("ray_address"):
         overrides["ray"] = {"address": given["ray_address"]}
-    try:
+    with user_errors():
         return load_config(given.get("config_path"), overrides)
-    except ConfigError as exc:
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """The library's errors about the user's input (a config field, a predicate, a file) as
+    one-line messages instead of tracebacks."""
+    try:
+        yield
+    except (SynprefError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def progress(message: str) -> None:
-    """A progress line for people; on stderr so that --json keeps stdout clean."""
-    click.echo(message, err=True)
-
-
-def job_result(
-    summary: dict[str, Any], text: str, run: Any, tracking: TrackingConfig, dashboard: str | None
-) -> dict[str, Any]:
-    """A job's summary plus where a person finds its MLflow run and the Ray dashboard."""
-    return summary | {
-        "run_id": run.info.run_id,
-        "text": text,
-        "mlflow_run": run_location(run, tracking),
-        "ray_dashboard": dashboard,
-    }
-
-
-def emit_job_result(result: dict[str, Any], as_json: bool) -> None:
-    """End a job command with its summary and the MLflow run (or all of it as JSON)."""
-    text = "\n".join([result.pop("text"), f"MLflow: {result['mlflow_run']}"])
-    emit(result, text, as_json)
+def emit_result(result: JobResult[Any], as_json: bool) -> None:
+    """End a job command with its summary and its MLflow run (or all of it as JSON)."""
+    emit(result.as_dict(), result.text(), as_json)
 
 
 def emit(summary: dict[str, Any], text: str, as_json: bool) -> None:
@@ -98,12 +92,12 @@ LOG_FILE_ENV = "SYNPREF_LOG_FILE"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging() -> Path:
+def configure_logging(take_over_ray: bool = True) -> Path:
     """Console for people, a log file for the rest: our progress lines and everyone's warnings
     go to stderr; Ray's banners, Ray Data's execution plans and progress logs, and every
     library's INFO lines go to the log file (``synpref.log``, or ``$SYNPREF_LOG_FILE``). Of
-    Ray's own records only errors reach the console. Ray Data draws progress bars when stderr
-    is a terminal."""
+    Ray's own records only errors reach the console (``take_over_ray``; the CLI does it when a
+    command runs, so that ``--help`` need not import Ray)."""
     log_file = Path(os.environ.get(LOG_FILE_ENV, "synpref.log")).resolve()
     to_file = logging.FileHandler(log_file)
     to_file.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -113,7 +107,18 @@ def configure_logging() -> Path:
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_console], force=True)
     for chatty in ("mlflow", "alembic", "urllib3", "filelock", "httpx", "transformers"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if take_over_ray:
+        take_over_ray_logging()
+    return log_file
 
+
+def take_over_ray_logging() -> None:
+    """Ray's and Ray Data's loggers into ours (file, and errors on the console); Ray Data draws
+    progress bars when stderr is a terminal. Nothing when ``configure_logging`` has not run
+    (the CLI embedded in another program or a test keeps that program's logging)."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
     import ray.data  # sets up the "ray" and "ray.data" loggers, which we take over
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
@@ -124,8 +129,7 @@ def configure_logging() -> Path:
     for handler in data_logger.handlers:
         if type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.ERROR)
-    data_logger.addHandler(to_file)
-    return log_file
+    data_logger.addHandler(files[0])
 
 
 class _ConsoleFormatter(logging.Formatter):

@@ -7,11 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from deltalake.exceptions import TableNotFoundError
 
-from pipelines.core.lake import Lake
 from ray_jobs.job import emit, global_options, json_option, resolve_config
-from storage_schemas import SCHEMA_VERSION, table_spec
 
 
 @click.command("tables")
@@ -20,6 +17,9 @@ from storage_schemas import SCHEMA_VERSION, table_spec
 @click.pass_context
 def tables_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """List the lake's tables with their version and row count."""
+    from pipelines.core.lake import Lake
+    from storage_schemas import SCHEMA_VERSION
+
     config = resolve_config(ctx, **options)
     infos = Lake(config.lake.root, config.lake.storage_options).tables()
     lines = [f"lake {config.lake.root} (schema v{SCHEMA_VERSION})"]
@@ -42,6 +42,11 @@ def history_command(
     ctx: click.Context, table: str, limit: int, as_json: bool, **options: Any
 ) -> None:
     """Show the commits of TABLE, newest first."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from pipelines.core.lake import Lake
+    from storage_schemas import table_spec
+
     config = resolve_config(ctx, **options)
     lake = Lake(config.lake.root, config.lake.storage_options)
     try:

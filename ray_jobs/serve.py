@@ -7,11 +7,8 @@ import threading
 from typing import Any
 
 import click
-from ray import serve
 
-from pipelines.core.ray_cluster import connect
-from pipelines.rm.serving import reward_app
-from ray_jobs.job import configure_logging, global_options, progress, resolve_config
+from ray_jobs.job import configure_logging, global_options, resolve_config
 
 APP_NAME = "synpref-rewards"
 
@@ -43,6 +40,11 @@ def parse_models(specs: tuple[str, ...]) -> dict[str, str]:
 @click.pass_context
 def command(ctx: click.Context, models: tuple[str, ...], **options: Any) -> None:
     """Serve reward models: POST /v1/score, GET /healthz, OpenAPI at /docs."""
+    from ray import serve
+
+    from pipelines.core.ray_cluster import connect
+    from pipelines.rm.serving import reward_app
+
     config = resolve_config(ctx, **options)
     served = parse_models(models)
     serving = config.serving
@@ -51,17 +53,18 @@ def command(ctx: click.Context, models: tuple[str, ...], **options: Any) -> None
     try:
         serve.start(http_options={"host": serving.host, "port": serving.port})
         serve.run(reward_app(served, config.scoring, serving), name=APP_NAME, route_prefix="/")
-        progress(
+        click.echo(
             f"[serve] {', '.join(served)} at http://{serving.host}:{serving.port}/v1/score "
-            "(Ctrl-C or SIGTERM stops)"
+            "(Ctrl-C or SIGTERM stops)",
+            err=True,
         )
         threading.Event().wait()
     except Stopped:
         pass
     finally:
-        progress("[serve] stopping")
+        click.echo("[serve] stopping", err=True)
         serve.shutdown()
-        progress("[serve] stopped")
+        click.echo("[serve] stopped", err=True)
 
 
 class Stopped(Exception):

@@ -35,7 +35,7 @@ def test_help_lists_the_commands():
         cwd=REPO,
     ).stdout
     commands = ("ingest", "tables", "history", "demo", "generate", "dedup", "decontaminate")
-    for command in (*commands, "score", "serve", "eval", "train", "judge", "annotate"):
+    for command in (*commands, "score", "serve", "eval", "train", "judge", "annotate", "config"):
         assert command in out
 
 
@@ -91,13 +91,14 @@ def test_demo_runs_the_main_job(run, config, monkeypatch, tmp_path):
         json.dumps({"hh": [str(HH_HARMLESS)], "gone": ["/nonexistent/x.jsonl"]}),
     )
     text = run("demo").stdout
-    assert "lake " in text and "MLflow:" in text and "Ray dashboard:" in text
+    assert "lake " in text and "MLflow:" in text
     assert "skipped (not found): /nonexistent/x.jsonl" in text
     result = json.loads(run("demo", "--json").stdout)
-    sources = {i["source"]: i for i in result["ingests"]}
+    *ingests, dedup, decontamination = result["steps"]
+    sources = {i["source"]: i for i in ingests}
     assert sources["synthetic-demo"]["pairs_inserted"] == 0, "a second demo adds nothing"
-    assert all(i["balanced"] for i in result["ingests"])
-    dedup, decontamination = result["hygiene"]
+    assert all(i["balanced"] for i in ingests)
+    assert all(step["run_id"] for step in result["steps"]), "every step is an MLflow run"
     assert dedup["conflicts"] >= 2 and dedup["near_duplicates"] >= 5
     assert set(dedup["written"].values()) == {None}, "the second demo changes no decision"
     assert decontamination["status_version"] is None

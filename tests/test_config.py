@@ -1,8 +1,18 @@
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from pipelines.core.config import ConfigError, load_config
+from pipelines.core.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    SynprefConfig,
+    describe,
+    load_config,
+)
 
 
 def test_defaults_are_the_embedded_local_setup():
@@ -71,3 +81,55 @@ def test_without_the_checkout_the_field_defaults_apply(monkeypatch, tmp_path):
     assert load_config().lake.root == "./lake"
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any, type]]:
+    """(dotted name, field info, owning section) of every field, sections and list items too."""
+    for name, info in model.model_fields.items():
+        yield f"{prefix}{name}", info, model
+        for kind in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _fields(kind, f"{prefix}{name}.")
+
+
+def test_every_config_field_is_documented():
+    undocumented = [
+        name
+        for name, info, _ in _fields(SynprefConfig)
+        if not info.description
+        and not (isinstance(info.annotation, type) and info.annotation.__doc__)
+    ]
+    assert undocumented == []
+
+
+def test_local_yaml_holds_only_what_differs_from_the_defaults():
+    given = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    defaults = SynprefConfig().model_dump(mode="json")
+
+    def same(values: dict, base: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                found += same(value, base[key], f"{prefix}{key}.")
+            elif value == base.get(key):
+                found.append(f"{prefix}{key}")
+        return found
+
+    assert same(given, defaults) == [], "repeats a default: leave it to the field"
+
+
+def test_synpref_config_shows_each_field_with_its_documentation():
+    from click.testing import CliRunner
+
+    from ray_jobs.cli import cli
+
+    out = CliRunner().invoke(cli, ["config"], catch_exceptions=False).output
+    assert "# Word n-gram size of the shingles.\ndedup.minhash.ngram: 3" in out
+    assert "judging.judges[0].name:" in out
+    assert 'demo.extra_inputs: {"hh-rlhf-harmless"' in out
+
+
+def test_secrets_are_masked_when_the_config_is_shown():
+    config = SynprefConfig(lake={"storage_options": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}})
+    shown = "\n".join(describe(config))
+    assert "s3cr3t" not in shown and '"AWS_SECRET_ACCESS_KEY": "***"' in shown

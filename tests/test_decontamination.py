@@ -5,12 +5,11 @@ import json
 import pyarrow as pa
 import pytest
 
+from pipelines import jobs
 from pipelines.core.config import DecontaminationConfig
 from pipelines.hygiene.decontamination import BenchmarkIndex, find_contamination, tokens
 from pipelines.ingest.job import IngestRequest
 from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corpus
-from ray_jobs.decontaminate import run_decontaminate
-from ray_jobs.ingest import run_ingest
 from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
 
 LONG = "Explain in detail how the water cycle moves moisture from the oceans to the mountains and back again"
@@ -109,19 +108,19 @@ def test_bad_options_are_rejected(values, message):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_planted_benchmark_prompts_are_all_caught_and_clean_pairs_are_not(config, lake, tmp_path):
-    quiet = {"report": lambda _: None}
-    run_ingest(
-        config, IngestRequest(paths=[str(shared_data(RM_BENCH))], source="rm-bench"), **quiet
-    )
-    run_ingest(
-        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **quiet
-    )
+    jobs.ingest(
+        config, IngestRequest(paths=[str(shared_data(RM_BENCH))], source="rm-bench")
+    ).as_dict()
+    jobs.ingest(
+        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench")
+    ).as_dict()
     prompts = benchmark_prompts(JUDGEBENCH) + benchmark_prompts(RM_BENCH / "chat_filtered.json")
     spec = CorpusSpec(pairs=400, seed=9, contamination_rate=0.1, bad_row_rate=0)
     files = write_corpus(spec, tmp_path / "corpus", benchmark_prompts=prompts)
-    run_ingest(config, IngestRequest(paths=[str(f) for f in files], source="web"), **quiet)
+    jobs.ingest(config, IngestRequest(paths=[str(f) for f in files], source="web")).as_dict()
 
-    result = run_decontaminate(config, report=lambda _: None)
+    decontaminated = jobs.decontaminate(config)
+    result, text = decontaminated.as_dict(), decontaminated.text()
     pairs = lake.read(
         "pairs", columns=["pair_id", "source_meta"], where="source = 'web'"
     ).to_pylist()
@@ -134,7 +133,7 @@ def test_planted_benchmark_prompts_are_all_caught_and_clean_pairs_are_not(config
     assert len(planted) == 40
     assert flagged == planted, "every planted pair caught, no clean pair flagged"
     assert result["contaminated_pairs"] == {"web": 40}
-    assert len(result["evidence"]) == 10 and "evidence (10 of 40 pairs" in result["text"]
+    assert len(result["evidence"]) == 10 and "evidence (10 of 40 pairs" in text
     assert {e["pair_id"] for e in result["evidence"]} <= planted
     assert set(result["by_benchmark"]) <= {"rm-bench", "judgebench"}
     status = lake.read("curation_status", where="status = 'contaminated'")
@@ -147,6 +146,6 @@ def test_planted_benchmark_prompts_are_all_caught_and_clean_pairs_are_not(config
         lake.count("curation_status") == 400 + 12 + 4 + 40
     )  # originals, near-dups, flips, planted
 
-    again = run_decontaminate(config, report=lambda _: None)
+    again = jobs.decontaminate(config).as_dict()
     assert again["contamination_version"] == result["contamination_version"]
     assert again["status_version"] is None, "re-running changes nothing"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines import jobs
 from pipelines.core.config import DedupConfig
 from pipelines.core.text import normalise_text
 from pipelines.hygiene.curation_status import derive
@@ -19,8 +20,6 @@ from pipelines.hygiene.dedup import (
     flip_conflicts,
 )
 from pipelines.ingest.job import IngestRequest
-from ray_jobs.dedup import run_dedup
-from ray_jobs.ingest import run_ingest
 from storage_schemas import CONTAMINATION
 from tests.conftest import HH_HARMLESS, shared_data
 
@@ -178,8 +177,7 @@ def test_empty_input_makes_no_decisions():
 @pytest.mark.usefixtures("ray_cluster")
 def test_dedup_job_on_real_and_planted_data(config, lake, tmp_path):
     hh = shared_data(HH_HARMLESS)
-    quiet = {"report": lambda _: None}
-    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), **quiet)
+    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
     flips = tmp_path / "flips.jsonl"
     records = [
         {"prompt": "Is the sky blue?", "chosen": "Yes, on a clear day.", "rejected": "No."},
@@ -187,9 +185,9 @@ def test_dedup_job_on_real_and_planted_data(config, lake, tmp_path):
         {"prompt": "Is  the sky blue?", "chosen": "Yes, on a clear day. ", "rejected": "No."},
     ]
     flips.write_text("\n".join(map(json.dumps, records)) + "\n")
-    run_ingest(config, IngestRequest(paths=[str(flips)], source="edits"), **quiet)
+    jobs.ingest(config, IngestRequest(paths=[str(flips)], source="edits")).as_dict()
 
-    first = run_dedup(config, report=lambda _: None)
+    first = jobs.dedup(config).as_dict()
     # HH's repeated prompts have different responses: no pair duplicates among its pairs.
     assert first["by_source"]["hh"] == {"kept": 2303}
     assert first["conflicts"] == 1 and first["exact_duplicates"] == 1
@@ -202,7 +200,7 @@ def test_dedup_job_on_real_and_planted_data(config, lake, tmp_path):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first["run_id"])}
     assert {"dedup_summary.json", "cluster_sizes.png"} <= artifacts
 
-    again = run_dedup(config, report=lambda _: None)
+    again = jobs.dedup(config).as_dict()
     assert set(again["written"].values()) == {None}, "re-running dedup changes nothing"
 
 
@@ -216,7 +214,7 @@ def test_prompt_groups_on_hh_group_repeated_prompts_without_making_duplicates(
         lines = file.readlines()
     hh = tmp_path / "hh-sample.jsonl"
     hh.write_text("".join(lines[:200] + [lines[i] for i in (250, 1262, 1452, 1483)]))
-    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), report=lambda _: None)
+    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
     paraphrases = tmp_path / "paraphrases.jsonl"
     records = [
         {
@@ -231,11 +229,9 @@ def test_prompt_groups_on_hh_group_repeated_prompts_without_making_duplicates(
         },
     ]
     paraphrases.write_text("\n".join(map(json.dumps, records)) + "\n")
-    run_ingest(
-        config, IngestRequest(paths=[str(paraphrases)], source="bread"), report=lambda _: None
-    )
+    jobs.ingest(config, IngestRequest(paths=[str(paraphrases)], source="bread")).as_dict()
     config.dedup.prompt_groups.enabled = True
-    result = run_dedup(config, report=lambda _: None)
+    result = jobs.dedup(config).as_dict()
 
     groups = lake.read("dedup_clusters", where="method = 'prompt'").to_pylist()
     by_cluster: dict[str, set] = {}

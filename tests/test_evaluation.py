@@ -6,6 +6,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from pipelines import jobs
 from pipelines.rm.evaluation import (
     EvalDataError,
     EvalItem,
@@ -21,7 +22,6 @@ from pipelines.rm.evaluation import (
     rewardbench_metrics,
 )
 from pipelines.rm.model import RewardModel
-from ray_jobs.evaluate import run_eval
 from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
 
 JUDGEBENCH_OUTPUTS = {  # the official sample-weighted accuracies of the committed outputs
@@ -151,7 +151,7 @@ def test_rmbench_length_heuristic_gives_the_style_bias_baseline(config, ray_clus
     one, and mostly loses the hard cells (plain chosen vs styled rejected): easy 86.34,
     normal 40.35, hard 13.20."""
     data = shared_data(RM_BENCH)
-    result = run_eval(config, "rmbench", str(data), model="heuristic:length", report=print)
+    result = jobs.evaluate(config, "rmbench", str(data), model="heuristic:length").as_dict()
     metrics = result["metrics"]
     assert result["items"] == 798
     assert (round(metrics["easy"], 2), round(metrics["normal"], 2), round(metrics["hard"], 2)) == (
@@ -174,7 +174,7 @@ def test_rmbench_length_heuristic_gives_the_style_bias_baseline(config, ray_clus
 def test_a_model_scored_on_ray_gives_the_same_scores_as_in_process(config, ray_cluster, decoder_rm):
     data = shared_data(JUDGEBENCH)
     config.scoring.max_length = 256
-    result = run_eval(config, "judgebench", str(data), model=decoder_rm, report=print)
+    result = jobs.evaluate(config, "judgebench", str(data), model=decoder_rm).as_dict()
     assert result["items"] == 350 and 0 <= result["metrics"]["accuracy"] <= 100
     run = mlflow.get_run(result["run_id"])
     assert run.data.metrics["scoring.truncated"] > 0, "JudgeBench answers exceed 256 tokens"
@@ -192,19 +192,19 @@ def test_an_offline_rm_on_rmbench_and_its_scores_artifact_evaluate_again(
 ):
     data = shared_data(RM_BENCH) / "chat_filtered.json"
     config.scoring.max_length = 128
-    first = run_eval(config, "rmbench", str(data), model=encoder_rm, report=print)
+    first = jobs.evaluate(config, "rmbench", str(data), model=encoder_rm).as_dict()
     assert first["items"] == 129
     assert {"easy", "normal", "hard", "average"} <= first["metrics"].keys()
     saved = mlflow.artifacts.download_artifacts(
         f"runs:/{first['run_id']}/eval/scores.jsonl", dst_path=str(tmp_path)
     )
-    again = run_eval(config, "rmbench", str(data), scores=saved, report=print)
+    again = jobs.evaluate(config, "rmbench", str(data), scores=saved).as_dict()
     assert again["metrics"] == first["metrics"]
 
 
 def test_model_and_scores_are_exclusive(config):
     with pytest.raises(EvalDataError, match="exactly one"):
-        run_eval(config, "rmbench", "x", model="heuristic:length", scores="y")
+        jobs.evaluate(config, "rmbench", "x", model="heuristic:length", scores="y").as_dict()
     with pytest.raises(ValueError, match="unknown heuristic"):
         RewardModel("heuristic:coin")
 

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import jobs
 from pipelines.core.config import SynprefConfig
 from pipelines.core.lake import Lake
 from pipelines.ingest.formats import FormatError, Limits
 from pipelines.ingest.job import IngestRequest, normalise_batch
 from pipelines.ingest.record_files import RAW_SCHEMA
 from pipelines.ingest.synthetic import BAD_ROW_KINDS, CorpusSpec, write_corpus
-from ray_jobs.ingest import run_ingest
 from storage_schemas import PAIRS, QUARANTINE
 from tests.conftest import HH_HARMLESS, JUDGEBENCH, RM_BENCH, shared_data
 
@@ -25,11 +25,10 @@ RMBENCH_PROMPTS = {"chat": 129, "code": 228, "safety-refuse": 284, "safety-respo
 
 
 def ingest(config: SynprefConfig, paths, source: str, **options) -> dict:
-    return run_ingest(
+    return jobs.ingest(
         config,
         IngestRequest(paths=[str(p) for p in paths], source=source, **options),
-        report=lambda _: None,
-    )
+    ).as_dict()
 
 
 def quarantine_reasons(lake: Lake, source: str) -> dict[str, int]:

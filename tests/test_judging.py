@@ -13,6 +13,7 @@ import httpx
 import mlflow
 import pytest
 
+from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
 from pipelines.core.config import JudgeConfig, LLMConfig
 from pipelines.ingest.job import IngestRequest
@@ -29,13 +30,9 @@ from pipelines.judging.job import (
 )
 from pipelines.llm.backends import Generation, HFBackend, OpenAIBackend, Sampling
 from pipelines.llm.retrieval import SimilarityIndex
-from ray_jobs.annotate import run_annotate
-from ray_jobs.ingest import run_ingest
-from ray_jobs.judge import run_judge
 from storage_schemas import TASK_CATEGORIES
 from tests.conftest import HH_HARMLESS, JUDGEBENCH, free_port, shared_data, wait_until_up
 
-QUIET = {"report": lambda _: None}
 SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
 JUDGEBENCH_SHORT = f"source = 'judgebench' AND {SHORT.format(n=1500)}"
 HH_SHORT = f"source = 'hh' AND {SHORT.format(n=400)}"
@@ -85,10 +82,10 @@ def stats(url: str) -> dict:
 
 
 def ingest_real(config) -> None:
-    run_ingest(
-        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench"), **QUIET
-    )
-    run_ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh"), **QUIET)
+    jobs.ingest(
+        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench")
+    ).as_dict()
+    jobs.ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh")).as_dict()
 
 
 # ------------------------------------------------------------------ pure rules
@@ -192,7 +189,7 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
     config.judging.judges = [logprob, structured]
     config.judging.gold.where = HH_SHORT
     where = f"({JUDGEBENCH_SHORT}) OR ({HH_SHORT} AND pair_id < '01')"
-    first = run_judge(config, where=where, **QUIET)
+    first = jobs.judge(config, where=where).as_dict()
     pairs = first["selected"]
     assert pairs == lake.count("pairs", where=where) >= 3
     assert {r["source"] for r in lake.read("judgments", columns=["source"]).to_pylist()} == {
@@ -231,7 +228,7 @@ def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
     ] + quality["invalid_verdict_rate"] == pytest.approx(1)
 
     versions = lake.version("judgments"), lake.version("verdicts")
-    again = run_judge(config, where=where, **QUIET)
+    again = jobs.judge(config, where=where).as_dict()
     assert [j["judged"] for j in again["judges"]] == [0, 0]
     assert [j["cached"] for j in again["judges"]] == [pairs * 2, pairs * 2]
     assert (lake.version("judgments"), lake.version("verdicts")) == versions, "no commit"
@@ -335,14 +332,14 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     # The first two requests fail twice each (with one retry): those judgments are recorded
     # as failed requests, not guessed.
     faults(server, *[{"status": 500}] * 4)
-    first = run_judge(config, where=HH_SHORT, limit=2, **QUIET)
+    first = jobs.judge(config, where=HH_SHORT, limit=2).as_dict()
     rows = lake.read("judgments").to_pylist()
     failed = [r for r in rows if not r["valid"]]
     assert len(rows) == 4 and len(failed) == 2
     assert all(r["invalid_reason"].startswith("request_failed: HTTP 500") for r in failed)
     assert first["verdict_counts"].get("invalid", 0) >= 1
 
-    again = run_judge(config, where=HH_SHORT, limit=2, **QUIET)
+    again = jobs.judge(config, where=HH_SHORT, limit=2).as_dict()
     assert again["judges"][0]["judged"] == 2 and again["judges"][0]["cached"] == 2
     rows = lake.read("judgments").to_pylist()
     assert len(rows) == 4 and all(r["valid"] for r in rows), "failed requests judged again"
@@ -355,7 +352,7 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
     config.judging.judges = [
         _served_judge(server, "sampled", samples_per_order=2, temperature=0.7, verdict="structured")
     ]
-    result = run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+    result = jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
     rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
     assert sorted((r["ordering"], r["sample"]) for r in rows) == [
         ("AB", 0),
@@ -373,13 +370,13 @@ def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
 
     ingest_real(config)
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
-        run_judge(config, where="no_such_column = 1", **QUIET)
+        jobs.judge(config, where="no_such_column = 1").as_dict()
     config.judging.judges = [JudgeConfig(actors=2)]
     with pytest.raises(ValueError, match="takes all 2 CPUs"):
-        run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+        jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
     config.judging.judges = [JudgeConfig(name="a"), JudgeConfig(name="b")]
     with pytest.raises(ValueError, match="judges a and b have the same model"):
-        run_judge(config, where=HH_SHORT, limit=1, **QUIET)
+        jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
     with pytest.raises(ConfigError, match="samples_per_order > 1 needs temperature > 0"):
         load_config(None, {"judging": {"judges": [{"samples_per_order": 3}]}})
     with pytest.raises(ConfigError, match="needs verdict: structured"):
@@ -429,7 +426,7 @@ def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     ingest_real(config)
     config.judging.annotator = LLMConfig(max_tokens=160, max_retries=1, num_cpus=0.5)
     where = f"{HH_SHORT} AND pair_id < '02'"
-    first = run_annotate(config, where=where, **QUIET)
+    first = jobs.annotate(config, where=where).as_dict()
     assert first["annotated"] == first["selected"] == lake.count("pairs", where=where) >= 2
     rows = lake.read("attributes").to_pylist()
     assert len(rows) == first["selected"]
@@ -443,7 +440,7 @@ def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     assert first["invalid"] == sum(not r["valid"] for r in rows)
 
     version = lake.version("attributes")
-    again = run_annotate(config, where=where, **QUIET)
+    again = jobs.annotate(config, where=where).as_dict()
     assert (again["annotated"], again["cached"]) == (0, first["selected"])
     assert lake.version("attributes") == version
 
@@ -496,11 +493,11 @@ def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, t
         )
     ]
     where = f"{HH_SHORT} AND pair_id < '02'"
-    first = run_judge(config, where=where, **QUIET)
+    first = jobs.judge(config, where=where).as_dict()
     assert first["judges"][0]["judged"] == 2 * first["selected"] >= 4
     rows = lake.read("judgments").to_pylist()
     assert all(r["valid"] and r["output_tokens"] == 1 for r in rows)
-    again = run_judge(config, where=where, **QUIET)
+    again = jobs.judge(config, where=where).as_dict()
     assert again["judges"][0]["judged"] == 0
 
 

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 import ray
 
+from pipelines import jobs
 from pipelines.core.config import MinHashConfig
 from pipelines.core.lake import Lake
 from pipelines.hygiene.near_dedup import (
@@ -19,8 +20,6 @@ from pipelines.hygiene.near_dedup import (
 )
 from pipelines.ingest.job import IngestRequest
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
-from ray_jobs.dedup import run_dedup
-from ray_jobs.ingest import run_ingest
 
 OPTIONS = MinHashConfig()
 TEXT = " ".join(f"word{i % 97} token{i % 13}" for i in range(120))
@@ -123,13 +122,12 @@ def truth(lake, source):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path):
-    quiet = {"report": lambda _: None}
     spec = CorpusSpec(
         pairs=600, seed=4, near_duplicate_rate=0.1, near_duplicate_edit_rate=0.02, bad_row_rate=0
     )
     first = write_corpus(spec, tmp_path / "one")
-    run_ingest(config, IngestRequest(paths=[str(f) for f in first], source="one"), **quiet)
-    run_dedup(config, **quiet)
+    jobs.ingest(config, IngestRequest(paths=[str(f) for f in first], source="one")).as_dict()
+    jobs.dedup(config).as_dict()
 
     second = write_corpus(
         CorpusSpec(
@@ -141,8 +139,8 @@ def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path)
         ),
         tmp_path / "two",
     )
-    run_ingest(config, IngestRequest(paths=[str(f) for f in second], source="two"), **quiet)
-    result = run_dedup(config, **quiet)
+    jobs.ingest(config, IngestRequest(paths=[str(f) for f in second], source="two")).as_dict()
+    result = jobs.dedup(config).as_dict()
     signatures = lake.history("minhash_signatures")
     assert [c["operation"] for c in signatures][:2] == ["MERGE", "MERGE"], (
         "second run hashed only new pairs"
@@ -177,8 +175,8 @@ def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path)
         update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "fresh")})}
     )
     for source, files in (("one", first), ("two", second)):
-        run_ingest(fresh, IngestRequest(paths=[str(f) for f in files], source=source), **quiet)
-    full = run_dedup(fresh, **quiet)
+        jobs.ingest(fresh, IngestRequest(paths=[str(f) for f in files], source=source)).as_dict()
+    full = jobs.dedup(fresh).as_dict()
     assert (full["near_clusters"], full["near_duplicates"]) == (
         result["near_clusters"],
         result["near_duplicates"],
@@ -187,7 +185,7 @@ def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path)
     near_status = fresh_lake.count("curation_status", where="status = 'near_dup'")
     assert 0 < near_status <= full["near_duplicates"]  # a conflict outranks being a near-dup
     fresh.dedup.minhash.enabled = False
-    without = run_dedup(fresh, **quiet)
+    without = jobs.dedup(fresh).as_dict()
     assert without["near_duplicates"] == 0
     assert fresh_lake.count("dedup_clusters", where="method = 'near'") == 0, (
         "stale decisions are removed"

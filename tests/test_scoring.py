@@ -5,13 +5,11 @@ import mlflow
 import numpy as np
 import pytest
 
+from pipelines import jobs
 from pipelines.ingest.job import IngestRequest
 from pipelines.rm.model import RewardModel, encode, sigmoid
-from ray_jobs.ingest import run_ingest
-from ray_jobs.score import run_score
 from tests.conftest import HH_HARMLESS, shared_data
 
-QUIET = {"report": lambda _: None}
 FEW = "pair_id < '18'"  # about 1/16 of the pairs (ids are hex digests)
 MORE = "pair_id < '30'"
 
@@ -20,18 +18,18 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
     config, lake, ray_cluster, encoder_rm
 ):
     hh = shared_data(HH_HARMLESS)
-    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), **QUIET)
+    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
     config.scoring.max_length = 128
-    first = run_score(config, encoder_rm, model_name="minilm-rm", where=FEW, **QUIET)
+    first = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
     selected = lake.count("pairs", where=FEW)
     assert first["scored"] == first["selected"] == selected > 50
     assert lake.count("rm_scores") == selected
 
-    again = run_score(config, encoder_rm, model_name="minilm-rm", where=FEW, **QUIET)
+    again = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
     assert (again["scored"], again["already_scored"]) == (0, selected)
     assert again["rm_scores_version"] is None, "nothing new: no commit"
 
-    wider = run_score(config, encoder_rm, model_name="minilm-rm", where=MORE, **QUIET)
+    wider = jobs.score(config, encoder_rm, model_name="minilm-rm", where=MORE).as_dict()
     assert wider["already_scored"] == selected
     assert lake.count("rm_scores") == wider["selected"] == selected + wider["scored"]
 
@@ -60,8 +58,8 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
 
 def test_a_second_model_scores_the_same_pairs_separately(config, lake, ray_cluster):
     hh = shared_data(HH_HARMLESS)
-    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), **QUIET)
-    result = run_score(config, "heuristic:length", where=FEW, **QUIET)
+    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
+    result = jobs.score(config, "heuristic:length", where=FEW).as_dict()
     assert result["scored"] == lake.count("pairs", where=FEW)
     rows = lake.read("rm_scores", columns=["r_chosen", "model_name"]).to_pylist()
     assert {r["model_name"] for r in rows} == {"heuristic:length"}
@@ -70,12 +68,12 @@ def test_a_second_model_scores_the_same_pairs_separately(config, lake, ray_clust
 
 def test_bad_selection_is_a_clear_error(config, lake, ray_cluster):
     hh = shared_data(HH_HARMLESS)
-    run_ingest(config, IngestRequest(paths=[str(hh)], source="hh"), **QUIET)
+    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
-        run_score(config, "heuristic:length", where="no_such_column = 1", **QUIET)
+        jobs.score(config, "heuristic:length", where="no_such_column = 1").as_dict()
     config.scoring.actors = 2  # 2 x 1 CPU on the 2-CPU test cluster: reads would starve
     with pytest.raises(ValueError, match="takes all 2 CPUs"):
-        run_score(config, "heuristic:length", **QUIET)
+        jobs.score(config, "heuristic:length").as_dict()
 
 
 def test_the_length_read_is_the_smallest_limit_and_cuts_keep_special_tokens(encoder_rm):

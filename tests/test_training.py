@@ -18,10 +18,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipelines import jobs
 from pipelines.core.batching import length_batches
 from pipelines.core.config import ConfigError, load_config
 from pipelines.ingest.job import IngestRequest
-from pipelines.rm.data import row_keys, select_pairs
+from pipelines.rm.data import row_keys, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     RewardModel,
@@ -30,11 +31,8 @@ from pipelines.rm.model import (
     without_dropout,
 )
 from pipelines.rm.training import SEEN_FILE, TrainState, length_grouped_steps
-from ray_jobs.ingest import run_ingest
-from ray_jobs.train import run_train
 from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf
 
-QUIET = {"report": lambda _: None}
 FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
 
 
@@ -130,7 +128,7 @@ def test_training_without_dropout_is_deterministic(encoder_rm):
 
 @pytest.fixture
 def hh_lake(config, lake, ray_cluster):
-    run_ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh"), **QUIET)
+    jobs.ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh")).as_dict()
     return lake
 
 
@@ -138,14 +136,14 @@ def test_selection_holds_out_validation_and_rejects_bad_inputs(config, hh_lake):
     data = config.training.data
     data.where = FEW
     data.validation_fraction = 0.25
-    first, again = select_pairs(hh_lake, data), select_pairs(hh_lake, data)
+    first, again = training_selection(hh_lake, data), training_selection(hh_lake, data)
     assert first.train.equals(again.train) and first.validation.equals(again.validation)
     selected = hh_lake.count("pairs", where=FEW)
     assert first.train.num_rows + first.validation.num_rows == selected
     assert 0.1 < first.validation.num_rows / selected < 0.4
 
     data.validation_where = "pair_id < '02'"
-    gold = select_pairs(hh_lake, data)
+    gold = training_selection(hh_lake, data)
     gold_ids = set(gold.validation["pair_id"].to_pylist())
     assert gold_ids and not gold_ids & set(gold.train["pair_id"].to_pylist())
 
@@ -158,7 +156,7 @@ def test_selection_holds_out_validation_and_rejects_bad_inputs(config, hh_lake):
     ]:
         bad = data.model_copy(update={option: value})
         with pytest.raises(ValueError, match=message):
-            select_pairs(hh_lake, bad)
+            training_selection(hh_lake, bad)
 
 
 def _train_config(config, backbone: str, tmp_path: Path):
@@ -176,7 +174,7 @@ def _train_config(config, backbone: str, tmp_path: Path):
 
 
 def _validation_conversations(lake, training):
-    keys = select_pairs(lake, training.data).validation
+    keys = training_selection(lake, training.data).validation
     wanted = set(zip(keys["source"].to_pylist(), keys["pair_id"].to_pylist(), strict=True))
     pairs = [p for p in lake.read("pairs").to_pylist() if (p["source"], p["pair_id"]) in wanted]
     chosen = [scored_conversation(p["history"], p["chosen"]) for p in pairs]
@@ -187,7 +185,7 @@ def _validation_conversations(lake, training):
 def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
     _train_config(config, str(tmp_path / "no-model-here"), tmp_path)
     with pytest.raises(ValueError, match="cannot be loaded"):
-        run_train(config, name="bad", **QUIET)
+        jobs.train(config, name="bad").as_dict()
 
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
@@ -224,7 +222,7 @@ def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice_an_
     )
     killer.start()
     try:
-        result = run_train(config, name="hh-killed", **QUIET)
+        result = jobs.train(config, name="hh-killed").as_dict()
     finally:
         done.set()
         killer.join()
@@ -238,7 +236,7 @@ def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice_an_
 
     state = TrainState.load(Path(result["checkpoint"]))
     seen = np.load(Path(result["checkpoint"]) / SEEN_FILE)
-    keys = select_pairs(hh_lake, training.data).train
+    keys = training_selection(hh_lake, training.data).train
     assert len(seen) == len(np.unique(seen)) == keys.num_rows
     assert set(seen.tolist()) == set(row_keys(keys["source"], keys["pair_id"]).tolist())
     assert state.pairs == trained and state.epoch == 2
@@ -255,7 +253,7 @@ def test_smollm2_backbone_from_gguf_trains_and_registers(config, hh_lake, tmp_pa
     training.max_length = 64
     training.global_batch = 8
     training.learning_rate = 1e-5
-    result = run_train(config, name="hh-smollm2", **QUIET)
+    result = jobs.train(config, name="hh-smollm2").as_dict()
     assert result["pairs_trained"] == result["train_pairs"] > 0
     assert np.isfinite(result["selected_metrics"]["val_loss"])
 

@@ -18,15 +18,19 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.core.config import LLMConfig
+from pipelines.core.actor_pool import check_cpus, missing_rows, run_stage
+from pipelines.core.config import JudgingConfig, LLMConfig
+from pipelines.core.errors import ConfigError
+from pipelines.core.jobs import JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake
+from pipelines.core.selection import select_pair_keys
+from pipelines.core.sql import literal
 from pipelines.core.text import prompt_text
 from pipelines.llm.backends import Generation, Message, Sampling, answer_with_retries, load_backend
 from storage_schemas import ATTRIBUTES, CONTROVERSIALITY, OBJECTIVITY, PAIRS, TASK_CATEGORIES
@@ -73,7 +77,7 @@ TEMPLATES = {"attributes-v1": (SYSTEM, INSTRUCTION)}
 
 def template_hash(version: str) -> str:
     if version not in TEMPLATES:
-        raise ValueError(f"unknown attributes template {version!r}; known: {', '.join(TEMPLATES)}")
+        raise ConfigError(f"unknown attributes template {version!r}; known: {', '.join(TEMPLATES)}")
     return hashlib.blake2b(json.dumps(TEMPLATES[version]).encode(), digest_size=8).hexdigest()
 
 
@@ -153,7 +157,7 @@ def valid_attributes(lake: Lake, key: str) -> list[dict[str, Any]]:
         return []
     columns = ["source", "pair_id", *ATTRIBUTE_FIELDS]
     return lake.read(
-        ATTRIBUTES.name, columns=columns, where=f"annotator_key = '{key}' AND valid"
+        ATTRIBUTES.name, columns=columns, where=f"annotator_key = {literal(key)} AND valid"
     ).to_pylist()
 
 
@@ -206,7 +210,8 @@ class PairAnnotator:
 
 
 @dataclass(frozen=True)
-class Annotation:
+class AnnotateSummary(JobSummary):
+    job: ClassVar[str] = "annotate"
     annotator_key: str
     pairs_version: int
     selected: int
@@ -234,60 +239,63 @@ class Annotation:
             )
         return "\n".join(lines)
 
+    def tables_read(self) -> list[TableVersion]:
+        return [TableVersion(PAIRS.name, self.pairs_version)]
+
+    def tables_written(self) -> list[TableVersion]:
+        return versions((ATTRIBUTES, self.attributes_version))
+
+    def tags(self) -> dict[str, str]:
+        return {"synpref.annotator_key": self.annotator_key}
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "pairs_selected": self.selected,
+            "pairs_annotated": self.annotated,
+            "pairs_cached": self.cached,
+            "annotations_invalid": self.invalid,
+            "invalid_rate": self.invalid / self.annotated if self.annotated else 0.0,
+            "output_tokens": self.output_tokens,
+        }
+
 
 def annotate_pairs(
     lake: Lake,
-    config: LLMConfig,
-    version: str,
+    config: JudgingConfig,
     run_id: str,
-    selected: pa.Table,
-    pairs_version: int,
-) -> Annotation:
-    """Annotate the ``selected`` pairs (source, pair_id) that this annotator has not annotated
-    (failed requests of earlier runs are tried again)."""
+    where: str | None = None,
+    limit: int | None = None,
+) -> AnnotateSummary:
+    """Annotate the pairs matching ``where`` (the ``limit`` with the smallest pair_id) that
+    ``config.annotator`` has not annotated (failed requests of earlier runs are tried again)."""
     started = time.perf_counter()
-    key = annotator_key(config, version)
-    missing = selected
-    if lake.exists(ATTRIBUTES.name):
-        done = lake.read(
-            ATTRIBUTES.name,
-            columns=["source", "pair_id"],
-            where=f"annotator_key = '{key}' AND (invalid_reason IS NULL OR "
-            "invalid_reason NOT LIKE 'request_failed%')",
-        )
-        missing = selected.join(done, ["source", "pair_id"], join_type="left anti")
+    annotator, template = config.annotator, config.annotator_template
+    key = annotator_key(annotator, template)
+    pairs_version = lake.version(PAIRS.name)
+    selected = select_pair_keys(lake, pairs_version, where, limit)
+    missing = missing_rows(lake, ATTRIBUTES, selected, f"annotator_key = {literal(key)}")
     log.info(
         f"[annotate] {selected.num_rows:,} pairs selected, {missing.num_rows:,} without "
-        f"attributes from {config.model}"
+        f"attributes from {annotator.model}"
     )
     new, version_written = ATTRIBUTES.schema.empty_table(), None
     if missing.num_rows:
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if config.actors * config.num_cpus >= cpus:
-            raise ValueError(
-                f"annotator actors x num_cpus = {config.actors * config.num_cpus:g} takes all "
-                f"{cpus:g} CPUs: use fewer actors or a fractional num_cpus (e.g. 0.5)"
-            )
-        annotated = lake.dataset(
-            PAIRS.name, pairs_version, ["source", "pair_id", "history"], keys=missing
-        ).map_batches(
+        check_cpus({"annotator": annotator})
+        stage = run_stage(
+            "annotate",
+            lake.dataset(PAIRS.name, pairs_version, ["source", "pair_id", "history"], keys=missing),
             PairAnnotator,
-            fn_constructor_args=(config, version, run_id),
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus or None,
+            (annotator, template, run_id),
+            annotator,
+            ATTRIBUTES,
+            lambda rows: lake.upsert(ATTRIBUTES, rows).version,
+            missing.num_rows,
         )
-        parts = [t for t in ray.get(annotated.to_arrow_refs()) if t.num_rows]
-        new = pa.concat_tables(parts) if parts else ATTRIBUTES.schema.empty_table()
-        if new.num_rows != missing.num_rows:
-            raise RuntimeError(f"{new.num_rows} attribute rows for {missing.num_rows} pairs")
-        version_written = lake.upsert(ATTRIBUTES, new).version
+        new, version_written = stage.rows, stage.version
     reasons = [r.split(":")[0] for r in new["invalid_reason"].to_pylist() if r]
     seconds = time.perf_counter() - started
     log.info(f"[annotate] {new.num_rows:,} pairs annotated in {seconds:.1f}s")
-    return Annotation(
+    return AnnotateSummary(
         annotator_key=key,
         pairs_version=pairs_version,
         selected=selected.num_rows,

@@ -9,6 +9,8 @@ else. Environment overrides use ``SYNPREF_<SECTION>__<KEY>``, e.g.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,11 +20,25 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipelines.core.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become field descriptions: `synpref config` shows them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ActorPoolConfig(_Section):
+    """A Ray Data actor pool: one model, engine or client per actor."""
+
+    batch_size: int = Field(default=64, ge=1)
+    """Rows per Ray Data batch handed to an actor."""
+    actors: int = Field(default=1, ge=1)
+    """Actors in the pool (each loads its own model or engine)."""
+    num_cpus: float = Field(default=1, gt=0)
+    """CPUs per actor; every pool of a job together must leave CPUs for reading the pairs."""
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs per actor (the model moves to ``cuda`` when > 0; with ``vllm``: tensor_parallel)."""
 
 
 class LakeConfig(_Section):
@@ -39,7 +55,9 @@ class TrackingConfig(_Section):
     """MLflow tracking: every job run is an MLflow run in this experiment."""
 
     uri: str = "sqlite:///mlruns.db"
+    """MLflow tracking URI: ``sqlite:///file.db`` or ``http(s)://`` of a tracking server."""
     experiment: str = "synpref"
+    """The experiment every job run goes to."""
     artifact_location: str = "./mlartifacts"
     """Used only when the experiment is created; a remote server decides its own otherwise."""
 
@@ -155,7 +173,7 @@ class DecontaminationConfig(_Section):
         return self
 
 
-class ScoringConfig(_Section):
+class ScoringConfig(ActorPoolConfig):
     """Reward-model scoring (``synpref score``, ``synpref eval --model``): a Ray Data actor
     pool, one model per actor."""
 
@@ -165,21 +183,19 @@ class ScoringConfig(_Section):
     """Padded tokens per forward pass (conversations are sorted by length first)."""
     batch_size: int = Field(default=256, ge=1)
     """Conversations per Ray Data batch handed to an actor."""
-    actors: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1, gt=0)
-    """CPUs per actor."""
-    num_gpus: float = Field(default=0, ge=0)
-    """GPUs per actor (the model moves to ``cuda`` when > 0)."""
 
 
 class ServingConfig(_Section):
     """The reward API (``synpref serve``) on Ray Serve; replicas use ``scoring`` resources."""
 
     host: str = "127.0.0.1"
+    """Address the reward API binds to (``0.0.0.0`` to expose it beyond this machine)."""
     port: int = Field(default=8000, ge=1, le=65535)
+    """Port of the reward API."""
     max_batch_size: int = Field(default=32, ge=1)
     """Requests merged into one scoring call (``@serve.batch``)."""
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """Seconds a request waits for others to share its scoring call."""
     max_items: int = Field(default=64, ge=1)
     """Conversations or pairs per request; more is a 413."""
     max_chars: int = Field(default=400_000, ge=1)
@@ -187,6 +203,7 @@ class ServingConfig(_Section):
     max_ongoing_requests: int = Field(default=256, ge=1)
     """Requests the API replica works on at once (Ray Serve's default of 5 starves batching)."""
     replicas: int = Field(default=1, ge=1)
+    """Model replicas (ignored when ``autoscaling`` is set)."""
     autoscaling: dict[str, Any] | None = None
     """Ray Serve ``autoscaling_config`` (min_replicas, max_replicas, target_ongoing_requests);
     replaces ``replicas`` when set."""
@@ -231,6 +248,7 @@ class TrainingConfig(_Section):
     """Longer conversations: ``left`` cuts the history from the left (the response is kept);
     ``drop`` leaves the pair out. Both are counted and logged."""
     loss: Literal["bradley_terry", "log_exp"] = "bradley_terry"
+    """Pairwise loss: -log sigmoid(r_w - r_l) (``bradley_terry``) or log(1 + exp(r_l - r_w))."""
     center_rewards_coefficient: float = Field(default=0.0, ge=0)
     """TRL's reward centering: adds coefficient x mean((r_w + r_l)^2)."""
     global_batch: int = Field(default=32, ge=1)
@@ -249,18 +267,24 @@ class TrainingConfig(_Section):
     epoch: 62% accuracy on 810 held-out pairs in three runs; 56% at 2e-5); decoders want about
     1e-5, and the paper's 8B recipe is 3e-6 constant (configs/cluster.yaml)."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate decay after warm-up (to 0 at the last step for linear and cosine)."""
     warmup_steps: int = Field(default=0, ge=0)
     """Steps of linear warm-up; 0: ``warmup_ratio`` of the planned steps."""
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     """Share of the planned steps (epochs x pairs / global_batch) spent warming up."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
     disable_dropout: bool = True
     """Train with the backbone's dropout off, as TRL's reward trainer does by default (rewards
     of the two responses then differ only by the responses)."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Gradient clipping by global norm (``None``: no clipping)."""
     epochs: int = Field(default=1, ge=1)
+    """Passes over the training selection."""
     seed: int = 0
+    """Seed of initialisation, data order and length grouping (the same on every worker)."""
     workers: int = Field(default=2, ge=1)
+    """Ray Train workers (data-parallel)."""
     use_gpu: bool = False
     """GPU workers with NCCL; CPU workers use gloo."""
     cpus_per_worker: float = Field(default=0.5, gt=0)
@@ -268,6 +292,7 @@ class TrainingConfig(_Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """DDP replicates the model; FSDP shards it for models that do not fit one device."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more time."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on GPUs that support it, fp32 otherwise. The loss is fp32."""
     validate_every: int = Field(default=50, ge=1)
@@ -297,7 +322,7 @@ DEFAULT_JUDGE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """A test model (offline, tiny): it runs anywhere but does not judge (docs/judging.md)."""
 
 
-class LLMConfig(_Section):
+class LLMConfig(ActorPoolConfig):
     """One LLM behind a backend (``synpref judge`` judges, ``synpref annotate``): where it runs,
     how it samples and what each Ray Data actor asks for."""
 
@@ -315,24 +340,20 @@ class LLMConfig(_Section):
     """``openai``: the environment variable holding the API key (the key itself is never in the
     config nor logged); ``None`` for servers without authentication."""
     temperature: float = Field(default=0.0, ge=0)
+    """Sampling temperature (0: greedy)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
     max_tokens: int = Field(default=64, ge=1)
     """Output tokens per answer (``logprobs`` verdicts use one)."""
     seed: int = 0
+    """Sampling seed (sample k of an order uses seed + k)."""
     max_retries: int = Field(default=2, ge=0)
     """Unparseable or invalid answers are asked again this many times (with the error shown to
     the model), then recorded as invalid."""
     max_prompt_tokens: int = Field(default=8192, ge=16)
     """``hf``/``vllm``: longer prompts are recorded as invalid (``prompt_too_long``), not cut."""
-    batch_size: int = Field(default=64, ge=1)
-    """Requests per Ray Data batch handed to an actor (and per ``hf`` generate call at most)."""
     batch_tokens: int = Field(default=16384, ge=16)
     """``hf``: padded prompt tokens per generate call (prompts are sorted by length first)."""
-    actors: int = Field(default=1, ge=1)
-    """Ray Data actors, one engine (or HTTP client) each."""
-    num_cpus: float = Field(default=1, gt=0)
-    num_gpus: float = Field(default=0, ge=0)
-    """GPUs per actor; with ``vllm`` set it to ``tensor_parallel``."""
     tensor_parallel: int = Field(default=1, ge=1)
     """``vllm``: tensor-parallel size of each engine."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -406,11 +427,13 @@ class JudgingConfig(_Section):
     """LLM judging (``synpref judge``) and attribute annotation (``synpref annotate``)."""
 
     judges: list[JudgeConfig] = Field(default_factory=lambda: [JudgeConfig()])
+    """The judges of the panel; each judges every selected pair in both orders."""
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     gold: GoldConfig = Field(default_factory=GoldConfig)
     annotator: LLMConfig = Field(default_factory=lambda: LLMConfig(max_tokens=256))
     """The LLM that writes the attributes 5-tuple of each pair."""
     annotator_template: str = "attributes-v1"
+    """Versioned prompt of the annotator; its hash is part of the annotator key."""
 
     @model_validator(mode="after")
     def _judges_valid(self) -> JudgingConfig:
@@ -431,7 +454,9 @@ class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
     pairs: int = Field(default=2_000, ge=1)
+    """Synthetic pairs the demo generates (planted defects come on top)."""
     seed: int = 0
+    """Seed of the synthetic corpus."""
     workdir: str = "./demo_data"
     """Where the generated demo corpus is written before it is ingested."""
     extra_inputs: dict[str, list[str]] = Field(default_factory=dict)
@@ -442,7 +467,10 @@ class SynprefConfig(BaseSettings):
     """The whole configuration of one synpref process."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SYNPREF_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="SYNPREF_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
     )
 
     lake: LakeConfig = Field(default_factory=LakeConfig)
@@ -524,3 +552,30 @@ def _describe(exc: ValidationError, path: Path, prefix: tuple[str, ...] = ()) ->
         got = f" (got {error['input']!r})" if error["type"] != "missing" else ""
         lines.append(f"  config key '{key}': {error['msg']}{got}")
     return "\n".join(lines)
+
+
+SECRET_NAME = re.compile(r"secret|passw(or)?d|credential|(^|_)key$|(^|_)token$", re.I)
+"""Names of secret values (the last part of a dotted key): ``AWS_SECRET_ACCESS_KEY``,
+``AZURE_STORAGE_ACCOUNT_KEY``, ``AWS_SESSION_TOKEN``; not ``batch_tokens`` or ``max_tokens``."""
+
+
+def describe(model: BaseModel, prefix: str = "") -> list[str]:
+    """Every field of ``model`` as ``key: value`` under a ``# documentation`` line, sections
+    nested (secrets masked): the effective configuration, readable at runtime."""
+    lines: list[str] = []
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        doc = info.description or (type(value).__doc__ if isinstance(value, BaseModel) else "")
+        lines += [f"# {line.strip()}" for line in (doc or "").strip().splitlines()]
+        if isinstance(value, BaseModel):
+            lines += [f"{key}:", *describe(value, f"{key}.")]
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            for i, item in enumerate(value):
+                lines += [f"{key}[{i}]:", *describe(item, f"{key}[{i}].")]
+        elif isinstance(value, dict):
+            shown = {k: "***" if SECRET_NAME.search(k) else v for k, v in value.items()}
+            lines.append(f"{key}: {json.dumps(shown)}")
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return lines

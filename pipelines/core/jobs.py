@@ -49,10 +49,10 @@ class JobSummary:
     job: ClassVar[str]
     """The job's name: the ``synpref.job`` tag and the prefix of its summary artifact."""
 
-    def inputs(self) -> list[TableVersion]:
+    def tables_read(self) -> list[TableVersion]:
         return []
 
-    def outputs(self) -> list[TableVersion]:
+    def tables_written(self) -> list[TableVersion]:
         """Tables the job changed (a table it left as it was is not an output)."""
         return []
 
@@ -105,7 +105,10 @@ class JobResult(Generic[Summary]):
         }
 
     def text(self) -> str:
-        return f"{self.summary.text()}\nMLflow: {self.mlflow_run}"
+        lines = [self.summary.text(), f"MLflow: {self.mlflow_run}"]
+        if self.ray_dashboard:
+            lines.append(f"Ray dashboard: {self.ray_dashboard}")
+        return "\n".join(lines)
 
 
 def run_job(
@@ -128,9 +131,9 @@ def run_job(
 def record(summary: JobSummary, lake: Lake) -> None:
     """Log a summary to the active run: tables, files, metrics, tags, the summary, plots.
     (A job's work logs anything else itself, inside the run: examples, per-item files.)"""
-    for table in summary.inputs():
+    for table in summary.tables_read():
         log_delta_table(lake, table.name, table.version, context="input")
-    for table in summary.outputs():
+    for table in summary.tables_written():
         log_delta_table(lake, table.name, table.version, context="output")
     for file in summary.input_files():
         log_input_file(file.path, file.sha256, **file.tags)

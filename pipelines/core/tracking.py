@@ -8,7 +8,6 @@ so a lead can see what a curation iteration consumed and produced and time-trave
 from __future__ import annotations
 
 import json
-import re
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,16 +22,10 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
-from pipelines.core.config import SynprefConfig, TrackingConfig
+from pipelines.core.config import SECRET_NAME, SynprefConfig, TrackingConfig
 from pipelines.core.lake import Lake
 from storage_schemas import SCHEMA_VERSION
 
-_SECRET_NAME = re.compile(
-    r"secret|passw(or)?d|credential|(^|_)key$|(^|_)token$",
-    re.I,
-)
-"""Names of secret values (the last part of a dotted key): ``AWS_SECRET_ACCESS_KEY``,
-``AZURE_STORAGE_ACCOUNT_KEY``, ``AWS_SESSION_TOKEN``; not ``batch_tokens`` or ``max_tokens``."""
 MAX_PARAM_CHARS = 6000
 MAX_ERROR_TAG_CHARS = 4000
 
@@ -115,7 +108,7 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _param_value(key: str, value: Any) -> str:
-    if _SECRET_NAME.search(key.rsplit(".", 1)[-1]):
+    if SECRET_NAME.search(key.rsplit(".", 1)[-1]):
         return "***"
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."

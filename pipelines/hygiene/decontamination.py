@@ -205,10 +205,10 @@ class DecontaminationSummary(JobSummary):
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
 
-    def inputs(self) -> list[TableVersion]:
+    def tables_read(self) -> list[TableVersion]:
         return [TableVersion(PAIRS.name, self.pairs_version)]
 
-    def outputs(self) -> list[TableVersion]:
+    def tables_written(self) -> list[TableVersion]:
         return versions(
             (CONTAMINATION, self.contamination_version), (CURATION_STATUS, self.status_version)
         )

@@ -231,10 +231,10 @@ class DedupSummary(JobSummary):
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
 
-    def inputs(self) -> list[TableVersion]:
+    def tables_read(self) -> list[TableVersion]:
         return [TableVersion(PAIRS.name, self.pairs_version)]
 
-    def outputs(self) -> list[TableVersion]:
+    def tables_written(self) -> list[TableVersion]:
         return [TableVersion(t, v) for t, v in self.written.items() if v is not None]
 
     def metrics(self) -> dict[str, float]:

@@ -179,7 +179,7 @@ def convert(
             items = [_from_judgebench(record)]
         elif fmt == "mapping":
             if not mapping:
-                raise FormatError("format 'mapping' needs --map TARGET=FIELD.PATH")
+                raise FormatError("format 'mapping' needs field paths (TARGET=FIELD.PATH)")
             items = [_from_mapping(record, mapping)]
         else:
             raise FormatError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import mlflow
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -32,6 +33,7 @@ import ray
 from pipelines.core.config import IngestConfig
 from pipelines.core.jobs import InputFile, JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake
+from pipelines.core.sql import literal
 from pipelines.ingest.formats import (
     BENCHMARK_FORMATS,
     FormatError,
@@ -80,12 +82,12 @@ class IngestRequest:
 
     def __post_init__(self) -> None:
         if not SOURCE_NAME.fullmatch(self.source):
-            raise ValueError(
+            raise FormatError(
                 f"source name {self.source!r} must match {SOURCE_NAME.pattern} "
                 "(it names a table partition)"
             )
         if not self.paths:
-            raise ValueError("no input paths given")
+            raise FormatError("no input paths given")
 
 
 @dataclass
@@ -130,7 +132,7 @@ class IngestSummary(JobSummary):
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"quarantined": self.quarantined, "balanced": self.balanced}
 
-    def outputs(self) -> list[TableVersion]:
+    def tables_written(self) -> list[TableVersion]:
         return versions((PAIRS, self.pairs_version), (QUARANTINE, self.quarantine_version))
 
     def input_files(self) -> list[InputFile]:
@@ -262,7 +264,8 @@ def detect_file_format(path: str, fs: pafs.FileSystem) -> str:
     if len(known) != 1:
         found = ", ".join(f"{f} x{n}" for f, n in seen.most_common()) or "no parseable records"
         raise FormatError(
-            f"cannot detect the format of {path} ({found}); pass --format or --map field paths"
+            f"cannot detect the format of {path} ({found}); give the format, or field paths "
+            "for a mapping"
         )
     return next(iter(known))
 
@@ -412,3 +415,11 @@ def _repeat_quarantine_rows(staged: pads.Dataset, repeats: pa.Table, run_id: str
         for r in rows.to_pylist()
     ]
     return pa.Table.from_pylist(records, schema=QUARANTINE.schema)
+
+
+def log_quarantine_sample(lake: Lake, summary: IngestSummary, size: int) -> None:
+    """Up to ``size`` quarantined rows of the source to the active run, for review."""
+    if not size or not summary.quarantined:
+        return
+    sample = lake.read(QUARANTINE.name, where=f"source = {literal(summary.source)}", limit=size)
+    mlflow.log_table(sample.drop_columns(["quarantined_at"]).to_pandas(), "quarantine_sample.json")

@@ -21,6 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from pipelines.core.errors import FormatError
+
 RECORD_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet")
 RAW_SCHEMA = pa.schema(
     [
@@ -75,7 +77,7 @@ def find_record_files(paths: list[str], fs: pafs.FileSystem) -> list[InputFile]:
             raise FileNotFoundError(f"input not found: {path}")
         if info.type == pafs.FileType.File:
             if not path.endswith(RECORD_FILE_SUFFIXES):
-                raise ValueError(f"{path}: unsupported file type; expected {RECORD_FILE_SUFFIXES}")
+                raise FormatError(f"{path}: unsupported file type; expected {RECORD_FILE_SUFFIXES}")
             found.append(InputFile(path=_with_scheme(path, info.path), size=info.size))
             continue
         selector = pafs.FileSelector(info.path, recursive=True)

@@ -19,6 +19,14 @@ def digest(*parts: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def cache_predicate(model: str, template_hash: str, params_hash: str) -> str:
+    """SQL selecting one judge's rows in ``judgments``."""
+    return (
+        f"model = {literal(model)} AND template_hash = {literal(template_hash)} "
+        f"AND params_hash = {literal(params_hash)}"
+    )
+
+
 @dataclass(frozen=True)
 class JudgeIdentity:
     """What a judgment depends on, hashed: the cache key of a judge (the name is only a label)."""
@@ -56,10 +64,8 @@ class JudgeIdentity:
         )
 
     def sql(self) -> str:
-        return (
-            f"model = {literal(self.judge.model)} AND template_hash = '{self.template_hash}' "
-            f"AND params_hash = '{self.params_hash}'"
-        )
+        """This judge's rows in ``judgments``."""
+        return cache_predicate(*self.cache_id)
 
     def sampling(self, sample: int) -> Sampling:
         judge = self.judge

@@ -32,24 +32,29 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from deltalake.exceptions import DeltaError
+from matplotlib.figure import Figure
 
 from pipelines.attributes.job import annotator_key, valid_attributes
-from pipelines.core.config import JudgeConfig, JudgingConfig
+from pipelines.core import reporting
+from pipelines.core.actor_pool import StageResult, check_cpus, missing_rows, run_stage
+from pipelines.core.config import ActorPoolConfig, JudgeConfig, JudgingConfig
+from pipelines.core.errors import ConfigError
+from pipelines.core.jobs import JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake, pair_keys
+from pipelines.core.selection import select_pair_keys
 from pipelines.judging.actor import PairJudge, attach_attributes, request_rows
-from pipelines.judging.identity import JudgeIdentity
+from pipelines.judging.identity import JudgeIdentity, cache_predicate
 from pipelines.judging.quality import judge_quality
 from pipelines.judging.verdicts import verdict_rows
 from pipelines.llm.retrieval import Embedder, NearestGold, build_index
-from storage_schemas import JUDGE_ORDERS, JUDGMENTS, PAIRS, VERDICTS
+from storage_schemas import JUDGE_ORDERS, JUDGMENTS, PAIRS, VERDICTS, VERDICTS_KNOWN
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +74,14 @@ class JudgeRun:
     output_tokens: int
     seconds: float
 
+    def sql(self) -> str:
+        """This judge's rows in ``judgments``."""
+        return cache_predicate(self.model, self.template_hash, self.params_hash)
+
 
 @dataclass
-class Judging:
+class JudgeSummary(JobSummary):
+    job: ClassVar[str] = "judge"
     pairs_version: int
     selected: int
     judges: list[JudgeRun]
@@ -99,6 +109,59 @@ class Judging:
             lines += position_warning(name, metrics)
         return "\n".join(lines)
 
+    def tables_read(self) -> list[TableVersion]:
+        return [TableVersion(PAIRS.name, self.pairs_version)]
+
+    def tables_written(self) -> list[TableVersion]:
+        return versions((JUDGMENTS, self.judgments_version), (VERDICTS, self.verdicts_version))
+
+    def tags(self) -> dict[str, str]:
+        tags = {}
+        for run in self.judges:
+            tags[f"synpref.judge.{run.judge}.template_hash"] = run.template_hash
+            tags[f"synpref.judge.{run.judge}.params_hash"] = run.params_hash
+        return tags
+
+    def metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {"pairs_selected": self.selected}
+        for run in self.judges:
+            rate = 1 / run.seconds if run.judged and run.seconds else 0.0
+            metrics |= {
+                f"{run.judge}.judgments_new": run.judged,
+                f"{run.judge}.judgments_cached": run.cached,
+                f"{run.judge}.judgments_invalid_new": run.invalid,
+                f"{run.judge}.judgments_per_s": run.judged * rate,
+                f"{run.judge}.output_tokens_per_s": run.output_tokens * rate,
+            }
+        for judge, quality in self.quality.items():
+            metrics |= {f"{judge}.{k}": v for k, v in quality.items() if not np.isnan(v)}
+        return metrics | {f"panel.{k}": v for k, v in self.verdict_counts.items()}
+
+    def figures(self, lake: Lake) -> dict[str, Figure]:
+        if not self.quality:
+            return {}
+        rates = {
+            "agree": "agree_rate",
+            "disagree": "disagree_rate",
+            "tie": "tie_rate",
+            "inconsistent": "flip_rate",
+            "invalid": "invalid_verdict_rate",
+        }
+        shares = {
+            name: {verdict: quality[rates[verdict]] for verdict in VERDICTS_KNOWN}
+            for name, quality in self.quality.items()
+        }
+        p_chosen = {
+            run.judge: lake.read(
+                JUDGMENTS.name, columns=["p_chosen"], where=f"{run.sql()} AND valid"
+            )["p_chosen"].to_numpy()
+            for run in self.judges
+        }
+        return {
+            "judge_verdicts.png": reporting.verdict_shares(shares),
+            "judge_p_chosen.png": reporting.probability_histograms(p_chosen, "p(chosen wins)"),
+        }
+
 
 POSITION_BIAS_WARNING = 0.9
 """Share of judgments for the response shown first (or second) above which a judge is flagged."""
@@ -120,17 +183,6 @@ def position_warning(name: str, metrics: dict[str, float]) -> list[str]:
     ]
 
 
-def select_pairs(lake: Lake, version: int, where: str | None, limit: int | None) -> pa.Table:
-    """(source, pair_id) of the pairs matching ``where``; with ``limit``, the ``limit`` pairs with
-    the smallest pair_id (a fixed pseudo-random sample: ids are content hashes)."""
-    try:
-        selected = lake.read(PAIRS.name, version, ["source", "pair_id"], where)
-    except DeltaError as exc:
-        raise ValueError(f"--where {where!r} is not a SQL predicate on pairs: {exc}") from None
-    selected = selected.sort_by([("pair_id", "ascending"), ("source", "ascending")])
-    return selected.slice(0, limit) if limit is not None else selected
-
-
 def _wanted(selected: pa.Table, samples: int) -> pa.Table:
     n = selected.num_rows
     parts = [
@@ -143,33 +195,13 @@ def _wanted(selected: pa.Table, samples: int) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def cached_keys(lake: Lake, identity: JudgeIdentity) -> pa.Table:
-    """(source, pair_id, ordering, sample) this judge already answered (failed requests, which
-    a later run should try again, excepted)."""
-    empty = pa.table(
-        {
-            "source": pa.array([], pa.string()),
-            "pair_id": pa.array([], pa.string()),
-            "ordering": pa.array([], pa.string()),
-            "sample": pa.array([], pa.int32()),
-        }
-    )
-    if not lake.exists(JUDGMENTS.name):
-        return empty
-    where = (
-        f"{identity.sql()} AND (invalid_reason IS NULL "
-        "OR invalid_reason NOT LIKE 'request_failed%')"
-    )
-    return lake.read(JUDGMENTS.name, columns=list(empty.column_names), where=where)
-
-
 def judge_pairs(
     lake: Lake,
     config: JudgingConfig,
     run_id: str,
     where: str | None = None,
     limit: int | None = None,
-) -> Judging:
+) -> JudgeSummary:
     """Judge the selected pairs with every configured judge (only missing judgments), then
     write the verdicts of those pairs."""
     started = time.perf_counter()
@@ -177,24 +209,20 @@ def judge_pairs(
     for identity in map(JudgeIdentity.of, config.judges):
         other = seen.setdefault(identity.cache_id, identity.judge.name)
         if other != identity.judge.name:
-            raise ValueError(
+            raise ConfigError(
                 f"judges {other} and {identity.judge.name} have the same model, template and "
                 "sampling parameters: they would share their judgments; make them one judge"
             )
     pairs_version = lake.version(PAIRS.name)
-    selected = select_pairs(lake, pairs_version, where, limit)
+    selected = select_pair_keys(lake, pairs_version, where, limit)
     log.info(f"[judge] {selected.num_rows:,} pairs selected, {len(config.judges)} judges")
     attributes = _attributes_json(lake, config)
     index = None
-    runs, written = [], []
+    runs, judgments_version = [], None
     for judge in config.judges:
         identity = JudgeIdentity.of(judge)
         wanted = _wanted(selected, judge.samples_per_order)
-        missing = wanted.join(
-            cached_keys(lake, identity),
-            ["source", "pair_id", "ordering", "sample"],
-            join_type="left anti",
-        )
+        missing = missing_rows(lake, JUDGMENTS, wanted, identity.sql())
         log.info(
             f"[judge] {judge.name}: {wanted.num_rows:,} judgments wanted, "
             f"{missing.num_rows:,} not cached"
@@ -209,8 +237,8 @@ def judge_pairs(
                     Embedder(config.gold.embedder),
                     _attribute_rows(attributes),
                 )
-            new = _judge(lake, pairs_version, missing, judge, run_id, attributes, index, config)
-            written.append(new)
+            stage = _judge(lake, pairs_version, missing, judge, run_id, attributes, index, config)
+            new, judgments_version = stage.rows, stage.version
         runs.append(
             JudgeRun(
                 judge=judge.name,
@@ -229,11 +257,6 @@ def judge_pairs(
             f"[judge] {judge.name}: {new.num_rows:,} judged in {runs[-1].seconds:.1f}s "
             f"({runs[-1].invalid:,} invalid)"
         )
-    judgments_version = None
-    if written:
-        # Failed requests of an earlier run are answered again: their rows are replaced.
-        result = lake.upsert(JUDGMENTS, pa.concat_tables(written))
-        judgments_version = result.version
     judgments = _judgments_of(lake, selected, config)
     verdicts = verdict_rows(judgments, config, run_id)
     verdicts_version = None
@@ -254,7 +277,7 @@ def judge_pairs(
     quality = judge_quality(_named_now(judgments, config.judges), verdicts, lengths)
     seconds = time.perf_counter() - started
     log.info(f"[judge] verdicts of {panel.num_rows:,} pairs written in {seconds:.1f}s")
-    return Judging(
+    return JudgeSummary(
         pairs_version,
         selected.num_rows,
         runs,
@@ -266,6 +289,10 @@ def judge_pairs(
     )
 
 
+RETRIEVAL_POOL = ActorPoolConfig(actors=1, num_cpus=0.5)
+"""The actor that retrieves gold examples for few-shot judges (one embedding model)."""
+
+
 def _judge(
     lake: Lake,
     pairs_version: int,
@@ -275,14 +302,11 @@ def _judge(
     attributes: dict[tuple[str, str], str],
     index: Any,
     config: JudgingConfig,
-) -> pa.Table:
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if judge.actors * judge.num_cpus >= cpus:
-        raise ValueError(
-            f"judge {judge.name}: actors x num_cpus = {judge.actors * judge.num_cpus:g} takes "
-            f"all {cpus:g} CPUs: Ray Data could never schedule the reads of pairs. Use fewer "
-            "actors or a fractional num_cpus (e.g. 0.5)."
-        )
+) -> StageResult:
+    pools = {f"judge {judge.name}": judge}
+    if judge.few_shot:
+        pools["gold retrieval"] = RETRIEVAL_POOL
+    check_cpus(pools)
     pairs = missing.group_by(["source", "pair_id"]).aggregate([]).select(["source", "pair_id"])
     dataset = lake.dataset(
         PAIRS.name,
@@ -303,25 +327,20 @@ def _judge(
                 "k": judge.few_shot,
             },
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.5,
+            compute=ray.data.ActorPoolStrategy(size=RETRIEVAL_POOL.actors),
+            num_cpus=RETRIEVAL_POOL.num_cpus,
         )
-    judged = dataset.map_batches(
+    return run_stage(
+        f"judge {judge.name}",
+        dataset,
         PairJudge,
-        fn_constructor_args=(judge, run_id),
-        batch_format="pyarrow",
-        batch_size=judge.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=judge.actors),
-        num_cpus=judge.num_cpus,
-        num_gpus=judge.num_gpus or None,
+        (judge, run_id),
+        judge,
+        JUDGMENTS,
+        # Failed requests of an earlier run are answered again: their rows are replaced.
+        lambda rows: lake.upsert(JUDGMENTS, rows).version,
+        missing.num_rows,
     )
-    parts = [t for t in ray.get(judged.to_arrow_refs()) if t.num_rows]
-    new = pa.concat_tables(parts) if parts else JUDGMENTS.schema.empty_table()
-    if new.num_rows != missing.num_rows:
-        raise RuntimeError(
-            f"judge {judge.name}: {new.num_rows} judgments for {missing.num_rows} requests"
-        )
-    return new
 
 
 def _attributes_json(lake: Lake, config: JudgingConfig) -> dict[tuple[str, str], str]:

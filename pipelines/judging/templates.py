@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.core.config import JudgeConfig
+from pipelines.core.errors import ConfigError
 
 PREFILL = '{"winner": "'
 
@@ -50,7 +51,7 @@ def template_for(judge: JudgeConfig) -> Template:
     try:
         return TEMPLATES[judge.template]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"judge {judge.name}: unknown template {judge.template!r}; known: "
             + ", ".join(sorted(TEMPLATES))
         ) from None

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipelines.core.batching import length_batches
 from pipelines.core.config import DEFAULT_JUDGE_MODEL, LLMConfig
+from pipelines.core.errors import ConfigError
 from pipelines.core.text import Message
 
 Prompts = Sequence[Sequence[Message]]
@@ -195,12 +196,12 @@ class OpenAIBackend:
 
     def __init__(self, config: LLMConfig) -> None:
         if not config.base_url:
-            raise ValueError(f"the openai backend needs base_url (model {config.model})")
+            raise ConfigError(f"the openai backend needs base_url (model {config.model})")
         api_key = "none"
         if config.api_key_env:
             api_key = os.environ.get(config.api_key_env, "")
             if not api_key:
-                raise ValueError(
+                raise ConfigError(
                     f"the openai backend reads its API key from ${config.api_key_env}, which is "
                     "not set (set api_key_env: null for a server without authentication)"
                 )
@@ -342,7 +343,7 @@ BACKENDS: dict[str, type] = {"hf": HFBackend, "openai": OpenAIBackend, "vllm": V
 def load_backend(config: LLMConfig) -> ChatBackend:
     """The backend named by ``config.backend``, with its model loaded (or client configured)."""
     if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError(
+        raise ConfigError(
             "backend vllm needs vLLM: install the gpu extra (pip install -e '.[gpu]') on GPU "
             "nodes, or use backend hf or openai"
         )

@@ -1,6 +1,6 @@
 """The training set of a reward model: a versioned selection of lake pairs, tokenised on Ray Data.
 
-``select_pairs`` resolves the configured selection (SQL over a lake table at a pinned Delta
+``training_selection`` resolves the configured selection (SQL over a lake table at a pinned Delta
 version, optionally only pairs whose curation status is ``kept``) into the keys of the training
 and validation pairs. ``tokenized_pairs`` reads those rows with Ray Data and tokenises them on an
 actor pool with the same formatting as scoring and serving (``format_conversation``), applying the
@@ -22,6 +22,7 @@ import xxhash
 from deltalake.exceptions import DeltaError
 
 from pipelines.core.config import TrainingConfig, TrainingDataConfig
+from pipelines.core.errors import SelectionError
 from pipelines.core.lake import Lake
 from pipelines.rm.model import encode, format_conversation, load_tokenizer, pair_conversations
 from storage_schemas import CURATION_STATUS
@@ -67,15 +68,15 @@ def row_keys(source: pa.Array | pa.ChunkedArray, pair_id: pa.Array | pa.ChunkedA
     ).view(np.int64)
 
 
-def select_pairs(lake: Lake, data: TrainingDataConfig) -> TrainingSelection:
-    """Resolve the configured selection; a bad table, column or predicate is a ``ValueError``."""
+def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelection:
+    """Resolve the configured selection (a bad table, column or predicate: ``SelectionError``)."""
     if not lake.exists(data.table):
-        raise ValueError(f"training.data.table {data.table!r} does not exist in the lake")
+        raise SelectionError(f"training.data.table {data.table!r} does not exist in the lake")
     version = lake.version(data.table) if data.version is None else data.version
     selected = _read_keys(lake, data.table, version, data.where, "training.data.where")
     if data.curated_only:
         if not lake.exists(CURATION_STATUS.name):
-            raise ValueError(
+            raise SelectionError(
                 "training.data.curated_only needs the curation_status table: run `synpref dedup`"
             )
         kept = lake.read(CURATION_STATUS.name, columns=KEYS, where="status = 'kept'")
@@ -89,7 +90,7 @@ def select_pairs(lake: Lake, data: TrainingDataConfig) -> TrainingSelection:
         held_out = _held_out(selected, data.validation_fraction)
         validation, train = selected.filter(held_out), selected.filter(pc.invert(held_out))
     if train.num_rows == 0:
-        raise ValueError(
+        raise SelectionError(
             f"the training selection is empty ({data.table} v{version}, where {data.where!r})"
         )
     return TrainingSelection(data.table, version, _sorted(train), _sorted(validation))
@@ -99,9 +100,10 @@ def _read_keys(lake: Lake, table: str, version: int, where: str | None, option: 
     try:
         keys = lake.read(table, version, KEYS, where)
     except DeltaError as exc:
-        raise ValueError(f"{option} {where!r} is not a SQL predicate on {table}: {exc}") from None
+        message = f"{option} {where!r} is not a SQL predicate on {table}: {exc}"
+        raise SelectionError(message) from None
     if keys.num_rows != len(set(zip(*(keys[k].to_pylist() for k in KEYS), strict=True))):
-        raise ValueError(f"{table} has repeated (source, pair_id) keys: not a pair table")
+        raise SelectionError(f"{table} has repeated (source, pair_id) keys: not a pair table")
     return keys
 
 
@@ -168,7 +170,7 @@ def tokenized_pairs(
     schema = lake.table_schema(selection.table, selection.version)
     missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
     if missing:
-        raise ValueError(f"training table {selection.table} has no column(s) {missing}")
+        raise SelectionError(f"training table {selection.table} has no column(s) {missing}")
     options: dict[str, Any] = {
         "batch_format": "pyarrow",
         "batch_size": 256,

@@ -21,18 +21,25 @@ then its own metric applies:
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import mlflow
 import numpy as np
+from matplotlib.figure import Figure
 
+from pipelines.core import reporting
+from pipelines.core.config import ScoringConfig
 from pipelines.core.errors import SynprefError
+from pipelines.core.jobs import InputFile, JobSummary
+from pipelines.core.lake import Lake
 from pipelines.ingest.formats import (
-    MAPPING_TARGETS,
     Message,
     Reject,
     parse_json,
@@ -40,12 +47,20 @@ from pipelines.ingest.formats import (
     require_content,
     resolve_path,
 )
-from pipelines.ingest.record_files import filesystem_for, find_record_files, fs_path, read_records
-from pipelines.rm.model import scored_conversation
+from pipelines.ingest.record_files import (
+    file_sha256,
+    filesystem_for,
+    find_record_files,
+    fs_path,
+    read_records,
+)
+from pipelines.rm.benchmarks import BENCHMARKS
+from pipelines.rm.model import model_version, scored_conversation
+from pipelines.rm.registry import registered_as
+from pipelines.rm.scoring import score_conversations
 
-BENCHMARKS = ("rewardbench", "bestofn", "rmbench", "judgebench")
-EVAL_MAPPING_TARGETS = (*MAPPING_TARGETS, "id", "category")
-"""Field-mapping targets for benchmark layouts: ingest's, plus the item id and category."""
+log = logging.getLogger(__name__)
+
 
 REWARDBENCH_SECTIONS = {
     "Chat": [
@@ -114,6 +129,105 @@ class EvalResult:
         lines = [f"{self.benchmark}: {len(self.scores):,} items"]
         lines += [f"  {name:<28} {value:8.2f}" for name, value in self.metrics.items()]
         return "\n".join(lines)
+
+
+@dataclass
+class EvalSummary(JobSummary):
+    """A benchmark evaluation: the result, the files read and the model (or scores file)."""
+
+    job: ClassVar[str] = "eval"
+    result: EvalResult
+    files: list[InputFile]
+    model_version: str | None = None
+    registered_model: str | None = None
+    scoring: dict[str, float] = field(default_factory=dict)
+    """Throughput of the model's scoring (none for a scores file)."""
+
+    def text(self) -> str:
+        return self.result.text()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.result.benchmark,
+            "items": len(self.result.scores),
+            "metrics": self.result.metrics,
+            "categories": self.result.categories,
+        }
+
+    def input_files(self) -> list[InputFile]:
+        return self.files
+
+    def tags(self) -> dict[str, str]:
+        tags = {"synpref.model_version": self.model_version} if self.model_version else {}
+        return tags | (
+            {"synpref.registered_model": self.registered_model} if self.registered_model else {}
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {_metric_name(k): v for k, v in self.result.metrics.items()} | self.scoring
+
+    def figures(self, lake: Lake) -> dict[str, Figure]:
+        result = self.result
+        chosen = np.array([v for s in result.scores.values() for v in s.chosen])
+        rejected = np.array([v for s in result.scores.values() for v in s.rejected])
+        key = "accuracy" if "accuracy" in result.categories[0] else "average"
+        by_category = {row["category"]: row[key] for row in result.categories}
+        return {
+            "eval/score_distributions.png": reporting.score_distributions(
+                chosen, rejected, f"{result.benchmark}: scores"
+            ),
+            "eval/accuracy_by_category.png": reporting.category_bars(
+                by_category, f"{key} (%)", f"{result.benchmark}: {key} by category"
+            ),
+        }
+
+
+def evaluate_benchmark(
+    benchmark: str,
+    data: str,
+    items: Sequence[EvalItem],
+    model: str | None,
+    scores: str | None,
+    scoring: ScoringConfig,
+    storage_options: dict[str, str],
+) -> EvalSummary:
+    """Score ``items`` with ``model`` (on Ray) or read their ``scores`` file, then evaluate."""
+    log.info(f"[eval] {benchmark}: {len(items):,} items from {data}")
+    files = [
+        InputFile(file.path, file_sha256(file.path, fs))
+        for path in [data] + ([scores] if scores else [])
+        for fs in [filesystem_for(path, storage_options)]
+        for file in find_record_files([path], fs)
+    ]
+    if model is None:
+        return EvalSummary(evaluate(benchmark, items, file_scores(items, scores or "")), files)
+    fingerprint = model_version(model)
+    registered = registered_as(fingerprint)
+    if registered:
+        log.info(f"[eval] {model} is {registered}")
+    scored = score_conversations(conversations(items), model, scoring)
+    result = evaluate(benchmark, items, model_scores(items, scored.rewards))
+    throughput = {
+        "scoring.conversations_per_s": scored.per_second,
+        "scoring.tokens": scored.tokens,
+        "scoring.truncated": scored.truncated,
+    }
+    return EvalSummary(result, files, fingerprint, registered, throughput)
+
+
+def log_items(result: EvalResult) -> None:
+    """The per-category table and the per-item scores (a reusable scores file) to the run."""
+    columns = {key: [row[key] for row in result.categories] for key in result.categories[0]}
+    mlflow.log_table(columns, "eval/categories.json")
+    lines = [
+        json.dumps({"id": item_id, "chosen": s.chosen, "rejected": s.rejected})
+        for item_id, s in result.scores.items()
+    ]
+    mlflow.log_text("\n".join(lines) + "\n", "eval/scores.jsonl")
+
+
+def _metric_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
 # ---------------------------------------------------------------------------- reading data

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.core.batching import length_batches
+from pipelines.core.errors import ConfigError
 from pipelines.core.text import Message
 
 HEURISTIC_PREFIX = "heuristic:"
@@ -103,7 +104,7 @@ class RewardModel:
         if self.name.startswith(HEURISTIC_PREFIX):
             heuristic = self.name.removeprefix(HEURISTIC_PREFIX)
             if heuristic not in HEURISTICS:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown heuristic scorer {self.name!r}; known: "
                     + ", ".join(HEURISTIC_PREFIX + h for h in HEURISTICS)
                 )

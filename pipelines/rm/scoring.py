@@ -13,17 +13,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from deltalake.exceptions import DeltaError
+from matplotlib.figure import Figure
 
+from pipelines.core import reporting
+from pipelines.core.actor_pool import check_cpus, missing_rows, on_pool, run_stage
 from pipelines.core.config import ScoringConfig
+from pipelines.core.jobs import JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake
-from pipelines.ingest.formats import Message
+from pipelines.core.selection import select_pair_keys
+from pipelines.core.sql import literal
+from pipelines.core.text import Message
 from pipelines.rm.model import RewardModel, model_version, pair_conversations, sigmoid
 from storage_schemas import PAIRS, RM_SCORES
 
@@ -37,17 +42,6 @@ def load_model(model: str, config: ScoringConfig) -> RewardModel:
         batch_tokens=config.batch_tokens,
         device="cuda" if config.num_gpus > 0 else "cpu",
     )
-
-
-def _actor_pool(config: ScoringConfig) -> dict[str, Any]:
-    """``map_batches`` options of the scoring actor pool: one model per actor."""
-    return {
-        "batch_format": "pyarrow",
-        "batch_size": config.batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=config.actors),
-        "num_cpus": config.num_cpus,
-        "num_gpus": config.num_gpus or None,
-    }
 
 
 class ConversationScorer:
@@ -90,11 +84,8 @@ def score_conversations(
     table = pa.table(
         {"index": np.arange(len(conversations)), "conversation": [list(c) for c in conversations]}
     )
-    scored = ray.data.from_arrow(table).map_batches(
-        ConversationScorer,
-        fn_constructor_kwargs={"model": model, "config": config},
-        **_actor_pool(config),
-    )
+    check_cpus({"scoring": config})
+    scored = on_pool(ray.data.from_arrow(table), ConversationScorer, (model, config), config)
     result = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by("index")
     if result.num_rows != len(conversations):
         raise RuntimeError(f"scored {result.num_rows} of {len(conversations)} conversations")
@@ -144,9 +135,11 @@ class PairScorer:
 
 
 @dataclass(frozen=True)
-class PairScoring:
+class ScoreSummary(JobSummary):
+    job: ClassVar[str] = "score"
     model_name: str
     model_version: str
+    run_id: str
     pairs_version: int
     selected: int
     already_scored: int
@@ -170,6 +163,37 @@ class PairScoring:
             lines.append(f"  chosen > rejected {100 * self.accuracy:>9.1f}%")
         return "\n".join(lines)
 
+    def tables_read(self) -> list[TableVersion]:
+        return [TableVersion(PAIRS.name, self.pairs_version)]
+
+    def tables_written(self) -> list[TableVersion]:
+        return versions((RM_SCORES, self.rm_scores_version))
+
+    def tags(self) -> dict[str, str]:
+        return {"synpref.model_version": self.model_version}
+
+    def metrics(self) -> dict[str, float]:
+        metrics = {
+            "pairs_selected": self.selected,
+            "pairs_scored": self.scored,
+            "pairs_already_scored": self.already_scored,
+            "pairs_truncated": self.truncated,
+            "tokens": self.tokens,
+            "pairs_per_s": self.scored / self.seconds if self.seconds else 0.0,
+        }
+        return metrics | ({"chosen_wins": self.accuracy} if self.accuracy is not None else {})
+
+    def figures(self, lake: Lake) -> dict[str, Figure]:
+        if not self.scored:
+            return {}
+        rows = lake.read(
+            RM_SCORES.name,
+            columns=["r_chosen", "r_rejected"],
+            where=f"score_run_id = {literal(self.run_id)}",
+        )
+        margins = rows["r_chosen"].to_numpy() - rows["r_rejected"].to_numpy()
+        return {"score_margins.png": reporting.margins(margins)}
+
 
 def score_pairs(
     lake: Lake,
@@ -178,55 +202,46 @@ def score_pairs(
     run_id: str,
     where: str | None = None,
     model_name: str | None = None,
-) -> PairScoring:
+) -> ScoreSummary:
     """Score the pairs matching ``where`` (SQL over ``pairs``) that ``model`` has not scored."""
     started = time.perf_counter()
     name, version = model_name or model, model_version(model)
     pairs_version = lake.version(PAIRS.name)
-    try:
-        selected = lake.read(PAIRS.name, pairs_version, ["source", "pair_id"], where)
-    except DeltaError as exc:
-        raise ValueError(f"--where {where!r} is not a SQL predicate on pairs: {exc}") from None
-    scored_filter = f"model_name = '{_sql(name)}' AND model_version = '{_sql(version)}'"
-    if lake.exists(RM_SCORES.name):
-        done = lake.read(RM_SCORES.name, columns=["source", "pair_id"], where=scored_filter)
-        missing = selected.join(done, ["source", "pair_id"], join_type="left anti")
-    else:
-        missing = selected
+    selected = select_pair_keys(lake, pairs_version, where)
+    mine = f"model_name = {literal(name)} AND model_version = {literal(version)}"
+    missing = missing_rows(lake, RM_SCORES, selected, mine)
     log.info(
         f"[score] {selected.num_rows:,} pairs selected, {missing.num_rows:,} without a score "
         f"from {name} ({version})"
     )
-    result = None
-    new = RM_SCORES.schema.empty_table()
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if missing.num_rows and config.actors * config.num_cpus >= cpus:
-        raise ValueError(
-            f"scoring.actors x scoring.num_cpus = {config.actors * config.num_cpus:g} takes all "
-            f"{cpus:g} CPUs: Ray Data could never schedule the reads of pairs. Use fewer actors "
-            "or a fractional scoring.num_cpus (e.g. 0.5)."
-        )
+    new, version_written = RM_SCORES.schema.empty_table(), None
     if missing.num_rows:
-        rows = lake.dataset(
-            PAIRS.name,
-            pairs_version,
-            ["source", "pair_id", "history", "chosen", "rejected"],
-            keys=None if where is None and missing.num_rows == selected.num_rows else missing,
-        ).map_batches(
+        check_cpus({"scoring": config})
+        stage = run_stage(
+            "score",
+            lake.dataset(
+                PAIRS.name,
+                pairs_version,
+                ["source", "pair_id", "history", "chosen", "rejected"],
+                keys=None if where is None and missing.num_rows == selected.num_rows else missing,
+            ),
             PairScorer,
-            fn_constructor_args=(model, name, version, config, run_id),
-            **_actor_pool(config),
+            (model, name, version, config, run_id),
+            config,
+            RM_SCORES,
+            lambda rows: lake.insert_new(RM_SCORES, rows).version,
+            missing.num_rows,
         )
-        new = pa.concat_tables([t for t in ray.get(rows.to_arrow_refs()) if t.num_rows])
-        result = lake.insert_new(RM_SCORES, new)
+        new, version_written = stage.rows, stage.version
     seconds = time.perf_counter() - started
     log.info(f"[score] {new.num_rows:,} pairs scored and written in {seconds:.1f}s")
-    scores = lake.read(RM_SCORES.name, columns=["source", "pair_id", "p"], where=scored_filter)
-    mine = scores.join(selected, ["source", "pair_id"], join_type="inner")
-    accuracy = float(np.mean(mine["p"].to_numpy() > 0.5)) if mine.num_rows else None
-    return PairScoring(
+    scores = lake.read(RM_SCORES.name, columns=["source", "pair_id", "p"], where=mine)
+    scored = scores.join(selected, ["source", "pair_id"], join_type="inner")
+    accuracy = float(np.mean(scored["p"].to_numpy() > 0.5)) if scored.num_rows else None
+    return ScoreSummary(
         model_name=name,
         model_version=version,
+        run_id=run_id,
         pairs_version=pairs_version,
         selected=selected.num_rows,
         already_scored=selected.num_rows - missing.num_rows,
@@ -234,10 +249,6 @@ def score_pairs(
         truncated=int(pc.sum(new["truncated"]).as_py() or 0),
         tokens=int(pc.sum(new["tokens"]).as_py() or 0),
         seconds=seconds,
-        rm_scores_version=result.version if result else None,
+        rm_scores_version=version_written,
         accuracy=accuracy,
     )
-
-
-def _sql(value: str) -> str:
-    return value.replace("'", "''")

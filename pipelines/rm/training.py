@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.data._internal.logical.interfaces import LogicalPlan
@@ -53,19 +55,24 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import get_scheduler
 
+from pipelines.core import reporting
 from pipelines.core.batching import length_batches
 from pipelines.core.config import TrainingConfig
+from pipelines.core.errors import ConfigError
+from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
-from pipelines.rm.data import DATA_CPUS, select_pairs, tokenized_pairs
+from pipelines.rm.data import DATA_CPUS, tokenized_pairs, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     backbone_max_length,
     load_backbone,
     load_tokenizer,
+    model_version,
     save_reward_model,
     without_dropout,
 )
+from pipelines.rm.registry import MODEL_VERSION_TAG, log_reward_model, registered_version
 
 log = logging.getLogger(__name__)
 
@@ -525,10 +532,14 @@ class _EveryRowDataConfig(ray.train.DataConfig):
 
 
 @dataclass(frozen=True)
-class TrainingRun:
-    """What ``synpref train`` did: data, steps, the selected checkpoint and its metrics."""
+class TrainSummary(JobSummary):
+    """What ``synpref train`` did: data, steps, the selected checkpoint and its metrics, and
+    where the model is registered."""
 
+    job: ClassVar[str] = "train"
     name: str
+    run_id: str
+    training_set: str
     table: str
     table_version: int
     train_pairs: int
@@ -544,16 +555,81 @@ class TrainingRun:
     selected_metrics: dict[str, float]
     checkpoint: str
     model_folder: str
+    model_uri: str | None = None
+    """The logged MLflow model (``models:/NAME/VERSION`` when registered)."""
+    registered_as: str | None = None
+    registered_version: str | None = None
 
     def text(self) -> str:
         val = self.selected_metrics.get("val_accuracy")
         chosen = f"step {self.selected_step}" + (f", val accuracy {val:.3f}" if val else "")
-        return (
+        text = (
             f"trained {self.name}: {self.pairs_trained:,} of {self.train_pairs:,} pairs "
             f"({self.table} v{self.table_version}) in {self.steps} steps, {self.seconds:.0f}s; "
             f"{self.pairs_truncated:,} truncated, {self.pairs_dropped:,} dropped; "
             f"model from {chosen}: {self.model_folder}"
         )
+        if self.registered_version:
+            text += f"\nregistered: {self.registered_as} v{self.registered_version}"
+        return text
+
+    def tables_read(self) -> list[TableVersion]:
+        return [TableVersion(self.table, self.table_version)]
+
+    def tags(self) -> dict[str, str]:
+        return {"synpref.training_set": self.training_set, "synpref.train_run": self.name}
+
+    def metrics(self) -> dict[str, float]:
+        return {f"selected_{k}": v for k, v in self.selected_metrics.items()} | {
+            "train_pairs": self.train_pairs,
+            "validation_pairs": self.validation_pairs,
+        }
+
+    def figures(self, lake: Lake) -> dict[str, Figure]:
+        """Training curves from the run's step metrics (none when this run trained nothing: a
+        finished run re-run)."""
+        client = MlflowClient()
+        curves = {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(self.run_id, key))
+            for key in CURVES
+        }
+        if not curves["loss"]:
+            return {}
+        return {"training_curves.png": reporting.training_curves(curves)}
+
+
+CURVES = ("loss", "accuracy", "val_accuracy", "val_loss")
+
+
+def default_run_name(lake: Lake, training: TrainingConfig) -> str:
+    """A fingerprint of the training config and the selected table version, so re-running the
+    same job resumes it and changing either starts a new one."""
+    data = training.data
+    version = data.version
+    if version is None and lake.exists(data.table):
+        version = lake.version(data.table)
+    identity = json.dumps([training.model_dump(), version], sort_keys=True, default=str)
+    return f"rm-{data.name}-{hashlib.blake2b(identity.encode(), digest_size=5).hexdigest()}"
+
+
+def register(summary: TrainSummary, register_as: str | None) -> TrainSummary:
+    """Log the trained model to the active run and register it as ``register_as`` (unless that
+    name already holds this very model: a re-run registers nothing twice)."""
+    tags = {
+        "synpref.train_run": summary.name,
+        "synpref.step": str(summary.selected_step),
+        MODEL_VERSION_TAG: model_version(summary.model_folder),
+    }
+    version = registered_version(register_as, tags) if register_as else None
+    if version is None:
+        info, version = log_reward_model(summary.model_folder, register_as, tags)
+        model_uri = info.model_uri
+    else:
+        model_uri = f"models:/{register_as}/{version}"
+        log.info(f"[train] {model_uri} already holds this model: not registered again")
+    return dataclasses.replace(
+        summary, model_uri=model_uri, registered_as=register_as, registered_version=version
+    )
 
 
 def train_reward_model(
@@ -562,14 +638,14 @@ def train_reward_model(
     tracking_uri: str,
     run_id: str,
     name: str,
-) -> TrainingRun:
+) -> TrainSummary:
     """Train on the configured selection with Ray Train; resumes run ``name`` if it exists."""
     started = time.perf_counter()
     backbone = resolve_model(training.backbone)
     try:
         max_length = backbone_max_length(backbone, training.max_length, **training.backbone_kwargs)
     except (OSError, ValueError) as exc:
-        raise ValueError(
+        raise ConfigError(
             f"training.backbone {training.backbone!r} cannot be loaded: {exc}"
         ) from None
     if max_length < training.max_length:
@@ -578,7 +654,7 @@ def train_reward_model(
             f"training with {max_length} tokens (longer pairs: truncation {training.truncation})"
         )
     training = training.model_copy(update={"backbone": backbone, "max_length": max_length})
-    selection = select_pairs(lake, training.data)
+    selection = training_selection(lake, training.data)
     n_train, n_val = selection.train.num_rows, selection.validation.num_rows
     steps = training.epochs * math.ceil(n_train / training.global_batch)
     log.info(
@@ -632,8 +708,10 @@ def train_reward_model(
         f"[train] {name}: {int(final.get('step', 0))} steps done; model from step "
         f"{int(metrics['step'])} ({training.select})"
     )
-    return TrainingRun(
+    return TrainSummary(
         name=name,
+        run_id=run_id,
+        training_set=training.data.name,
         table=selection.table,
         table_version=selection.version,
         train_pairs=n_train,

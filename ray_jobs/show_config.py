@@ -1,0 +1,20 @@
+"""`synpref config`: the effective configuration, every field with its documentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pipelines.core.config import describe
+from ray_jobs.job import emit, global_options, json_option, resolve_config
+
+
+@click.command("config")
+@global_options
+@json_option
+@click.pass_context
+def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
+    """Show the effective configuration (file, environment, flags), each field documented."""
+    config = resolve_config(ctx, **options)
+    emit(config.model_dump(mode="json"), "\n".join(describe(config)), as_json)
