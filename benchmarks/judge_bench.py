@@ -34,7 +34,8 @@ from pipelines import jobs
 from pipelines.core.config import JudgeConfig
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
-from pipelines.judging.job import JudgeIdentity, judge_prompt
+from pipelines.judging.identity import JudgeIdentity
+from pipelines.judging.prompts import judge_prompt
 from pipelines.llm.backends import HFBackend
 from storage_schemas import JUDGE_ORDERS
 

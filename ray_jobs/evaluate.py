@@ -11,14 +11,13 @@ from pipelines.rm.benchmarks import BENCHMARKS, EVAL_MAPPING_TARGETS
 from ray_jobs.job import (
     configure_logging,
     emit_result,
-    global_options,
-    json_option,
+    job_command,
     resolve_config,
     user_errors,
 )
 
 
-@click.command("eval")
+@job_command("eval")
 @click.argument("benchmark", type=click.Choice(BENCHMARKS))
 @click.option("--data", required=True, help="Benchmark file or folder (jsonl, json, parquet).")
 @click.option("--model", help="Reward model: HF id or folder, or heuristic:length.")
@@ -31,9 +30,6 @@ from ray_jobs.job import (
     help="Field paths for other layouts, as for ingest: prompt|history|chosen|rejected|id|category"
     "=a.b[0].c; a[*].c takes every element (repeat).",
 )
-@global_options
-@json_option
-@click.pass_context
 def command(
     ctx: click.Context,
     benchmark: str,

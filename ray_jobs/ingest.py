@@ -14,14 +14,13 @@ from pipelines.ingest.formats import FORMATS
 from ray_jobs.job import (
     configure_logging,
     emit_result,
-    global_options,
-    json_option,
+    job_command,
     resolve_config,
     user_errors,
 )
 
 
-@click.command("ingest")
+@job_command("ingest")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--source", required=True, help="Source name (a partition of the pairs table).")
 @click.option(
@@ -35,9 +34,6 @@ from ray_jobs.job import (
     help="Field paths for other layouts: history|prompt|chosen|rejected=a.b[0].c (repeat).",
 )
 @click.option("--benchmark", is_flag=True, help="Tag the source as a benchmark.")
-@global_options
-@json_option
-@click.pass_context
 def command(
     ctx: click.Context,
     paths: tuple[str, ...],

@@ -72,6 +72,53 @@ def user_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
+def job_command(name: str) -> Callable[[Callable[..., Any]], click.Command]:
+    """A synpref command: the global options, ``--json`` and the click context."""
+
+    def wrap(function: Callable[..., Any]) -> click.Command:
+        return click.command(name)(global_options(json_option(click.pass_context(function))))
+
+    return wrap
+
+
+def run_and_emit(
+    ctx: click.Context, as_json: bool, options: dict[str, Any], job: str, *args: Any
+) -> None:
+    """Resolve the config, run ``pipelines.jobs.<job>(config, *args)``, print its summary."""
+    from pipelines import jobs
+
+    config = resolve_config(ctx, **options)
+    with user_errors():
+        result = getattr(jobs, job)(config, *args)
+    emit_result(result, as_json)
+
+
+def config_only_command(name: str, help: str) -> click.Command:
+    """The command of a job that needs nothing but the config (``pipelines.jobs.<name>``)."""
+
+    def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
+        run_and_emit(ctx, as_json, options, name)
+
+    command.__doc__ = help
+    return job_command(name)(command)
+
+
+def pair_selection_command(name: str, help: str, limit_help: str) -> click.Command:
+    """The command of a job over a selection of pairs: ``--where`` and ``--limit``."""
+
+    def command(
+        ctx: click.Context, where: str | None, limit: int | None, as_json: bool, **options: Any
+    ) -> None:
+        run_and_emit(ctx, as_json, options, name, where, limit)
+
+    command.__doc__ = help
+    command = click.option("--limit", type=click.IntRange(min=1), help=limit_help)(command)
+    command = click.option(
+        "--where", help="SQL predicate selecting pairs, e.g. \"source = 'hh'\"."
+    )(command)
+    return job_command(name)(command)
+
+
 def emit_result(result: JobResult[Any], as_json: bool) -> None:
     """End a job command with its summary and its MLflow run (or all of it as JSON)."""
     emit(result.as_dict(), result.text(), as_json)

@@ -8,13 +8,10 @@ from typing import Any
 
 import click
 
-from ray_jobs.job import emit, global_options, json_option, resolve_config
+from ray_jobs.job import emit, job_command, resolve_config
 
 
-@click.command("tables")
-@global_options
-@json_option
-@click.pass_context
+@job_command("tables")
 def tables_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """List the lake's tables with their version and row count."""
     from pipelines.core.lake import Lake
@@ -32,12 +29,9 @@ def tables_command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     )
 
 
-@click.command("history")
+@job_command("history")
 @click.argument("table")
 @click.option("--limit", type=int, default=20, show_default=True)
-@global_options
-@json_option
-@click.pass_context
 def history_command(
     ctx: click.Context, table: str, limit: int, as_json: bool, **options: Any
 ) -> None:

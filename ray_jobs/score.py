@@ -9,20 +9,16 @@ import click
 from ray_jobs.job import (
     configure_logging,
     emit_result,
-    global_options,
-    json_option,
+    job_command,
     resolve_config,
     user_errors,
 )
 
 
-@click.command("score")
+@job_command("score")
 @click.option("--model", required=True, help="Reward model: HF id or folder, or heuristic:length.")
 @click.option("--model-name", help="Name in rm_scores (default: the --model value).")
 @click.option("--where", help="SQL predicate selecting pairs, e.g. \"source = 'hh'\".")
-@global_options
-@json_option
-@click.pass_context
 def command(
     ctx: click.Context,
     model: str,

@@ -7,13 +7,10 @@ from typing import Any
 import click
 
 from pipelines.core.config import describe
-from ray_jobs.job import emit, global_options, json_option, resolve_config
+from ray_jobs.job import emit, job_command, resolve_config
 
 
-@click.command("config")
-@global_options
-@json_option
-@click.pass_context
+@job_command("config")
 def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Show the effective configuration (file, environment, flags), each field documented."""
     config = resolve_config(ctx, **options)

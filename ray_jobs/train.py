@@ -9,22 +9,18 @@ import click
 from ray_jobs.job import (
     configure_logging,
     emit_result,
-    global_options,
-    json_option,
+    job_command,
     resolve_config,
     user_errors,
 )
 
 
-@click.command("train")
+@job_command("train")
 @click.option("--name", help="Run name; re-running a name resumes it (default: config hash).")
 @click.option("--backbone", help="HF id or folder of the backbone (training.backbone).")
 @click.option("--where", help="SQL predicate selecting the training pairs (training.data.where).")
 @click.option("--validation-where", help="SQL predicate selecting the validation (gold) pairs.")
 @click.option("--workers", type=int, help="Ray Train workers (training.workers).")
-@global_options
-@json_option
-@click.pass_context
 def command(
     ctx: click.Context,
     name: str | None,

@@ -17,17 +17,16 @@ from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
 from pipelines.core.config import JudgeConfig, LLMConfig
 from pipelines.ingest.job import IngestRequest
-from pipelines.judging.job import (
+from pipelines.judging.identity import JudgeIdentity
+from pipelines.judging.job import position_warning
+from pipelines.judging.prompts import (
     Choice,
-    JudgeIdentity,
     judge_prompt,
-    judge_verdict,
-    panel_verdict,
     parse_logprobs,
     parse_structured,
-    position_warning,
     preference,
 )
+from pipelines.judging.verdicts import judge_verdict, panel_verdict
 from pipelines.llm.backends import Generation, HFBackend, OpenAIBackend, Sampling
 from pipelines.llm.retrieval import SimilarityIndex
 from storage_schemas import TASK_CATEGORIES
