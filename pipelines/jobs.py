@@ -17,10 +17,12 @@ pays only for what it uses: scoring needs torch, ingest does not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pipelines.core.config import SynprefConfig
-from pipelines.core.jobs import JobContext, JobResult, run_job
+from pipelines.core.config import JudgingConfig, SynprefConfig
+from pipelines.core.jobs import JobContext, JobResult, Summary, run_job
+from pipelines.core.lake import Lake
 
 if TYPE_CHECKING:
     from pipelines.attributes.job import AnnotateSummary
@@ -66,30 +68,44 @@ def decontaminate(config: SynprefConfig) -> JobResult[DecontaminationSummary]:
 
 
 def annotate(
-    config: SynprefConfig, where: str | None = None, limit: int | None = None
+    config: SynprefConfig,
+    where: str | None = None,
+    limit: int | None = None,
+    retry_rejected: bool = False,
 ) -> JobResult[AnnotateSummary]:
     """The attributes of the selected pairs that the annotator has not labelled."""
     from pipelines.attributes.job import annotate_pairs
 
-    return run_job(
-        config,
-        "annotate",
-        lambda ctx: annotate_pairs(ctx.lake, config.judging, ctx.run_id, where, limit),
-        {"where": where, "limit": limit},
-    )
+    return _over_pairs(config, "annotate", annotate_pairs, where, limit, retry_rejected)
 
 
 def judge(
-    config: SynprefConfig, where: str | None = None, limit: int | None = None
+    config: SynprefConfig,
+    where: str | None = None,
+    limit: int | None = None,
+    retry_rejected: bool = False,
 ) -> JobResult[JudgeSummary]:
-    """Judgments (both orders) of the selected pairs by every judge, and their verdicts."""
+    """Judgments (both orders) of the selected pairs by every judge, and their verdicts.
+    Requests a server rejected for good are asked again only with ``retry_rejected``."""
     from pipelines.judging.job import judge_pairs
 
+    return _over_pairs(config, "judge", judge_pairs, where, limit, retry_rejected)
+
+
+def _over_pairs(
+    config: SynprefConfig,
+    job: str,
+    work: Callable[[Lake, JudgingConfig, str, str | None, int | None, bool], Summary],
+    where: str | None,
+    limit: int | None,
+    retry_rejected: bool,
+) -> JobResult[Summary]:
+    """An LLM job (``config.judging``) over the pairs matching ``where``, up to ``limit``."""
     return run_job(
         config,
-        "judge",
-        lambda ctx: judge_pairs(ctx.lake, config.judging, ctx.run_id, where, limit),
-        {"where": where, "limit": limit},
+        job,
+        lambda ctx: work(ctx.lake, config.judging, ctx.run_id, where, limit, retry_rejected),
+        {"where": where, "limit": limit, "retry_rejected": retry_rejected},
     )
 
 
@@ -110,7 +126,6 @@ def score(
 def train(config: SynprefConfig, name: str | None = None) -> JobResult[TrainSummary]:
     """A reward model on the configured selection (Ray Train), logged and registered. Re-using
     a name resumes that run; the default name is a fingerprint of the config and the data."""
-    from pipelines.core.lake import Lake
     from pipelines.core.tracking import absolute_uri
     from pipelines.rm.training import default_run_name, register, train_reward_model
 

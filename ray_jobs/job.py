@@ -104,14 +104,26 @@ def config_only_command(name: str, help: str) -> click.Command:
 
 
 def pair_selection_command(name: str, help: str, limit_help: str) -> click.Command:
-    """The command of a job over a selection of pairs: ``--where`` and ``--limit``."""
+    """The command of an LLM job over a selection of pairs: ``--where``, ``--limit`` and
+    ``--retry-rejected``."""
 
     def command(
-        ctx: click.Context, where: str | None, limit: int | None, as_json: bool, **options: Any
+        ctx: click.Context,
+        where: str | None,
+        limit: int | None,
+        retry_rejected: bool,
+        as_json: bool,
+        **options: Any,
     ) -> None:
-        run_and_emit(ctx, as_json, options, name, where, limit)
+        run_and_emit(ctx, as_json, options, name, where, limit, retry_rejected)
 
     command.__doc__ = help
+    command = click.option(
+        "--retry-rejected",
+        is_flag=True,
+        help="Ask again the requests a server rejected for good (a 4xx such as 400 or 422); "
+        "failed requests (timeouts, 5xx, 429) are always asked again.",
+    )(command)
     command = click.option("--limit", type=click.IntRange(min=1), help=limit_help)(command)
     command = click.option(
         "--where", help="SQL predicate selecting pairs, e.g. \"source = 'hh'\"."

@@ -30,7 +30,7 @@ from pipelines.llm.backends import HFBackend, Sampling
 def build_app(backend: HFBackend, api_key: str | None) -> FastAPI:
     app = FastAPI()
     faults: deque[dict[str, Any]] = deque()
-    stats = {"requests": 0, "faults_served": 0, "unauthorized": 0}
+    stats = {"requests": 0, "faults_served": 0, "unauthorized": 0, "json_schema": 0}
     auth = {"api_key": api_key}
     lock = threading.Lock()
 
@@ -63,6 +63,7 @@ def build_app(backend: HFBackend, api_key: str | None) -> FastAPI:
     @app.post("/v1/chat/completions")
     def chat(body: dict[str, Any], request: Request) -> Any:
         stats["requests"] += 1
+        stats["json_schema"] += (body.get("response_format") or {}).get("type") == "json_schema"
         sent = request.headers.get("authorization", "")
         if auth["api_key"] and sent != f"Bearer {auth['api_key']}":
             stats["unauthorized"] += 1  # echoes the key sent, as some servers do

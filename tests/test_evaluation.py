@@ -309,7 +309,7 @@ def test_rmb_pairwise_layout_maps_to_items(tmp_path):
     data = tmp_path / "Factual.json"
     data.write_text(json.dumps([record]))
     from pipelines.ingest.formats import parse_mapping
-    from pipelines.rm.evaluation import EVAL_MAPPING_TARGETS
+    from pipelines.rm.benchmarks import EVAL_MAPPING_TARGETS
 
     mapping = parse_mapping(RMB_PAIRWISE_MAP, EVAL_MAPPING_TARGETS)
     (item,) = load_items("rewardbench", str(data), mapping)

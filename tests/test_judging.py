@@ -17,7 +17,7 @@ from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
 from pipelines.core.config import JudgeConfig, LLMConfig
 from pipelines.ingest.job import IngestRequest
-from pipelines.judging.identity import JudgeIdentity
+from pipelines.judging.identity import JudgeIdentity, PromptInputs
 from pipelines.judging.job import position_warning
 from pipelines.judging.prompts import (
     Choice,
@@ -27,7 +27,13 @@ from pipelines.judging.prompts import (
     preference,
 )
 from pipelines.judging.verdicts import judge_verdict, panel_verdict
-from pipelines.llm.backends import Generation, HFBackend, OpenAIBackend, Sampling
+from pipelines.llm.backends import (
+    Generation,
+    HFBackend,
+    OpenAIBackend,
+    Sampling,
+    prompt_limit,
+)
 from pipelines.llm.retrieval import SimilarityIndex
 from storage_schemas import TASK_CATEGORIES
 from tests.conftest import HH_HARMLESS, JUDGEBENCH, free_port, shared_data, wait_until_up
@@ -97,6 +103,41 @@ def test_structured_answers_are_parsed_or_rejected_with_a_reason():
         parse_structured(Generation("Response A is better."))
     with pytest.raises(ValueError, match='winner must be "A", "B" or "tie"'):
         parse_structured(Generation('{"winner": "both"}'))
+
+
+def test_a_minimum_choice_probability_rejects_answers_that_do_not_choose():
+    weak = Generation("A", {"A": math.log(0.03), "B": math.log(0.01), "Sure": math.log(0.9)})
+    assert parse_logprobs(weak).winner == "A", "no minimum: any mass will do"
+    with pytest.raises(ValueError, match="choice_mass_low: A, B and tie hold 0.040"):
+        parse_logprobs(weak, min_mass=0.5)
+    strict = JudgeIdentity.of(JudgeConfig(min_choice_probability=0.5))
+    assert strict.params_hash != JudgeIdentity.of(JudgeConfig()).params_hash
+
+
+def test_the_gold_set_and_the_annotator_are_part_of_the_judges_that_use_them():
+    def template_hash(judge, gold=None, annotator=None):
+        return JudgeIdentity.of(judge, PromptInputs(gold, annotator)).template_hash
+
+    few_shot, shows, plain = (
+        JudgeConfig(few_shot=2),
+        JudgeConfig(show_attributes=True),
+        JudgeConfig(),
+    )
+    assert template_hash(few_shot, "gold-1", "ann") != template_hash(few_shot, "gold-2", "ann")
+    assert template_hash(few_shot, "g", "ann-1") != template_hash(few_shot, "g", "ann-2")
+    assert template_hash(shows, "gold-1", "ann") == template_hash(shows, "gold-2", "ann")
+    assert template_hash(shows, None, "ann-1") != template_hash(shows, None, "ann-2")
+    assert template_hash(plain, "gold", "ann") == JudgeIdentity.of(plain).template_hash
+
+
+def test_structured_judges_ask_for_the_verdict_schema_and_prompts_leave_room_to_answer():
+    structured = JudgeIdentity.of(JudgeConfig(verdict="structured"))
+    assert structured.sampling(0).json_schema["properties"]["winner"]["enum"] == ["A", "B", "tie"]
+    free = JudgeIdentity.of(JudgeConfig(verdict="structured", json_schema_decoding=False))
+    assert free.sampling(0).json_schema is None and free.params_hash != structured.params_hash
+    assert JudgeIdentity.of(JudgeConfig()).sampling(0).json_schema is None, "logprobs: 1 token"
+    assert prompt_limit(8192, 4096, 64) == 4032, "prompt + answer within the context"
+    assert prompt_limit(1000, 4096, 64) == 1000 and prompt_limit(1000, None, 64) == 1000
 
 
 def test_logprob_verdicts_use_the_choice_tokens_only():
@@ -329,20 +370,24 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
     ingest_real(config)
     config.judging.judges = [_served_judge(server, "served", http_retries=1, concurrency=1)]
     # The first two requests fail twice each (with one retry): those judgments are recorded
-    # as failed requests, not guessed.
-    faults(server, *[{"status": 500}] * 4)
+    # as failed requests, not guessed. The third is rejected for good (a 422).
+    faults(server, *[{"status": 500}] * 4, {"status": 422})
     first = jobs.judge(config, where=HH_SHORT, limit=2).as_dict()
     rows = lake.read("judgments").to_pylist()
-    failed = [r for r in rows if not r["valid"]]
-    assert len(rows) == 4 and len(failed) == 2
-    assert all(r["invalid_reason"].startswith("request_failed: HTTP 500") for r in failed)
+    reasons = sorted(r["invalid_reason"].split(":")[0] for r in rows if not r["valid"])
+    assert len(rows) == 4 and reasons == ["request_failed"] * 2 + ["request_rejected"]
     assert first["verdict_counts"].get("invalid", 0) >= 1
 
     again = jobs.judge(config, where=HH_SHORT, limit=2).as_dict()
     assert again["judges"][0]["judged"] == 2 and again["judges"][0]["cached"] == 2
     rows = lake.read("judgments").to_pylist()
-    assert len(rows) == 4 and all(r["valid"] for r in rows), "failed requests judged again"
-    assert "invalid" not in again["verdict_counts"]
+    assert len(rows) == 4 and [r["valid"] for r in rows].count(False) == 1, "failed ones again"
+
+    last = jobs.judge(config, where=HH_SHORT, limit=2, retry_rejected=True).as_dict()
+    assert last["judges"][0]["judged"] == 1, "the rejected request, asked again on request"
+    rows = lake.read("judgments").to_pylist()
+    assert len(rows) == 4 and all(r["valid"] for r in rows)
+    assert "invalid" not in last["verdict_counts"]
 
 
 @pytest.mark.slow
@@ -352,6 +397,7 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
         _served_judge(server, "sampled", samples_per_order=2, temperature=0.7, verdict="structured")
     ]
     result = jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
+    assert stats(server)["json_schema"] == 4, "structured answers decoded to the verdict schema"
     rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
     assert sorted((r["ordering"], r["sample"]) for r in rows) == [
         ("AB", 0),
@@ -371,7 +417,7 @@ def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
         jobs.judge(config, where="no_such_column = 1").as_dict()
     config.judging.judges = [JudgeConfig(actors=2)]
-    with pytest.raises(ValueError, match="takes all 2 CPUs"):
+    with pytest.raises(ValueError, match="take 2 of 2 CPUs"):
         jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
     config.judging.judges = [JudgeConfig(name="a"), JudgeConfig(name="b")]
     with pytest.raises(ValueError, match="judges a and b have the same model"):
@@ -529,8 +575,8 @@ def test_a_judge_that_always_picks_one_position_is_flagged():
 
 
 def test_an_annotator_whose_answers_are_all_invalid_is_flagged():
-    from pipelines.attributes.job import Annotation
+    from pipelines.attributes.job import AnnotateSummary
 
-    bad = Annotation("k", 1, 8, 0, 8, 8, {"schema": 8}, 100, 44.0, 2)
+    bad = AnnotateSummary("k", 1, 8, 0, 8, 8, {"schema": 8}, 100, 44.0, 2)
     assert "WARNING: 8 of 8 answers are invalid" in bad.text()
-    assert "WARNING" not in Annotation("k", 1, 8, 0, 8, 1, {"schema": 1}, 100, 4.0, 2).text()
+    assert "WARNING" not in AnnotateSummary("k", 1, 8, 0, 8, 1, {"schema": 1}, 100, 4.0, 2).text()

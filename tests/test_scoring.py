@@ -72,7 +72,7 @@ def test_bad_selection_is_a_clear_error(config, lake, ray_cluster):
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
         jobs.score(config, "heuristic:length", where="no_such_column = 1").as_dict()
     config.scoring.actors = 2  # 2 x 1 CPU on the 2-CPU test cluster: reads would starve
-    with pytest.raises(ValueError, match="takes all 2 CPUs"):
+    with pytest.raises(ValueError, match="take 2 of 2 CPUs"):
         jobs.score(config, "heuristic:length").as_dict()
 
 

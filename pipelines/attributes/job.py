@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipelines.core.actor_pool import check_cpus, missing_rows, run_stage
 from pipelines.core.config import JudgingConfig, LLMConfig
 from pipelines.core.errors import ConfigError
-from pipelines.core.jobs import JobSummary, TableVersion, versions
+from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake
 from pipelines.core.selection import select_pair_keys
 from pipelines.core.sql import literal
@@ -210,7 +210,7 @@ class PairAnnotator:
 
 
 @dataclass(frozen=True)
-class AnnotateSummary(JobSummary):
+class AnnotateSummary(PairsSummary):
     job: ClassVar[str] = "annotate"
     annotator_key: str
     pairs_version: int
@@ -239,9 +239,6 @@ class AnnotateSummary(JobSummary):
             )
         return "\n".join(lines)
 
-    def tables_read(self) -> list[TableVersion]:
-        return [TableVersion(PAIRS.name, self.pairs_version)]
-
     def tables_written(self) -> list[TableVersion]:
         return versions((ATTRIBUTES, self.attributes_version))
 
@@ -265,15 +262,18 @@ def annotate_pairs(
     run_id: str,
     where: str | None = None,
     limit: int | None = None,
+    retry_rejected: bool = False,
 ) -> AnnotateSummary:
     """Annotate the pairs matching ``where`` (the ``limit`` with the smallest pair_id) that
-    ``config.annotator`` has not annotated (failed requests of earlier runs are tried again)."""
+    ``config.annotator`` has not annotated (failed requests of earlier runs are tried again,
+    and rejected ones when ``retry_rejected``)."""
     started = time.perf_counter()
     annotator, template = config.annotator, config.annotator_template
     key = annotator_key(annotator, template)
     pairs_version = lake.version(PAIRS.name)
     selected = select_pair_keys(lake, pairs_version, where, limit)
-    missing = missing_rows(lake, ATTRIBUTES, selected, f"annotator_key = {literal(key)}")
+    mine = f"annotator_key = {literal(key)}"
+    missing = missing_rows(lake, ATTRIBUTES, selected, mine, retry_rejected)
     log.info(
         f"[annotate] {selected.num_rows:,} pairs selected, {missing.num_rows:,} without "
         f"attributes from {annotator.model}"

@@ -22,24 +22,28 @@ from storage_schemas import TableSpec
 log = logging.getLogger(__name__)
 
 FAILED_REQUEST = "invalid_reason LIKE 'request_failed%'"
-"""Output rows of requests that never got an answer (server down, timeout): a later run asks
-again, unlike rows with an answer, valid or not."""
+"""Output rows of requests that never got an answer (server down, timeout, rate limit): a later
+run asks again, unlike rows with an answer, valid or not."""
+REJECTED_REQUEST = "invalid_reason LIKE 'request_rejected%'"
+"""Output rows of requests the server refused for good (a 4xx such as 400 or 422): asked again
+only when a run says so (``retry_rejected``), since the same request fails the same way."""
 
 MERGE_EVERY_S = 30.0
 """Finished blocks are merged into the output table at most this often (and at the end)."""
 
 
 def missing_rows(
-    lake: Lake, output: TableSpec, wanted: pa.Table, identity: str, retry_failed: bool = True
+    lake: Lake, output: TableSpec, wanted: pa.Table, identity: str, retry_rejected: bool = False
 ) -> pa.Table:
     """The rows of ``wanted`` (key columns only) for which ``output`` has no row matching the
     SQL predicate ``identity`` (this judge, annotator or model). Failed requests count as
-    missing when ``retry_failed``."""
+    missing, and rejected ones when ``retry_rejected``."""
     if not lake.exists(output.name) or not wanted.num_rows:
         return wanted
-    where = f"({identity}) AND NOT ({FAILED_REQUEST})" if retry_failed else identity
-    if retry_failed and "invalid_reason" not in output.schema.names:
-        where = identity
+    where = identity
+    if "invalid_reason" in output.schema.names:
+        again = [FAILED_REQUEST] + ([REJECTED_REQUEST] if retry_rejected else [])
+        where = f"({identity}) AND (invalid_reason IS NULL OR NOT ({' OR '.join(again)}))"
     done = lake.read(output.name, columns=wanted.column_names, where=where)
     return wanted.join(done, wanted.column_names, join_type="left anti")
 

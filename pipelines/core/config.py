@@ -391,6 +391,14 @@ class JudgeConfig(LLMConfig):
     """Gold pairs shown as examples (retrieved by similarity; ``judging.gold``)."""
     show_attributes: bool = False
     """Show the pair's valid ``attributes`` row (from ``judging.annotator``) in the prompt."""
+    min_choice_probability: float = Field(default=0.0, ge=0, lt=1)
+    """``logprobs`` verdicts: the least probability A, B and tie together must hold on the
+    first token; below it the answer is invalid (``choice_mass_low``), the model was not
+    choosing (0: any mass will do)."""
+    json_schema_decoding: bool = True
+    """``structured`` verdicts: constrain the answer to the verdict's JSON schema where the
+    backend can (openai: ``response_format``, honoured by vLLM and SGLang servers; vllm:
+    structured outputs). The hf backend decodes freely; the answer is parsed either way."""
 
     @model_validator(mode="after")
     def _samples_differ(self) -> JudgeConfig:

@@ -20,7 +20,7 @@ from pipelines.core.config import SynprefConfig
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import connect
 from pipelines.core.tracking import job_run, log_delta_table, log_input_file, run_location
-from storage_schemas import TableSpec
+from storage_schemas import PAIRS, TableSpec
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -74,6 +74,15 @@ class JobSummary:
 
     def text(self) -> str:
         raise NotImplementedError
+
+
+class PairsSummary(JobSummary):
+    """A job over the lake's pairs at one version: it reads ``pairs`` at ``pairs_version``."""
+
+    pairs_version: int
+
+    def tables_read(self) -> list[TableVersion]:
+        return [TableVersion(PAIRS.name, self.pairs_version)]
 
 
 Summary = TypeVar("Summary", bound=JobSummary)

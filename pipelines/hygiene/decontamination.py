@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines.core.config import DecontaminationConfig
-from pipelines.core.jobs import JobSummary, TableVersion, versions
+from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake
 from pipelines.core.text import tokens
 from pipelines.hygiene.curation_status import rebuild_status
@@ -155,7 +155,7 @@ def _evidence(hits: pa.Table) -> list[dict[str, str]]:
 
 
 @dataclass
-class DecontaminationSummary(JobSummary):
+class DecontaminationSummary(PairsSummary):
     job: ClassVar[str] = "decontaminate"
     pairs_version: int
     benchmarks: dict[str, int]
@@ -204,9 +204,6 @@ class DecontaminationSummary(JobSummary):
             )
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
-
-    def tables_read(self) -> list[TableVersion]:
-        return [TableVersion(PAIRS.name, self.pairs_version)]
 
     def tables_written(self) -> list[TableVersion]:
         return versions(

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from pipelines.core import reporting
 from pipelines.core.config import DedupConfig
-from pipelines.core.jobs import JobSummary, TableVersion
+from pipelines.core.jobs import PairsSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.text import normalise_text
 from pipelines.hygiene.curation_status import rebuild_status
@@ -191,7 +191,7 @@ def _resolve(
 
 
 @dataclass
-class DedupSummary(JobSummary):
+class DedupSummary(PairsSummary):
     job: ClassVar[str] = "dedup"
     pairs_version: int
     pairs: int
@@ -230,9 +230,6 @@ class DedupSummary(JobSummary):
         )
         lines.append(f"  took {self.seconds:.1f}s")
         return "\n".join(lines)
-
-    def tables_read(self) -> list[TableVersion]:
-        return [TableVersion(PAIRS.name, self.pairs_version)]
 
     def tables_written(self) -> list[TableVersion]:
         return [TableVersion(t, v) for t, v in self.written.items() if v is not None]

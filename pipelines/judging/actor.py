@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,7 +13,6 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from pipelines.core.config import JudgeConfig
 from pipelines.judging.identity import JudgeIdentity
 from pipelines.judging.prompts import judge_prompt, parse_logprobs, parse_structured, preference
 from pipelines.llm.backends import (
@@ -27,11 +27,16 @@ from storage_schemas import JUDGMENTS
 class PairJudge:
     """Ray Data actor: one backend (engine or client) per actor; request rows -> judgments."""
 
-    def __init__(self, judge: JudgeConfig, run_id: str) -> None:
-        self.identity = JudgeIdentity.of(judge)
+    def __init__(self, identity: JudgeIdentity, run_id: str) -> None:
+        judge = identity.judge
+        self.identity = identity
         self.backend = load_backend(judge)
         self.run_id = run_id
-        self.parse = parse_logprobs if judge.verdict == "logprobs" else parse_structured
+        self.parse = (
+            functools.partial(parse_logprobs, min_mass=judge.min_choice_probability)
+            if judge.verdict == "logprobs"
+            else parse_structured
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

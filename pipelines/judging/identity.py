@@ -12,6 +12,18 @@ from pipelines.core.sql import literal
 from pipelines.judging.templates import Template, template_for
 from pipelines.llm.backends import Sampling
 
+VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]}},
+    "required": ["winner"],
+    "additionalProperties": False,
+}
+"""The answer of a ``structured`` judge, for backends that decode to a JSON schema."""
+
+
+def _constrained(judge: JudgeConfig) -> bool:
+    return judge.verdict == "structured" and judge.json_schema_decoding
+
 
 def digest(*parts: Any) -> str:
     """A short stable hash of JSON-able parts."""
@@ -28,6 +40,18 @@ def cache_predicate(model: str, template_hash: str, params_hash: str) -> str:
 
 
 @dataclass(frozen=True)
+class PromptInputs:
+    """What a judge's prompt holds besides the pair: the gold set its few-shot examples come
+    from and the annotator whose attributes it shows (each part of the judge's identity only
+    for judges that use it, so a new gold set or annotator judges those pairs again)."""
+
+    gold: str | None = None
+    """Digest of the gold selection: predicate, embedder and the gold pairs' keys."""
+    attributes: str | None = None
+    """The annotator key of the attributes shown."""
+
+
+@dataclass(frozen=True)
 class JudgeIdentity:
     """What a judgment depends on, hashed: the cache key of a judge (the name is only a label)."""
 
@@ -37,9 +61,15 @@ class JudgeIdentity:
     params_hash: str
 
     @classmethod
-    def of(cls, judge: JudgeConfig) -> JudgeIdentity:
+    def of(cls, judge: JudgeConfig, inputs: PromptInputs | None = None) -> JudgeIdentity:
         template = template_for(judge)
-        shape = {"few_shot": judge.few_shot, "show_attributes": judge.show_attributes}
+        inputs = inputs or PromptInputs()
+        shape: dict[str, Any] = {"few_shot": judge.few_shot}
+        shape["show_attributes"] = judge.show_attributes
+        if judge.few_shot:
+            shape["gold"] = inputs.gold
+        if judge.few_shot or judge.show_attributes:
+            shape["attributes"] = inputs.attributes
         params = {
             "verdict": judge.verdict,
             "temperature": judge.temperature,
@@ -49,6 +79,12 @@ class JudgeIdentity:
             # A prompt over the limit is recorded invalid: raising it must judge those again.
             "max_prompt_tokens": judge.max_prompt_tokens,
         }
+        # Newer settings enter the hash only when they change something, so that the cache of
+        # judges that do not use them stays valid.
+        if _constrained(judge):
+            params["json_schema"] = VERDICT_SCHEMA
+        if judge.min_choice_probability:
+            params["min_choice_probability"] = judge.min_choice_probability
         return cls(judge, template, digest(template, shape), digest(params))
 
     @property
@@ -76,4 +112,5 @@ class JudgeIdentity:
             max_tokens=1 if logprobs else judge.max_tokens,
             seed=judge.seed + sample,
             logprobs=logprobs,
+            json_schema=VERDICT_SCHEMA if _constrained(judge) else None,
         )

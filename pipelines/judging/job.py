@@ -44,13 +44,13 @@ from matplotlib.figure import Figure
 from pipelines.attributes.job import annotator_key, valid_attributes
 from pipelines.core import reporting
 from pipelines.core.actor_pool import StageResult, check_cpus, missing_rows, run_stage
-from pipelines.core.config import ActorPoolConfig, JudgeConfig, JudgingConfig
+from pipelines.core.config import ActorPoolConfig, JudgingConfig
 from pipelines.core.errors import ConfigError
-from pipelines.core.jobs import JobSummary, TableVersion, versions
+from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake, pair_keys
 from pipelines.core.selection import select_pair_keys
 from pipelines.judging.actor import PairJudge, attach_attributes, request_rows
-from pipelines.judging.identity import JudgeIdentity, cache_predicate
+from pipelines.judging.identity import JudgeIdentity, PromptInputs, cache_predicate, digest
 from pipelines.judging.quality import judge_quality
 from pipelines.judging.verdicts import verdict_rows
 from pipelines.llm.retrieval import Embedder, NearestGold, build_index
@@ -80,7 +80,7 @@ class JudgeRun:
 
 
 @dataclass
-class JudgeSummary(JobSummary):
+class JudgeSummary(PairsSummary):
     job: ClassVar[str] = "judge"
     pairs_version: int
     selected: int
@@ -108,9 +108,6 @@ class JudgeSummary(JobSummary):
             )
             lines += position_warning(name, metrics)
         return "\n".join(lines)
-
-    def tables_read(self) -> list[TableVersion]:
-        return [TableVersion(PAIRS.name, self.pairs_version)]
 
     def tables_written(self) -> list[TableVersion]:
         return versions((JUDGMENTS, self.judgments_version), (VERDICTS, self.verdicts_version))
@@ -201,28 +198,22 @@ def judge_pairs(
     run_id: str,
     where: str | None = None,
     limit: int | None = None,
+    retry_rejected: bool = False,
 ) -> JudgeSummary:
-    """Judge the selected pairs with every configured judge (only missing judgments), then
-    write the verdicts of those pairs."""
+    """Judge the selected pairs with every configured judge (only missing judgments, and
+    requests the server rejected when ``retry_rejected``), then write their verdicts."""
     started = time.perf_counter()
-    seen: dict[tuple[str, str, str], str] = {}
-    for identity in map(JudgeIdentity.of, config.judges):
-        other = seen.setdefault(identity.cache_id, identity.judge.name)
-        if other != identity.judge.name:
-            raise ConfigError(
-                f"judges {other} and {identity.judge.name} have the same model, template and "
-                "sampling parameters: they would share their judgments; make them one judge"
-            )
     pairs_version = lake.version(PAIRS.name)
+    identities = judge_identities(lake, config, pairs_version)
     selected = select_pair_keys(lake, pairs_version, where, limit)
     log.info(f"[judge] {selected.num_rows:,} pairs selected, {len(config.judges)} judges")
     attributes = _attributes_json(lake, config)
     index = None
     runs, judgments_version = [], None
-    for judge in config.judges:
-        identity = JudgeIdentity.of(judge)
+    for identity in identities:
+        judge = identity.judge
         wanted = _wanted(selected, judge.samples_per_order)
-        missing = missing_rows(lake, JUDGMENTS, wanted, identity.sql())
+        missing = missing_rows(lake, JUDGMENTS, wanted, identity.sql(), retry_rejected)
         log.info(
             f"[judge] {judge.name}: {wanted.num_rows:,} judgments wanted, "
             f"{missing.num_rows:,} not cached"
@@ -233,11 +224,14 @@ def judge_pairs(
             if judge.few_shot and index is None:
                 index = build_index(
                     lake,
+                    pairs_version,
                     config.gold.where or "",
                     Embedder(config.gold.embedder),
                     _attribute_rows(attributes),
                 )
-            stage = _judge(lake, pairs_version, missing, judge, run_id, attributes, index, config)
+            stage = _judge(
+                lake, pairs_version, missing, identity, run_id, attributes, index, config
+            )
             new, judgments_version = stage.rows, stage.version
         runs.append(
             JudgeRun(
@@ -257,8 +251,8 @@ def judge_pairs(
             f"[judge] {judge.name}: {new.num_rows:,} judged in {runs[-1].seconds:.1f}s "
             f"({runs[-1].invalid:,} invalid)"
         )
-    judgments = _judgments_of(lake, selected, config)
-    verdicts = verdict_rows(judgments, config, run_id)
+    judgments = _judgments_of(lake, selected, identities)
+    verdicts = verdict_rows(judgments, identities, config.aggregation, run_id)
     verdicts_version = None
     if verdicts.num_rows:
         result = lake.upsert(
@@ -274,7 +268,7 @@ def judge_pairs(
         PAIRS.name, pairs_version, ["source", "pair_id", "chosen_chars", "rejected_chars"], where
     )
     lengths = _of_pairs(lengths, selected)
-    quality = judge_quality(_named_now(judgments, config.judges), verdicts, lengths)
+    quality = judge_quality(_named_now(judgments, identities), verdicts, lengths)
     seconds = time.perf_counter() - started
     log.info(f"[judge] verdicts of {panel.num_rows:,} pairs written in {seconds:.1f}s")
     return JudgeSummary(
@@ -289,6 +283,30 @@ def judge_pairs(
     )
 
 
+def judge_identities(lake: Lake, config: JudgingConfig, pairs_version: int) -> list[JudgeIdentity]:
+    """The panel's identities, with what their prompts show: the gold set at ``pairs_version``
+    and the annotator of the attributes. Two judges with one identity would share their
+    judgments: refused."""
+    uses_gold = any(j.few_shot for j in config.judges)
+    uses_attributes = uses_gold or any(j.show_attributes for j in config.judges)
+    gold = None
+    if uses_gold:
+        keys = select_pair_keys(lake, pairs_version, config.gold.where)
+        gold = digest(config.gold.where, config.gold.embedder, keys["pair_id"].to_pylist())
+    annotator = config.annotator, config.annotator_template
+    inputs = PromptInputs(gold, annotator_key(*annotator) if uses_attributes else None)
+    identities = [JudgeIdentity.of(judge, inputs) for judge in config.judges]
+    seen: dict[tuple[str, str, str], str] = {}
+    for identity in identities:
+        other = seen.setdefault(identity.cache_id, identity.judge.name)
+        if other != identity.judge.name:
+            raise ConfigError(
+                f"judges {other} and {identity.judge.name} have the same model, template and "
+                "sampling parameters: they would share their judgments; make them one judge"
+            )
+    return identities
+
+
 RETRIEVAL_POOL = ActorPoolConfig(actors=1, num_cpus=0.5)
 """The actor that retrieves gold examples for few-shot judges (one embedding model)."""
 
@@ -297,12 +315,13 @@ def _judge(
     lake: Lake,
     pairs_version: int,
     missing: pa.Table,
-    judge: JudgeConfig,
+    identity: JudgeIdentity,
     run_id: str,
     attributes: dict[tuple[str, str], str],
     index: Any,
     config: JudgingConfig,
 ) -> StageResult:
+    judge = identity.judge
     pools = {f"judge {judge.name}": judge}
     if judge.few_shot:
         pools["gold retrieval"] = RETRIEVAL_POOL
@@ -334,7 +353,7 @@ def _judge(
         f"judge {judge.name}",
         dataset,
         PairJudge,
-        (judge, run_id),
+        (identity, run_id),
         judge,
         JUDGMENTS,
         # Failed requests of an earlier run are answered again: their rows are replaced.
@@ -356,22 +375,21 @@ def _attribute_rows(values: dict[tuple[str, str], str]) -> dict[tuple[str, str],
     return {key: orjson.loads(text) for key, text in values.items()}
 
 
-def _judgments_of(lake: Lake, selected: pa.Table, config: JudgingConfig) -> pa.Table:
-    """The configured judges' judgments of the selected pairs (up to their samples_per_order)."""
+def _judgments_of(lake: Lake, selected: pa.Table, judges: Sequence[JudgeIdentity]) -> pa.Table:
+    """The panel's judgments of the selected pairs (up to each judge's samples_per_order)."""
     if not lake.exists(JUDGMENTS.name) or not selected.num_rows:
         return JUDGMENTS.schema.empty_table()
     mine = " OR ".join(
-        f"({identity.sql()} AND sample < {identity.judge.samples_per_order})"
-        for identity in map(JudgeIdentity.of, config.judges)
+        f"({identity.sql()} AND sample < {identity.judge.samples_per_order})" for identity in judges
     )
     rows = lake.read(JUDGMENTS.name, where=mine)
     return _of_pairs(rows, selected)
 
 
-def _named_now(judgments: pa.Table, judges: Sequence[JudgeConfig]) -> pa.Table:
+def _named_now(judgments: pa.Table, judges: Sequence[JudgeIdentity]) -> pa.Table:
     """Judgments labelled with the judges' current names: cached rows keep the name they were
     judged under, and a judge may have been renamed since."""
-    names = {JudgeIdentity.of(j).cache_id: j.name for j in judges}
+    names = {identity.cache_id: identity.judge.name for identity in judges}
     columns = ("model", "template_hash", "params_hash", "judge")
     rows = zip(*(judgments[c].to_pylist() for c in columns), strict=True)
     labels = [names.get((model, template, params), old) for model, template, params, old in rows]

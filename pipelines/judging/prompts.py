@@ -97,8 +97,9 @@ def parse_structured(generation: Generation) -> Choice:
     raise ValueError('unparseable: no {"winner": ...} JSON object in the answer')
 
 
-def parse_logprobs(generation: Generation) -> Choice:
-    """The choice from the first token's probabilities of ``A``, ``B`` and ``tie``."""
+def parse_logprobs(generation: Generation, min_mass: float = 0.0) -> Choice:
+    """The choice from the first token's probabilities of ``A``, ``B`` and ``tie``; invalid
+    when they hold less than ``min_mass`` of the probability (the model was not choosing)."""
     if not generation.first_logprobs:
         raise ValueError("no_logprobs: the backend returned no log-probabilities")
     mass = dict.fromkeys(("A", "B", "tie"), 0.0)
@@ -109,6 +110,11 @@ def parse_logprobs(generation: Generation) -> Choice:
         raise ValueError(
             "choice_tokens_missing: neither A nor B among the first token's top "
             f"log-probabilities (answer {generation.text!r})"
+        )
+    if sum(mass.values()) < min_mass:
+        raise ValueError(
+            f"choice_mass_low: A, B and tie hold {sum(mass.values()):.3f} of the first token's "
+            f"probability, below {min_mass} (answer {generation.text!r})"
         )
     return Choice(max(mass, key=mass.__getitem__), mass["A"] / (mass["A"] + mass["B"]))
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.core.config import JudgingConfig
+from pipelines.core.config import AggregationConfig
 from pipelines.judging.identity import JudgeIdentity, digest
 from storage_schemas import JUDGE_ORDERS, VERDICTS
 
@@ -118,15 +118,20 @@ def panel_verdict(
     return Verdict(top, confidence * top_weight / total, p_chosen, len(valid), invalid, detail)
 
 
-def panel_key(config: JudgingConfig) -> str:
-    identities = sorted(JudgeIdentity.of(j).key for j in config.judges)
-    return digest(config.aggregation.policy, config.aggregation.min_judges, identities)
+def panel_key(judges: Sequence[JudgeIdentity], aggregation: AggregationConfig) -> str:
+    keys = sorted(identity.key for identity in judges)
+    return digest(aggregation.policy, aggregation.min_judges, keys)
 
 
-def verdict_rows(judgments: pa.Table, config: JudgingConfig, run_id: str) -> pa.Table:
+def verdict_rows(
+    judgments: pa.Table,
+    judges: Sequence[JudgeIdentity],
+    aggregation: AggregationConfig,
+    run_id: str,
+) -> pa.Table:
     """``verdicts`` rows (one per judge and one per panel) for every pair in ``judgments``
-    (the rows of the configured judges, up to their ``samples_per_order``)."""
-    identities = {i.cache_id: i for i in map(JudgeIdentity.of, config.judges)}
+    (the rows of the panel's judges, up to their ``samples_per_order``)."""
+    identities = {i.cache_id: i for i in judges}
     grouped: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -146,8 +151,8 @@ def verdict_rows(judgments: pa.Table, config: JudgingConfig, run_id: str) -> pa.
         identity = identities.get((row["model"], row["template_hash"], row["params_hash"]))
         if identity is not None and row["sample"] < identity.judge.samples_per_order:
             grouped[(row["source"], row["pair_id"])][identity.key].append(row)
-    now, panel = datetime.now(UTC), panel_key(config)
-    name = f"panel:{config.aggregation.policy}"
+    now, panel = datetime.now(UTC), panel_key(judges, aggregation)
+    name = f"panel:{aggregation.policy}"
     out = []
     for (source, pair_id), per_judge in sorted(grouped.items()):
         decided = []
@@ -166,7 +171,7 @@ def verdict_rows(judgments: pa.Table, config: JudgingConfig, run_id: str) -> pa.
                     now,
                 )
             )
-        verdict = panel_verdict(decided, config.aggregation.policy, config.aggregation.min_judges)
+        verdict = panel_verdict(decided, aggregation.policy, aggregation.min_judges)
         out.append(_verdict_row(source, pair_id, panel, "panel", name, verdict, run_id, now))
     return pa.Table.from_pylist(out, schema=VERDICTS.schema)
 

@@ -58,6 +58,10 @@ class Sampling:
     max_tokens: int = 64
     seed: int = 0
     logprobs: bool = False
+    json_schema: dict[str, Any] | None = None
+    """Constrain the answer to this JSON schema where the backend can (openai: the
+    ``response_format``, which vLLM and SGLang servers honour; vllm: structured outputs); the
+    hf backend decodes freely and the answer is parsed as always."""
 
 
 class ChatBackend(Protocol):
@@ -115,22 +119,16 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
         self.model.to(self.device).eval()
         self.max_prompt_tokens = config.max_prompt_tokens
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
         self.batch_tokens = config.batch_tokens
 
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
         texts = [render_prompt(self.tokenizer, p) for p in prompts]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         lengths = np.array([len(ids) for ids in encoded], np.int64)
-        results: list[Generation] = [
-            Generation(
-                prompt_tokens=int(n),
-                error=f"prompt_too_long: {n} tokens > {self.max_prompt_tokens}",
-            )
-            if n > self.max_prompt_tokens
-            else Generation()
-            for n in lengths
-        ]
-        fits = np.flatnonzero(lengths <= self.max_prompt_tokens)
+        limit = prompt_limit(self.max_prompt_tokens, self.context, sampling.max_tokens)
+        results = [too_long(int(n), limit) if n > limit else Generation() for n in lengths]
+        fits = np.flatnonzero(lengths <= limit)
         budget = max(self.batch_tokens, int(lengths.max(initial=1)))
         for batch in length_batches(lengths[fits], budget):
             rows = fits[batch]
@@ -211,12 +209,14 @@ class OpenAIBackend:
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
         return asyncio.run(self._generate_all(prompts, sampling))
 
-    def _failed(self, detail: str) -> Generation:
-        """A failed request, recorded with the server's message minus the API key (servers may
-        echo it back)."""
+    def _failed(self, detail: str, rejected: bool = False) -> Generation:
+        """A failed request (``request_failed``, asked again by the next run) or one the server
+        rejected for good (``request_rejected``), recorded with the server's message minus the
+        API key (servers may echo it back)."""
         if self.api_key and self.api_key != "none":
             detail = detail.replace(self.api_key, "***")
-        return Generation(error=f"request_failed: {detail}"[:500])
+        kind = "request_rejected" if rejected else "request_failed"
+        return Generation(error=f"{kind}: {detail}"[:500])
 
     async def _generate_all(
         self, prompts: Sequence[Sequence[Message]], sampling: Sampling
@@ -254,12 +254,18 @@ class OpenAIBackend:
             options |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
         if prefill is not None:
             options["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        if sampling.json_schema is not None:
+            options["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": sampling.json_schema, "strict": True},
+            }
         try:
             response = await client.chat.completions.create(
                 model=self.config.model, messages=list(messages), **options
             )
         except openai.APIStatusError as exc:
-            return self._failed(f"HTTP {exc.status_code}: {exc.message}")
+            rejected = 400 <= exc.status_code < 500 and exc.status_code not in TRANSIENT_4XX
+            return self._failed(f"HTTP {exc.status_code}: {exc.message}", rejected)
         except openai.APIError as exc:  # timeouts and connection errors, after the retries
             return self._failed(f"{type(exc).__name__}: {exc}")
         choice = response.choices[0]
@@ -295,6 +301,8 @@ class VLLMBackend:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_prompt_tokens = config.max_prompt_tokens
+        self.context = self.llm.llm_engine.model_config.max_model_len
+        """The engine's context: vLLM refuses prompt + max_tokens beyond it, failing the batch."""
 
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
         from vllm import SamplingParams
@@ -305,19 +313,15 @@ class VLLMBackend:
             max_tokens=sampling.max_tokens,
             seed=sampling.seed,
             logprobs=TOP_LOGPROBS if sampling.logprobs else None,
+            **_vllm_structured(sampling.json_schema),
         )
         encoded = [
             self.tokenizer(render_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"]
             for p in prompts
         ]
-        fits = [i for i, ids in enumerate(encoded) if len(ids) <= self.max_prompt_tokens]
-        results = [
-            Generation(
-                prompt_tokens=len(ids),
-                error=f"prompt_too_long: {len(ids)} tokens > {self.max_prompt_tokens}",
-            )
-            for ids in encoded
-        ]
+        limit = prompt_limit(self.max_prompt_tokens, self.context, sampling.max_tokens)
+        fits = [i for i, ids in enumerate(encoded) if len(ids) <= limit]
+        results = [too_long(len(ids), limit) for ids in encoded]
         outputs = self.llm.generate(
             [{"prompt_token_ids": encoded[i]} for i in fits], params, use_tqdm=False
         )
@@ -335,6 +339,36 @@ class VLLMBackend:
                 output_tokens=len(completion.token_ids),
             )
         return results
+
+
+def _vllm_structured(schema: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's ``SamplingParams`` arguments for JSON-schema decoding (``structured_outputs``
+    since vLLM 0.11, ``guided_decoding`` before)."""
+    if schema is None:
+        return {}
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+    return {"structured_outputs": StructuredOutputsParams(json=schema)}
+
+
+TRANSIENT_4XX = frozenset({401, 403, 404, 408, 409, 429})
+"""Client errors that asking again can cure: credentials, a model not yet loaded, timeouts,
+conflicts, rate limits. Any other 4xx (a malformed or too long request) is permanent."""
+
+
+def prompt_limit(max_prompt_tokens: int, context: int | None, max_tokens: int) -> int:
+    """The longest prompt a local engine takes: the configured limit, and room for the answer in
+    the model's context (prompt + max_tokens within it)."""
+    return max_prompt_tokens if context is None else min(max_prompt_tokens, context - max_tokens)
+
+
+def too_long(tokens: int, limit: int) -> Generation:
+    """The row of a prompt over ``limit``: recorded invalid, never cut."""
+    return Generation(prompt_tokens=tokens, error=f"prompt_too_long: {tokens} tokens > {limit}")
 
 
 BACKENDS: dict[str, type] = {"hf": HFBackend, "openai": OpenAIBackend, "vllm": VLLMBackend}

@@ -68,14 +68,16 @@ class SimilarityIndex:
 
 def build_index(
     lake: Lake,
+    version: int,
     where: str,
     embedder: Embedder,
     attributes: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> SimilarityIndex:
-    """The pairs matching ``where`` (SQL on ``pairs``) with their prompt embeddings, each with
-    its ``attributes`` (keyed by (source, pair_id)) when given."""
+    """The pairs matching ``where`` (SQL on ``pairs`` at ``version``, the version the judges'
+    identities were computed from) with their prompt embeddings, each with its ``attributes``
+    (keyed by (source, pair_id)) when given."""
     table = lake.read(
-        PAIRS.name, None, ["source", "pair_id", "history", "chosen", "rejected"], where
+        PAIRS.name, version, ["source", "pair_id", "history", "chosen", "rejected"], where
     ).sort_by([("pair_id", "ascending"), ("source", "ascending")])
     rows = table.to_pylist()
     for row in rows:

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from pipelines.core import reporting
 from pipelines.core.actor_pool import check_cpus, missing_rows, on_pool, run_stage
 from pipelines.core.config import ScoringConfig
-from pipelines.core.jobs import JobSummary, TableVersion, versions
+from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake
 from pipelines.core.selection import select_pair_keys
 from pipelines.core.sql import literal
@@ -135,7 +135,7 @@ class PairScorer:
 
 
 @dataclass(frozen=True)
-class ScoreSummary(JobSummary):
+class ScoreSummary(PairsSummary):
     job: ClassVar[str] = "score"
     model_name: str
     model_version: str
@@ -162,9 +162,6 @@ class ScoreSummary(JobSummary):
         if self.accuracy is not None:
             lines.append(f"  chosen > rejected {100 * self.accuracy:>9.1f}%")
         return "\n".join(lines)
-
-    def tables_read(self) -> list[TableVersion]:
-        return [TableVersion(PAIRS.name, self.pairs_version)]
 
     def tables_written(self) -> list[TableVersion]:
         return versions((RM_SCORES, self.rm_scores_version))
