@@ -10,8 +10,6 @@ import click
 
 from ray_jobs.job import configure_logging, global_options, resolve_config
 
-APP_NAME = "synpref-rewards"
-
 
 def parse_models(specs: tuple[str, ...]) -> dict[str, str]:
     """``NAME=PATH`` (or a bare PATH, named after its last path component) -> {name: path}."""
@@ -43,7 +41,7 @@ def command(ctx: click.Context, models: tuple[str, ...], **options: Any) -> None
     from ray import serve
 
     from pipelines.core.ray_cluster import connect
-    from pipelines.rm.serving import reward_app
+    from pipelines.rm.serving import APP_NAME, reward_app
 
     config = resolve_config(ctx, **options)
     served = parse_models(models)

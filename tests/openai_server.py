@@ -1,7 +1,9 @@
 """A small OpenAI-compatible chat-completions server for the tests: real SmolLM2 answers
-(through ``HFBackend``), with faults injected on demand.
+(through ``HFBackend``), or scripted ones (``--scripted``: no model, the longer response wins,
+for the tests of orchestration: cache, missing rows, retries, verdicts), with faults injected
+on demand.
 
-    python tests/openai_server.py --port 8123 [--api-key KEY]
+    python tests/openai_server.py --port 8123 [--api-key KEY] [--scripted]
 
 ``POST /faults`` with ``{"faults": [{"status": 429}, {"status": 500}, {"delay_s": 3}]}`` queues
 faults; each chat request takes the next one (an error status instead of an answer, or a delay
@@ -13,6 +15,7 @@ before it). ``GET /stats`` counts the requests and the faults served. Supports v
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 import time
 import uuid
@@ -24,10 +27,32 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipelines.core.config import LLMConfig
-from pipelines.llm.backends import HFBackend, Sampling
+from pipelines.llm.backends import Generation, HFBackend, Sampling
 
 
-def build_app(backend: HFBackend, api_key: str | None) -> FastAPI:
+class ScriptedEngine:
+    """Answers a pairwise judge prompt without a model: the longer response wins, with
+    probability 0.9 (logprobs) or as ``{"winner": ...}`` (structured). The rule is known, so a
+    test can predict every judgment and verdict."""
+
+    def generate(self, prompts: list[list[dict[str, str]]], sampling: Sampling) -> list[Generation]:
+        messages = prompts[0]
+        user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        if "[Response A]\n" not in user:
+            return [Generation(text="I am a scripted judge.", prompt_tokens=len(user.split()))]
+        # The last pair shown is the one judged (few-shot examples come first).
+        response_a, _, rest = user.rsplit("[Response A]\n", 1)[1].partition("\n\n[Response B]\n")
+        response_b = rest.rsplit("\n\nWhich response is better?", 1)[0]
+        winner = "A" if len(response_a) >= len(response_b) else "B"
+        loser = "B" if winner == "A" else "A"
+        tokens = len(user.split())
+        if sampling.logprobs:
+            firsts = {winner: math.log(0.9), loser: math.log(0.1)}
+            return [Generation(winner, firsts, prompt_tokens=tokens, output_tokens=1)]
+        return [Generation(f'{{"winner": "{winner}"}}', prompt_tokens=tokens, output_tokens=5)]
+
+
+def build_app(backend: HFBackend | ScriptedEngine, api_key: str | None) -> FastAPI:
     app = FastAPI()
     faults: deque[dict[str, Any]] = deque()
     stats = {"requests": 0, "faults_served": 0, "unauthorized": 0, "json_schema": 0}
@@ -135,6 +160,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default=LLMConfig().model)
     parser.add_argument("--api-key")
+    parser.add_argument("--scripted", action="store_true", help="no model: scripted answers")
     args = parser.parse_args()
-    app = build_app(HFBackend(LLMConfig(model=args.model)), args.api_key)
+    engine = ScriptedEngine() if args.scripted else HFBackend(LLMConfig(model=args.model))
+    app = build_app(engine, args.api_key)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

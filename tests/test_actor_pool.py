@@ -1,9 +1,12 @@
 """The incremental actor-pool stage shared by judging, attributes and scoring, tested directly
 (no LLM, no CLI): what counts as missing, the CPU guard, block-wise merges and a crash."""
 
+import sys
+
 import pyarrow as pa
 import pytest
 import ray
+from ray import cloudpickle
 
 from pipelines.core import actor_pool
 from pipelines.core.actor_pool import check_cpus, missing_rows, run_stage
@@ -11,17 +14,14 @@ from pipelines.core.config import ActorPoolConfig
 from pipelines.core.errors import ResourceError
 from storage_schemas import TableSpec
 
+FIELDS = {"item": pa.int64(), "worker": pa.string(), "value": pa.int64()}
+# The stand-in actors below are defined here: Ray's workers get them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
 OUTPUT = TableSpec(
-    name="stage_output",
-    description="a stage's output rows in a test",
-    schema=pa.schema(
-        [
-            pa.field("item", pa.int64(), nullable=False),
-            pa.field("worker", pa.string(), nullable=False),
-            pa.field("value", pa.int64()),
-            pa.field("invalid_reason", pa.string()),
-        ]
-    ),
+    "stage_output",
+    "a stage's output rows in a test",
+    pa.schema(FIELDS | {"invalid_reason": pa.string()}),
     keys=("item", "worker"),
 )
 

@@ -53,12 +53,16 @@ def hf_backend():
     return HFBackend(LLMConfig(max_prompt_tokens=2048))
 
 
-@pytest.fixture(scope="session")
-def openai_server():
-    """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
+def _start_server(*flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("openai_server.py")), "--port", str(port)],
+        [
+            sys.executable,
+            str(Path(__file__).with_name("openai_server.py")),
+            "--port",
+            str(port),
+            *flags,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
@@ -66,9 +70,33 @@ def openai_server():
     )
     url = f"http://127.0.0.1:{port}"
     wait_until_up(f"{url}/health", server, 180)
+    return server, url
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
+    server, url = _start_server()
     yield url
     server.terminate()
     server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def scripted_server_url():
+    """The same server with scripted answers (the longer response wins), for the tests of
+    orchestration: it starts in seconds and its every judgment is predictable."""
+    server, url = _start_server("--scripted")
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture
+def scripted(scripted_server_url):
+    """The scripted server with no queued faults and zeroed counters."""
+    httpx.post(f"{scripted_server_url}/stats/reset")
+    return scripted_server_url
 
 
 @pytest.fixture
@@ -365,8 +393,9 @@ def _served_judge(server: str, name: str, **options) -> JudgeConfig:
 
 @pytest.mark.slow
 def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
-    config, lake, ray_cluster, server
+    config, lake, ray_cluster, scripted
 ):
+    server = scripted
     ingest_real(config)
     config.judging.judges = [_served_judge(server, "served", http_retries=1, concurrency=1)]
     # The first two requests fail twice each (with one retry): those judgments are recorded
@@ -391,13 +420,15 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
 
 
 @pytest.mark.slow
-def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, server):
+def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, scripted):
+    server = scripted
     ingest_real(config)
     config.judging.judges = [
         _served_judge(server, "sampled", samples_per_order=2, temperature=0.7, verdict="structured")
     ]
     result = jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
-    assert stats(server)["json_schema"] == 4, "structured answers decoded to the verdict schema"
+    sent = stats(server)
+    assert sent["json_schema"] == sent["requests"] == 4, "every request asks for the schema"
     rows = lake.read("judgments", columns=["ordering", "sample", "valid"]).to_pylist()
     assert sorted((r["ordering"], r["sample"]) for r in rows) == [
         ("AB", 0),
@@ -408,6 +439,44 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
     verdict = lake.read("verdicts", where="level = 'judge'").to_pylist()[0]
     assert verdict["votes"] + verdict["invalid"] == 4
     assert result["judges"][0]["judged"] == 4
+
+
+@pytest.mark.slow
+def test_verdicts_of_a_panel_match_what_its_judges_said(config, lake, ray_cluster, scripted):
+    """Scripted judges prefer the longer response, so every verdict is known in advance: agree
+    where chosen is longer, disagree where shorter, inconsistent (position) where equal."""
+    ingest_real(config)
+    config.judging.judges = [
+        _served_judge(scripted, "longer-lp"),
+        _served_judge(scripted, "longer-json", verdict="structured"),
+    ]
+    where = "source = 'hh' AND pair_id < '08'"
+    first = jobs.judge(config, where=where).summary
+    pairs = lake.read("pairs", columns=["pair_id", "chosen", "rejected"], where=where).to_pylist()
+    expected = {
+        p["pair_id"]: "agree"
+        if len(p["chosen"]) > len(p["rejected"])
+        else "disagree"
+        if len(p["chosen"]) < len(p["rejected"])
+        else "inconsistent"
+        for p in pairs
+    }
+    verdicts = lake.read("verdicts", columns=["pair_id", "level", "judge", "verdict"]).to_pylist()
+    for level in ("judge", "panel"):
+        got = {}
+        for v in verdicts:
+            if v["level"] == level:
+                got.setdefault(v["pair_id"], set()).add(v["verdict"])
+        assert got == {pair_id: {verdict} for pair_id, verdict in expected.items()}, level
+    assert first.selected == len(pairs) > 10
+    assert [run.judged for run in first.judges] == [2 * len(pairs)] * 2
+    assert first.quality["longer-lp"]["longer_wins_rate"] == 1.0
+
+    config.judging.judges[1] = config.judging.judges[1].model_copy(update={"name": "renamed"})
+    again = jobs.judge(config, where=where).summary
+    assert [run.judged for run in again.judges] == [0, 0], "a renamed judge keeps its cache"
+    assert set(again.quality) == {"longer-lp", "renamed"}
+    assert again.verdicts_version is None, "the same verdicts: nothing written"
 
 
 def test_judge_usage_errors_are_clear(config, lake, ray_cluster):

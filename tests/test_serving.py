@@ -9,8 +9,8 @@ from ray import serve
 
 from pipelines.core.config import load_config
 from pipelines.rm.model import RewardModel, sigmoid
-from pipelines.rm.serving import reward_app
-from ray_jobs.serve import APP_NAME, parse_models
+from pipelines.rm.serving import APP_NAME, reward_app
+from ray_jobs.serve import parse_models
 from tests.conftest import free_port
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

@@ -206,11 +206,17 @@ class Lake:
         sql = f"SELECT {projection} FROM t" + (f" WHERE {where}" if where else "")
         sql += f" LIMIT {int(limit)}" if limit is not None else ""
         rows = pa.table(QueryBuilder().register("t", dt).execute(sql))
+        # DataFusion returns string_view; give callers the declared Arrow types (plain strings
+        # for a table without a spec: Arrow joins and kernels do not all take views).
         spec = TABLES.get(name)
-        if spec is None:
-            return rows
-        # DataFusion returns string_view; give callers the declared Arrow types.
-        return rows.cast(pa.schema([spec.schema.field(c) for c in rows.column_names]))
+        if spec is not None:
+            return rows.cast(pa.schema([spec.schema.field(c) for c in rows.column_names]))
+        return rows.cast(
+            pa.schema(
+                pa.field(f.name, pa.string(), f.nullable) if f.type == pa.string_view() else f
+                for f in rows.schema
+            )
+        )
 
     def dataset(
         self,

@@ -45,14 +45,7 @@ def judge_verdict(judgments: Sequence[dict[str, Any]]) -> Verdict:
     by_order = {o: [j for j in valid if j["ordering"] == o] for o in JUDGE_ORDERS}
     empty = [o for o, js in by_order.items() if not js]
     if empty:
-        return Verdict(
-            "invalid",
-            0.0,
-            None,
-            len(valid),
-            invalid,
-            f"no valid judgment in order {', '.join(empty)}",
-        )
+        return _invalid(len(valid), invalid, f"no valid judgment in order {', '.join(empty)}")
     order_prefs = {o: majority([j["preference"] for j in js]) for o, js in by_order.items()}
     p_order = {o: float(np.mean([j["p_chosen"] for j in js])) for o, js in by_order.items()}
     p_chosen = float(np.mean([j["p_chosen"] for j in valid]))
@@ -75,6 +68,10 @@ def judge_verdict(judgments: Sequence[dict[str, Any]]) -> Verdict:
     return Verdict(verdict, confidence, p_chosen, len(valid), invalid, detail)
 
 
+def _invalid(votes: int, invalid: int, reason: str) -> Verdict:
+    return Verdict("invalid", 0.0, None, votes, invalid, reason)
+
+
 def panel_verdict(
     verdicts: Sequence[tuple[Verdict, float]], policy: str, min_judges: int
 ) -> Verdict:
@@ -82,14 +79,8 @@ def panel_verdict(
     valid = [(v, w) for v, w in verdicts if v.verdict != "invalid"]
     invalid = len(verdicts) - len(valid)
     if len(valid) < min_judges:
-        return Verdict(
-            "invalid",
-            0.0,
-            None,
-            len(valid),
-            invalid,
-            f"{len(valid)} valid judge verdicts < min_judges {min_judges}",
-        )
+        reason = f"{len(valid)} valid judge verdicts < min_judges {min_judges}"
+        return _invalid(len(valid), invalid, reason)
     weight = defaultdict(float)
     for v, w in valid:
         weight[v.verdict] += w if policy == "weighted" else 1.0

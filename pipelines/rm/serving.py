@@ -29,6 +29,9 @@ from pipelines.rm.scoring import load_model
 
 Text = Annotated[str, StringConstraints(min_length=1)]
 
+APP_NAME = "synpref-rewards"
+"""The Serve application of the reward API (what `serve status` and the dashboard show)."""
+
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
