@@ -8,7 +8,6 @@ import pytest
 import ray
 from ray import cloudpickle
 
-from pipelines.core import actor_pool
 from pipelines.core.actor_pool import check_cpus, missing_rows, run_stage
 from pipelines.core.config import ActorPoolConfig
 from pipelines.core.errors import ResourceError
@@ -84,9 +83,8 @@ class Doubler:
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake, monkeypatch):
-    monkeypatch.setattr(actor_pool, "MERGE_EVERY_S", 0.0)  # merge every finished block
-    pool = ActorPoolConfig(batch_size=10, num_cpus=0.5)
+def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake):
+    pool = ActorPoolConfig(batch_size=10, num_cpus=0.5, merge_every_s=0)  # every block
     merges = []
 
     def merge(new: pa.Table) -> int:

@@ -4,6 +4,8 @@ backend against a real server on the loopback (429, 500 and timeouts injected)."
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+import ray
 
 from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
@@ -36,7 +39,14 @@ from pipelines.llm.backends import (
 )
 from pipelines.llm.retrieval import SimilarityIndex
 from storage_schemas import TASK_CATEGORIES
-from tests.conftest import HH_HARMLESS, JUDGEBENCH, free_port, shared_data, wait_until_up
+from tests.conftest import (
+    HH_HARMLESS,
+    JUDGEBENCH,
+    REPO,
+    free_port,
+    shared_data,
+    wait_until_up,
+)
 
 SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
 JUDGEBENCH_SHORT = f"source = 'judgebench' AND {SHORT.format(n=1500)}"
@@ -477,6 +487,46 @@ def test_verdicts_of_a_panel_match_what_its_judges_said(config, lake, ray_cluste
     assert [run.judged for run in again.judges] == [0, 0], "a renamed judge keeps its cache"
     assert set(again.quality) == {"longer-lp", "renamed"}
     assert again.verdicts_version is None, "the same verdicts: nothing written"
+
+
+@pytest.mark.slow
+def test_a_killed_judge_job_keeps_what_it_merged_and_the_rerun_adds_only_the_rest(
+    config, lake, ray_cluster, scripted, tmp_path
+):
+    """`synpref judge` killed (SIGKILL) mid-run: the blocks it merged stay, the re-run judges
+    only what is missing, and no judgment is there twice."""
+    ingest_real(config)
+    judge = _served_judge(scripted, "slow", concurrency=1, batch_size=4, merge_every_s=0)
+    settings = tmp_path / "judge.yaml"
+    settings.write_text(json.dumps({"judging": {"judges": [judge.model_dump(mode="json")]}}))
+    faults(scripted, *[{"delay_s": 0.5}] * 40)  # 40 requests, one at a time: 20 s of judging
+    flags = ["--config", str(settings), "--lake", config.lake.root]
+    flags += ["--tracking-uri", config.tracking.uri]
+    flags += ["--ray-address", ray.get_runtime_context().gcs_address]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "ray_jobs.judge", *flags, "--where", HH_SHORT, "--limit", "20"],
+        cwd=REPO,
+        env={**os.environ, "SYNPREF_LOG_FILE": str(tmp_path / "judge.log")},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (lake.exists("judgments") and lake.count("judgments") > 0):
+        assert job.poll() is None, "the job ended before it was killed"
+        assert time.monotonic() < deadline, "no merge within 5 minutes"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    kept = lake.count("judgments")
+    assert 0 < kept < 40, "killed mid-run, after some blocks were merged"
+
+    httpx.post(f"{scripted}/stats/reset")  # no more delays
+    config.judging.judges = [judge]
+    rerun = jobs.judge(config, where=HH_SHORT, limit=20).summary.judges[0]
+    assert (rerun.cached, rerun.judged) == (kept, 40 - kept)
+    rows = lake.read("judgments", columns=["pair_id", "ordering", "sample"]).to_pylist()
+    assert len(rows) == len({tuple(r.values()) for r in rows}) == 40
 
 
 def test_judge_usage_errors_are_clear(config, lake, ray_cluster):

@@ -16,6 +16,7 @@ import pandas as pd
 import psutil
 import pyarrow as pa
 import pytest
+import ray
 import torch
 
 from pipelines import jobs
@@ -30,7 +31,7 @@ from pipelines.rm.model import (
     scored_conversation,
     without_dropout,
 )
-from pipelines.rm.training import SEEN_FILE, TrainState, length_grouped_steps
+from pipelines.rm.training import SEEN_FILE, TrainState, in_blocks_of, length_grouped_steps
 from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf
 
 FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
@@ -114,6 +115,18 @@ def test_workers_get_steps_of_similar_length_and_every_row_once():
     assert [s["length"][0].as_py() for s in steps[0][:8]] != sorted(
         s["length"][0].as_py() for s in steps[0][:8]
     ), "steps are taken in a random order, not from short to long"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_training_blocks_hold_one_local_batch_each_whatever_the_input_blocks():
+    """Every worker brings a full local batch to every step: blocks of exactly that size, even
+    where input blocks end mid-batch (the journey once saw steps of 17 and 22 pairs of 32)."""
+    uneven = ray.data.range(100).repartition(7)
+    sizes = [
+        b.num_rows
+        for b in in_blocks_of(uneven, 16).iter_batches(batch_size=None, batch_format="pyarrow")
+    ]
+    assert sizes == [16] * 6 + [4]
 
 
 def test_training_without_dropout_is_deterministic(encoder_rm):

@@ -28,9 +28,6 @@ REJECTED_REQUEST = "invalid_reason LIKE 'request_rejected%'"
 """Output rows of requests the server refused for good (a 4xx such as 400 or 422): asked again
 only when a run says so (``retry_rejected``), since the same request fails the same way."""
 
-MERGE_EVERY_S = 30.0
-"""Finished blocks are merged into the output table at most this often (and at the end)."""
-
 
 def missing_rows(
     lake: Lake, output: TableSpec, wanted: pa.Table, identity: str, retry_rejected: bool = False
@@ -96,7 +93,7 @@ def run_stage(
     expected_rows: int,
 ) -> StageResult:
     """Map ``dataset`` through ``actor`` on ``pool`` and merge the output rows (``merge``
-    returns the new table version) every ``MERGE_EVERY_S`` seconds as blocks finish."""
+    returns the new table version) as blocks finish, every ``pool.merge_every_s`` seconds."""
     mapped = on_pool(dataset, actor, actor_args, pool)
     done: list[pa.Table] = []
     pending: list[pa.Table] = []
@@ -116,7 +113,7 @@ def run_stage(
     for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
         if block.num_rows:
             pending.append(block)
-        if time.monotonic() - last_merge >= MERGE_EVERY_S:
+        if time.monotonic() - last_merge >= pool.merge_every_s:
             merge_pending()
     merge_pending()
     rows = pa.concat_tables(done) if done else output.schema.empty_table()

@@ -39,6 +39,9 @@ class ActorPoolConfig(_Section):
     """CPUs per actor; every pool of a job together must leave CPUs for reading the pairs."""
     num_gpus: float = Field(default=0, ge=0)
     """GPUs per actor (the model moves to ``cuda`` when > 0; with ``vllm``: tensor_parallel)."""
+    merge_every_s: float = Field(default=30.0, ge=0)
+    """Finished blocks are merged into the output table at most this often (and at the end):
+    a crash loses at most what was computed since. Each merge is a Delta commit."""
 
 
 class LakeConfig(_Section):
