@@ -36,7 +36,7 @@ import psutil
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, corpus
+from ingest_bench import OUT, corpus, show_progress
 
 from pipelines.core.config import DedupConfig, IngestConfig
 from pipelines.core.lake import Lake
@@ -75,7 +75,7 @@ def benchmark_lake(pairs: int, shards: int) -> Lake:
     lake = Lake(str(OUT / f"dedup-lake-{pairs}"))
     if not lake.exists(PAIRS.name):
         request = IngestRequest([str(f) for f in corpus(pairs, shards)], source="bench")
-        summary = ingest(request, lake, IngestConfig(), run_id="bench", progress=print)
+        summary = ingest(request, lake, IngestConfig(), run_id="bench")
         print(f"ingested {summary.pairs_inserted:,} pairs in {summary.seconds:.0f}s")
     for table in DECISION_TABLES:
         shutil.rmtree(Path(lake.root) / table, ignore_errors=True)  # a full, not incremental, run
@@ -112,7 +112,7 @@ def run_synpref(lake: Lake) -> tuple[float, float, set[str], dict]:
     options = DedupConfig()
     with PeakMemory() as memory:
         started = time.perf_counter()
-        summary = dedup(lake, options, run_id="bench", progress=print)
+        summary = dedup(lake, options, run_id="bench")
         seconds = time.perf_counter() - started
     near = lake.read("dedup_clusters", where="method = 'near'").to_pylist()
     flagged = {r["pair_id"] for r in near if r["pair_id"] != r["representative_pair_id"]}
@@ -224,6 +224,7 @@ def run_datatrove(documents: Path, workdir: Path, shards: int) -> tuple[float, f
 
 
 def main() -> None:
+    show_progress()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=16)

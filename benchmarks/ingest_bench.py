@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -43,9 +44,16 @@ from storage_schemas import PAIRS
 OUT = Path(__file__).resolve().parent / "out"
 
 
+def show_progress() -> None:
+    """The jobs' progress lines (``pipelines`` loggers at INFO) on stderr, as bare messages."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+
+
 def job_bench_config(name: str, **sections: dict[str, Any]) -> SynprefConfig:
     """What a job benchmark starts from: an empty ``OUT/name`` holding its own lake and sqlite
     MLflow store (plus ``sections`` of config), and a local 2-CPU Ray without progress bars."""
+    show_progress()
     work = OUT / name
     shutil.rmtree(work, ignore_errors=True)
     tracking = {"uri": f"sqlite:///{work / 'mlruns.db'}", "artifact_location": str(work / "art")}
@@ -80,7 +88,6 @@ def run_ray(files: list[Path], cpus: int, workdir: Path) -> dict:
             lake,
             IngestConfig(),
             run_id="bench",
-            progress=print,
         )
         seconds = time.perf_counter() - started
     finally:
@@ -136,6 +143,7 @@ def run_plain(files: list[Path], workdir: Path) -> tuple[dict, dict]:
 
 
 def main() -> None:
+    show_progress()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=16)
