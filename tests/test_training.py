@@ -126,7 +126,7 @@ def test_training_blocks_hold_one_local_batch_each_whatever_the_input_blocks():
         b.num_rows
         for b in in_blocks_of(uneven, 16).iter_batches(batch_size=None, batch_format="pyarrow")
     ]
-    assert sizes == [16] * 6 + [4]
+    assert sorted(sizes) == [4] + [16] * 6, "one short block: the end of the data"
 
 
 def test_training_without_dropout_is_deterministic(encoder_rm):
