@@ -36,7 +36,7 @@ import psutil
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, corpus, show_progress
+from ingest_bench import OUT, corpus, report, show_progress
 
 from pipelines.core.config import DedupConfig, IngestConfig
 from pipelines.core.lake import Lake
@@ -265,17 +265,9 @@ def main() -> None:
         results["synpref"]["speedup_vs_datatrove"] = (
             results["synpref"]["pairs_per_s"] / results["datatrove"]["pairs_per_s"]
         )
-    report = {"pairs": pairs, "results": results}
-    (OUT / "dedup_bench.json").write_text(json.dumps(report, indent=2))
-    print(
-        f"\n{'tool':<10}{'seconds':>9}{'pairs/s':>10}{'recall':>8}{'precision':>10}"
-        f"{'flips flagged':>14}{'peak MB':>9}"
-    )
-    for name, r in results.items():
-        print(
-            f"{name:<10}{r['seconds']:>9.1f}{r['pairs_per_s']:>10,.0f}{r['recall']:>8.3f}"
-            f"{r['precision']:>10.3f}{r['flips_flagged']:>14,}{r['peak_mb']:>9,.0f}"
-        )
+    columns = {"seconds": ".1f", "pairs_per_s": ",.0f", "recall": ".3f", "precision": ".3f"}
+    columns |= {"flips_flagged": ",", "peak_mb": ",.0f"}
+    report("dedup_bench", {"pairs": pairs, "results": results}, columns)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,20 @@ from storage_schemas import PAIRS
 OUT = Path(__file__).resolve().parent / "out"
 
 
+def report(name: str, summary: dict, columns: dict[str, str] | None = None) -> None:
+    """Write ``OUT/<name>.json`` and print it: as a table of ``summary["results"]`` (one row
+    per run; ``columns`` maps each result key to its format spec) or, without columns, whole."""
+    (OUT / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    if columns is None:
+        print(json.dumps(summary, indent=2))
+        return
+    widths = {key: max(len(key), 10) + 1 for key in columns}
+    print("\n" + f"{'run':<16}" + "".join(f"{k:>{widths[k]}}" for k in columns))
+    for name, row in summary["results"].items():
+        cells = (f"{format(row[k], spec):>{widths[k]}}" for k, spec in columns.items())
+        print(f"{name:<16}" + "".join(cells))
+
+
 def show_progress() -> None:
     """The jobs' progress lines (``pipelines`` loggers at INFO) on stderr, as bare messages."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -166,14 +180,10 @@ def main() -> None:
     for result in results.values():
         result["ratio_to_plain_pipeline"] = result["pairs_per_s"] / base
         result["ratio_to_plain_write"] = result["pairs_per_s"] / floor
-    report = {"pairs": args.pairs, "shards": args.shards, "corpus_mb": size_mb, "results": results}
-    (OUT / "ingest_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{'path':<16}{'seconds':>9}{'pairs/s':>10}{'vs pipeline':>13}{'vs write':>10}")
-    for name, r in results.items():
-        print(
-            f"{name:<16}{r['seconds']:>9.1f}{r['pairs_per_s']:>10,.0f}"
-            f"{r['ratio_to_plain_pipeline']:>12.2f}x{r['ratio_to_plain_write']:>9.2f}x"
-        )
+    summary = {"pairs": args.pairs, "shards": args.shards, "corpus_mb": size_mb, "results": results}
+    columns = {"seconds": ".1f", "pairs_per_s": ",.0f"}
+    columns |= dict.fromkeys(["ratio_to_plain_pipeline", "ratio_to_plain_write"], ".2f")
+    report("ingest_bench", summary, columns)
 
 
 if __name__ == "__main__":

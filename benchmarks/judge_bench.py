@@ -19,7 +19,6 @@ Results go to ``benchmarks/out/judge_bench.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, job_bench_config
+from ingest_bench import job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.config import JudgeConfig
@@ -100,8 +99,7 @@ def main() -> None:
         "quality": summary["quality"],
     }
     results["ratio"] = results["synpref"]["pairs_per_s"] / results["engine"]["pairs_per_s"]
-    (OUT / "judge_bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report("judge_bench", results)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, job_bench_config
+from ingest_bench import OUT, job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.lake import Lake
@@ -118,8 +118,7 @@ def main() -> None:
         "truncated": summary["truncated"],
     }
     results["ratio"] = results["synpref"]["pairs_per_s"] / results["plain"]["pairs_per_s"]
-    (OUT / "score_bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report("score_bench", results)
 
 
 if __name__ == "__main__":

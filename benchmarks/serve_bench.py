@@ -33,7 +33,7 @@ import ray
 from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT
+from ingest_bench import report
 from score_bench import HH, reward_model
 
 from pipelines.core.config import load_config
@@ -156,8 +156,7 @@ def main() -> None:
     results["ratio_requests_per_s"] = (
         results["serve"]["requests_per_s"] / results["fastapi"]["requests_per_s"]
     )
-    (OUT / "serve_bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report("serve_bench", results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Results go to ``benchmarks/out/train_bench.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, job_bench_config
+from ingest_bench import OUT, job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.lake import Lake
@@ -233,8 +232,7 @@ def main() -> None:
                 key: results["synpref"][key] / results[baseline][key]
                 for key in ("pairs_per_s", "steady_pairs_per_s", "steady_tokens_per_s")
             }
-    (OUT / "train_bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report("train_bench", results)
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ from pipelines.ingest.formats import (
 )
 from pipelines.ingest.record_files import (
     RecordFileDatasource,
+    file_records,
     file_sha256,
     filesystem_for,
     find_record_files,
     fs_path,
-    read_records,
 )
 from storage_schemas import PAIRS, QUARANTINE
 
@@ -253,13 +253,12 @@ def _pair_columns(pair: Pair, source_kind: str, now: datetime) -> dict[str, Any]
 def detect_file_format(path: str, fs: pafs.FileSystem) -> str:
     """The format of a file from its first records; ambiguity is an error naming the file."""
     seen: Counter[str] = Counter()
-    with fs.open_input_stream(fs_path(path), compression="detect") as stream:
-        for _, text, error in read_records(stream, path):
-            if error is None:
-                with contextlib.suppress(json.JSONDecodeError):
-                    seen[detect_format(parse_json(text)) or "unknown"] += 1
-            if sum(seen.values()) >= DETECTION_SAMPLE:
-                break
+    for _, text, error in file_records(path, fs):
+        if error is None:
+            with contextlib.suppress(json.JSONDecodeError):
+                seen[detect_format(parse_json(text)) or "unknown"] += 1
+        if sum(seen.values()) >= DETECTION_SAMPLE:
+            break
     known = {fmt: n for fmt, n in seen.items() if fmt != "unknown"}
     if len(known) != 1:
         found = ", ".join(f"{f} x{n}" for f, n in seen.most_common()) or "no parseable records"

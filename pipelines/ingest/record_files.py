@@ -109,6 +109,12 @@ def file_sha256(path: str, fs: pafs.FileSystem) -> str:
     return digest.hexdigest()
 
 
+def file_records(path: str, fs: pafs.FileSystem) -> Iterator[tuple[int, str, str | None]]:
+    """``read_records`` of one file, opened with its compression detected from the name."""
+    with fs.open_input_stream(fs_path(path), compression="detect") as stream:
+        yield from read_records(stream, path)
+
+
 def read_records(stream: pa.NativeFile, path: str) -> Iterator[tuple[int, str, str | None]]:
     """``(position, record text, read error)`` for every record of one (decompressed) file."""
     name = path[:-3] if path.endswith(".gz") else path

@@ -48,11 +48,10 @@ from pipelines.ingest.formats import (
     resolve_path,
 )
 from pipelines.ingest.record_files import (
+    file_records,
     file_sha256,
     filesystem_for,
     find_record_files,
-    fs_path,
-    read_records,
 )
 from pipelines.rm.benchmarks import BENCHMARKS
 from pipelines.rm.model import model_version, scored_conversation
@@ -238,18 +237,17 @@ def _records(path: str) -> Iterator[tuple[str, dict[str, Any], str]]:
     parquet); ``where`` names the file and the record for error messages."""
     fs = filesystem_for(path)
     for file in find_record_files([path], fs):
-        with fs.open_input_stream(fs_path(file.path), compression="detect") as stream:
-            for position, text, error in read_records(stream, file.path):
-                where = f"{file.path} record {position}"
-                if error:
-                    raise EvalDataError(f"{where}: {error}")
-                try:
-                    record = parse_json(text)
-                except ValueError as exc:
-                    raise EvalDataError(f"{where}: malformed JSON ({exc})") from None
-                if not isinstance(record, dict):
-                    raise EvalDataError(f"{where}: expected a JSON object")
-                yield where, record, file.path
+        for position, text, error in file_records(file.path, fs):
+            where = f"{file.path} record {position}"
+            if error:
+                raise EvalDataError(f"{where}: {error}")
+            try:
+                record = parse_json(text)
+            except ValueError as exc:
+                raise EvalDataError(f"{where}: malformed JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise EvalDataError(f"{where}: expected a JSON object")
+            yield where, record, file.path
 
 
 def _field(record: dict[str, Any], key: str, where: str) -> Any:
