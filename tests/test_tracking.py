@@ -9,7 +9,8 @@ import mlflow
 import pytest
 
 from pipelines.core.config import load_config
-from pipelines.core.tracking import _param_value, job_run
+from pipelines.core.tracking import _param_value, ensure_experiment, job_run
+from pipelines.rm.registry import log_reward_model
 from tests.conftest import REPO
 
 START_A_JOB = """
@@ -85,3 +86,18 @@ def test_params_keep_hyperparameters_readable(config):
     params = mlflow.get_run(run.info.run_id).data.params
     assert params["config.training.micro_batch_tokens"] == str(config.training.micro_batch_tokens)
     assert params["config.scoring.batch_tokens"] == str(config.scoring.batch_tokens)
+
+
+def test_a_logged_reward_model_ships_the_library_it_loads_with(config, encoder_rm):
+    """The pyfunc model imports ``pipelines.rm``: the logged model carries the package, so it
+    loads where synpref is not installed (a serving image, a colleague's notebook)."""
+    with mlflow.start_run(experiment_id=ensure_experiment(config.tracking)):
+        info, version = log_reward_model(encoder_rm, None, {})
+    assert version is None
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    shipped = {p.relative_to(local / "code").as_posix() for p in (local / "code").rglob("*.py")}
+    assert {
+        "pipelines/rm/registry.py",
+        "pipelines/rm/model.py",
+        "pipelines/core/text.py",
+    } <= shipped

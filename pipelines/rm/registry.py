@@ -47,7 +47,8 @@ def log_reward_model(
         name=ARTIFACT,
         python_model=RewardModelPyfunc(),
         artifacts={ARTIFACT: folder},
-        code_paths=[str(Path(__file__).resolve().parent)],  # this package, shipped with it
+        # The whole library, shipped with the model: loading it imports pipelines.rm.registry.
+        code_paths=[str(Path(__file__).resolve().parents[1])],
         pip_requirements=REQUIREMENTS,
     )
     if register_as is None:
