@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from pipelines.core.config import describe
+from pipelines.core.config import describe, masked
 from ray_jobs.job import emit, job_command, resolve_config
 
 
@@ -14,4 +14,4 @@ from ray_jobs.job import emit, job_command, resolve_config
 def command(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Show the effective configuration (file, environment, flags), each field documented."""
     config = resolve_config(ctx, **options)
-    emit(config.model_dump(mode="json"), "\n".join(describe(config)), as_json)
+    emit(masked(config.model_dump(mode="json")), "\n".join(describe(config)), as_json)

@@ -12,6 +12,7 @@ from pipelines.core.config import (
     SynprefConfig,
     describe,
     load_config,
+    masked,
 )
 
 
@@ -133,3 +134,6 @@ def test_secrets_are_masked_when_the_config_is_shown():
     config = SynprefConfig(lake={"storage_options": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}})
     shown = "\n".join(describe(config))
     assert "s3cr3t" not in shown and '"AWS_SECRET_ACCESS_KEY": "***"' in shown
+    dumped = masked(config.model_dump(mode="json"))
+    assert dumped["lake"]["storage_options"] == {"AWS_SECRET_ACCESS_KEY": "***"}
+    assert dumped["training"]["micro_batch_tokens"] == 2048, "not every *_tokens is a secret"

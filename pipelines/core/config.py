@@ -570,6 +570,15 @@ SECRET_NAME = re.compile(r"secret|passw(or)?d|credential|(^|_)key$|(^|_)token$",
 ``AZURE_STORAGE_ACCOUNT_KEY``, ``AWS_SESSION_TOKEN``; not ``batch_tokens`` or ``max_tokens``."""
 
 
+def masked(values: Any) -> Any:
+    """``values`` (a ``model_dump``) with every value under a secret's name replaced by ``***``."""
+    if isinstance(values, dict):
+        return {k: "***" if SECRET_NAME.search(str(k)) else masked(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [masked(v) for v in values]
+    return values
+
+
 def describe(model: BaseModel, prefix: str = "") -> list[str]:
     """Every field of ``model`` as ``key: value`` under a ``# documentation`` line, sections
     nested (secrets masked): the effective configuration, readable at runtime."""
@@ -585,8 +594,7 @@ def describe(model: BaseModel, prefix: str = "") -> list[str]:
             for i, item in enumerate(value):
                 lines += [f"{key}[{i}]:", *describe(item, f"{key}[{i}].")]
         elif isinstance(value, dict):
-            shown = {k: "***" if SECRET_NAME.search(k) else v for k, v in value.items()}
-            lines.append(f"{key}: {json.dumps(shown)}")
+            lines.append(f"{key}: {json.dumps(masked(value))}")
         else:
             lines.append(f"{key}: {json.dumps(value)}")
     return lines
