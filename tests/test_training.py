@@ -20,6 +20,7 @@ import ray
 import torch
 
 from pipelines import jobs
+from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import ConfigError, load_config
 from pipelines.ingest.job import IngestRequest
@@ -31,7 +32,7 @@ from pipelines.rm.model import (
     scored_conversation,
     without_dropout,
 )
-from pipelines.rm.training import SEEN_FILE, TrainState, in_blocks_of, length_grouped_steps
+from pipelines.rm.training import SEEN_FILE, TrainState, length_grouped_steps
 from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf
 
 FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
@@ -124,7 +125,9 @@ def test_training_blocks_hold_one_local_batch_each_whatever_the_input_blocks():
     uneven = ray.data.range(100).repartition(7)
     sizes = [
         b.num_rows
-        for b in in_blocks_of(uneven, 16).iter_batches(batch_size=None, batch_format="pyarrow")
+        for b in in_blocks_of(uneven, 16, 0.25).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
     ]
     assert sorted(sizes) == [4] + [16] * 6, "one short block: the end of the data"
 

@@ -5,6 +5,7 @@ only what is still missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.data._internal.logical.interfaces import LogicalPlan
 
 from pipelines.core.config import ActorPoolConfig
 from pipelines.core.errors import ResourceError
@@ -46,11 +48,11 @@ def missing_rows(
 
 
 def check_cpus(pools: dict[str, ActorPoolConfig]) -> None:
-    """Refuse actor pools whose CPUs together take every CPU of the cluster: Ray Data could
-    then never schedule the tasks that read the pairs, and the job would hang."""
+    """Refuse actor pools whose CPUs together leave less than a task's share of the cluster: Ray
+    Data could then never schedule the tasks that read the pairs, and the job would hang."""
     cpus = ray.cluster_resources().get("CPU", 0)
     wanted = sum(pool.actors * pool.num_cpus for pool in pools.values())
-    if wanted >= cpus:
+    if wanted > cpus - REQUEST_BLOCK_CPUS:
         detail = ", ".join(f"{name} {p.actors} x {p.num_cpus:g}" for name, p in pools.items())
         raise ResourceError(
             f"actor pools take {wanted:g} of {cpus:g} CPUs ({detail}: actors x num_cpus): Ray "
@@ -74,6 +76,24 @@ def on_pool(
     )
 
 
+def in_blocks_of(dataset: ray.data.Dataset, rows: int, num_cpus: float) -> ray.data.Dataset:
+    """``dataset`` in blocks of exactly ``rows`` rows but the last (a streaming repartition, no
+    shuffle; ``strict``: without it a block may be cut short wherever an input block ends, and
+    a training worker then brings fewer pairs to that step), its tasks asking ``num_cpus``.
+
+    Ray Data's ``repartition`` takes no resources argument and its tasks ask for a whole CPU,
+    which is never free beside training workers or actor pools on a small machine (the job
+    hangs): the same logical operator is planned with the given CPUs instead."""
+    repartition = dataset.repartition(target_num_rows_per_block=rows, strict=True)
+    repartition = repartition._logical_plan.dag
+    light = dataclasses.replace(repartition, ray_remote_args={"num_cpus": num_cpus})
+    return ray.data.Dataset._from_parent(dataset, LogicalPlan(light, dataset.context))
+
+
+REQUEST_BLOCK_CPUS = 0.25
+"""CPUs per task that cuts a stage's requests into blocks (the actors hold the rest)."""
+
+
 @dataclass(frozen=True)
 class StageResult:
     rows: pa.Table
@@ -94,7 +114,10 @@ def run_stage(
 ) -> StageResult:
     """Map ``dataset`` through ``actor`` on ``pool`` and merge the output rows (``merge``
     returns the new table version) as blocks finish, every ``pool.merge_every_s`` seconds."""
-    mapped = on_pool(dataset, actor, actor_args, pool)
+    # One block per actor call: the pool's actors share the work, and each finished call is a
+    # block the driver can merge (a stage of few, large blocks would merge only at the end).
+    requests = in_blocks_of(dataset, pool.batch_size, REQUEST_BLOCK_CPUS)
+    mapped = on_pool(requests, actor, actor_args, pool)
     done: list[pa.Table] = []
     pending: list[pa.Table] = []
     version = None

@@ -45,7 +45,6 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from ray.data._internal.logical.interfaces import LogicalPlan
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import get_scheduler
 
 from pipelines.core import reporting
+from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import TrainingConfig
 from pipelines.core.errors import ConfigError
@@ -664,7 +664,7 @@ def train_reward_model(
     )
     local_batch = math.ceil(training.global_batch / training.workers)
     train = tokenized_pairs(lake, selection, selection.train, training)
-    datasets = {"train": in_blocks_of(train, local_batch)}
+    datasets = {"train": in_blocks_of(train, local_batch, DATA_CPUS)}
     if n_val:
         # Gold sets are small and read at every validation: tokenise them once.
         validation = tokenized_pairs(lake, selection, selection.validation, training)
@@ -727,20 +727,6 @@ def train_reward_model(
         checkpoint=checkpoint.path,
         model_folder=str(state_folder / MODEL_DIR),
     )
-
-
-def in_blocks_of(dataset: ray.data.Dataset, rows: int) -> ray.data.Dataset:
-    """``dataset`` in blocks of exactly ``rows`` rows but the last (a streaming repartition, no
-    shuffle; ``strict``: without it a block may be cut short wherever an input block ends, and
-    a worker then brings fewer pairs to that step).
-
-    Ray Data's ``repartition`` takes no resources argument and its tasks ask for a whole CPU,
-    which is never free beside the training workers on a small machine (the job hangs): the
-    same logical operator is planned with the data pipeline's CPUs instead."""
-    repartition = dataset.repartition(target_num_rows_per_block=rows, strict=True)
-    repartition = repartition._logical_plan.dag
-    light = dataclasses.replace(repartition, ray_remote_args={"num_cpus": DATA_CPUS})
-    return ray.data.Dataset._from_parent(dataset, LogicalPlan(light, dataset.context))
 
 
 class _ProgressLines:
