@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipelines import jobs
-from pipelines.core.config import SynprefConfig
 from pipelines.core.jobs import JobContext, JobResult, JobSummary
 from pipelines.core.lake import TableInfo
 from pipelines.ingest.job import IngestRequest
@@ -53,7 +52,8 @@ class DemoSummary(JobSummary):
         return "\n".join(lines)
 
 
-def run_demo(ctx: JobContext, config: SynprefConfig) -> DemoSummary:
+def run_demo(ctx: JobContext) -> DemoSummary:
+    config = ctx.config
     demo = config.demo
     found = {n: [p for p in paths if Path(p).exists()] for n, paths in demo.extra_inputs.items()}
     skipped = [p for paths in demo.extra_inputs.values() for p in paths if not Path(p).exists()]

@@ -171,4 +171,4 @@ def demo(config: SynprefConfig) -> JobResult[DemoSummary]:
     beside the checkout, ingested, deduplicated and decontaminated, as child runs."""
     from pipelines.demo import run_demo
 
-    return run_job(config, "demo", lambda ctx: run_demo(ctx, config))
+    return run_job(config, "demo", run_demo)
