@@ -7,8 +7,10 @@ Schema version history (bump ``SCHEMA_VERSION`` and add a line on any change):
   ``curation_status`` (hygiene).
 - 3: ``rm_scores`` (batch scoring with reward models).
 - 4: ``judgments``, ``verdicts``, ``attributes`` (LLM judging and attribute annotation).
+- 5: ``label_events``, ``labels``, ``curated_sets``, ``retrievals``, ``loop_state`` (the
+  human-AI loop).
 
-Later capabilities register their tables here the same way (``labels``, ``curated_sets``).
+Later capabilities register their tables here the same way.
 Hash columns are hex strings: Delta has no unsigned integer types.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MESSAGE = pa.struct(
     [
@@ -442,6 +444,138 @@ ATTRIBUTES = TableSpec(
     },
 )
 
+LABELS_KNOWN = ("keep", "flip", "discard", "unsure")
+"""keep: the pair's label stands; flip: chosen and rejected swap; discard: out of the curated
+data; unsure: no decision (the pair stays where it was)."""
+LABEL_ORIGINS = ("original", "human", "llm-judge", "rm-consistency", "recycled")
+POOLS = ("D_un", "D_gold", "D_silver", "D_wild", "discarded")
+"""D_un: unverified Stage 1 pairs; D_gold: human-verified; D_silver: LLM-verified; D_wild: the
+pairs of sources without human labels (Stage 2); discarded: a human or the loop dropped it."""
+
+LABEL_EVENTS = TableSpec(
+    name="label_events",
+    description=(
+        "Every labelling decision, append-only: one row per decision on a pair (keep, flip, "
+        "discard, unsure) with its origin, who made it, the loop step, its evidence and the "
+        "Delta versions it was made from. An undo is an event that revokes another."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("event_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("label", pa.string(), nullable=True),
+            pa.field("origin", pa.string(), nullable=False),
+            pa.field("who", pa.string(), nullable=False),
+            pa.field("loop", pa.string(), nullable=True),
+            pa.field("iteration", pa.int32(), nullable=True),
+            pa.field("step", pa.string(), nullable=True),
+            pa.field("confidence", pa.float64(), nullable=True),
+            pa.field("evidence", pa.string(), nullable=False),
+            pa.field("read_versions", pa.string(), nullable=False),
+            pa.field("revokes", pa.string(), nullable=True),
+            pa.field("run_id", pa.string(), nullable=True),
+            pa.field("decided_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("event_id",),
+    constraints={
+        "label_known": f"label IS NULL OR label IN ({_sql_list(LABELS_KNOWN)})",
+        "origin_known": f"origin IN ({_sql_list(LABEL_ORIGINS)})",
+        "label_or_undo": (
+            "(label IS NULL AND revokes IS NOT NULL) OR (label IS NOT NULL AND revokes IS NULL)"
+        ),
+    },
+)
+
+LABELS = TableSpec(
+    name="labels",
+    description=(
+        "Each labelled pair's current label and pool, derived from label_events (rebuilt by "
+        "the loop and by `synpref labels`); the event that decided it explains it."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("label", pa.string(), nullable=False),
+            pa.field("pool", pa.string(), nullable=False),
+            pa.field("origin", pa.string(), nullable=False),
+            pa.field("event_id", pa.string(), nullable=False),
+            pa.field("confidence", pa.float64(), nullable=True),
+            pa.field("events", pa.int32(), nullable=False),
+        ]
+    ),
+    keys=("source", "pair_id"),
+    constraints={
+        "label_known": f"label IN ({_sql_list(LABELS_KNOWN)})",
+        "pool_known": f"pool IN ({_sql_list(POOLS)})",
+    },
+)
+
+CURATED_SETS = TableSpec(
+    name="curated_sets",
+    description=(
+        "Named sets of pairs with the label they are trained with (flipped or not), e.g. a "
+        "loop's curated set or its training and gold sets; a set at a Delta version is what "
+        "`synpref train --set NAME@VERSION` reads."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("set_name", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("flipped", pa.bool_(), nullable=False),
+            pa.field("origin", pa.string(), nullable=False),
+            pa.field("event_id", pa.string(), nullable=True),
+        ]
+    ),
+    keys=("set_name", "source", "pair_id"),
+    partition_by=("set_name",),
+)
+
+RETRIEVALS = TableSpec(
+    name="retrievals",
+    description=(
+        "Stage 1 error-driven retrieval: for each gold pair, the unverified pairs most similar "
+        "to it (k by the RM's p on the gold pair), per loop iteration."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("loop", pa.string(), nullable=False),
+            pa.field("iteration", pa.int32(), nullable=False),
+            pa.field("gold_source", pa.string(), nullable=False),
+            pa.field("gold_pair_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pair_id", pa.string(), nullable=False),
+            pa.field("rank", pa.int32(), nullable=False),
+            pa.field("similarity", pa.float64(), nullable=False),
+            pa.field("gold_p", pa.float64(), nullable=False),
+            pa.field("k", pa.int32(), nullable=False),
+        ]
+    ),
+    keys=("loop", "iteration", "gold_source", "gold_pair_id", "source", "pair_id"),
+)
+
+LOOP_STATE = TableSpec(
+    name="loop_state",
+    description=(
+        "The steps of each loop as they commit, with what they produced (Delta versions, "
+        "models, runs): a resumed loop starts at the first step not here."
+    ),
+    schema=pa.schema(
+        [
+            pa.field("loop", pa.string(), nullable=False),
+            pa.field("step", pa.string(), nullable=False),
+            pa.field("position", pa.int32(), nullable=False),
+            pa.field("result", pa.string(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=True),
+            pa.field("committed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    ),
+    keys=("loop", "step"),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -456,6 +590,11 @@ TABLES: dict[str, TableSpec] = {
         JUDGMENTS,
         VERDICTS,
         ATTRIBUTES,
+        LABEL_EVENTS,
+        LABELS,
+        CURATED_SETS,
+        RETRIEVALS,
+        LOOP_STATE,
     )
 }
 

@@ -461,6 +461,73 @@ class JudgingConfig(_Section):
         return self
 
 
+class ReviewConfig(_Section):
+    """Human verification in Label Studio (``synpref review``): the server, its project, and the
+    tasks' response order."""
+
+    url: str = "http://127.0.0.1:8080"
+    """Label Studio's URL (a server of its own; docs/loop.md shows how to start one)."""
+    token_env: str = "LABEL_STUDIO_API_KEY"
+    """The environment variable holding the Label Studio API token (never in the config)."""
+    project: str = "synpref pairwise review"
+    """Title of the project the tasks go to (created on first push, reused after)."""
+    seed: int = 0
+    """Seed of the random order in which each task shows the two responses."""
+    timeout_s: float = Field(default=60, gt=0)
+    """Seconds per request to Label Studio."""
+
+
+class LoopConfig(_Section):
+    """The human-AI loop (``synpref loop``): Stage 1 grows the gold and silver sets with humans
+    and LLM judges guided by a reward model; Stage 2 filters the rest with two reward models."""
+
+    name: str = "loop"
+    """The loop's name: its state, label events, sets and MLflow runs are keyed by it."""
+    where: str | None = None
+    """SQL predicate on ``pairs`` selecting the loop's pairs (default: every corpus pair)."""
+    curated_only: bool = True
+    """Only pairs that hygiene kept (``curation_status``: run ``synpref dedup`` first)."""
+    human_sources: list[str] = Field(default_factory=list)
+    """Sources whose original labels come from humans: their pairs are Stage 1's unverified
+    pool (D_un). Every other source's pairs are D_wild, filtered in Stage 2."""
+    seed_set: str | None = None
+    """SQL predicate on ``pairs``: pairs trained with their original labels by every Stage 1
+    reward model, beside D_silver (D_silver is empty before the first judging)."""
+    seed_gold: int = Field(default=64, ge=1)
+    """Pairs of D_un sent to human review before the first iteration: the first D_gold."""
+    iterations: int = Field(default=2, ge=0)
+    """Stage 1 iterations (the paper ran 8)."""
+    max_k: int = Field(default=8, ge=1)
+    """Retrieval per gold pair: ``max_k`` similar D_un pairs when the RM gets it wrong
+    (p <= 0.5), else ceil(max_k (1 - p))."""
+    human_budget: int = Field(default=32, ge=0)
+    """Retrieved pairs per iteration sent to humans (objective, low-controversiality first);
+    the rest go to the LLM judges."""
+    annotator: Literal["simulated", "label-studio"] = "simulated"
+    """Who verifies: ``label-studio`` pushes tasks and pauses until ``synpref review pull``;
+    ``simulated`` answers at once from the corpus's ground truth (demos and tests)."""
+    simulated_flips: str | None = None
+    """``simulated``: SQL predicate on ``pairs`` marking pairs whose stored label is wrong (the
+    simulated annotator flips those and keeps every other label)."""
+    stage2: bool = True
+    """Run Stage 2 over D_wild after the Stage 1 iterations."""
+    uncertain_band: float = Field(default=0.1, ge=0, lt=0.5)
+    """Stage 2: a pair whose best-RM p is within this of 0.5 also goes to the judges."""
+    keep_needs_gold_rm: bool = True
+    """Stage 2 keep rule: the label must agree with the gold RM (and with the best RM or the
+    judges); off: agreeing with the best RM or the judges is enough."""
+    recycle: bool = True
+    """Stage 2: pairs that the gold RM and (the best RM or the judges) contradict are kept with
+    chosen and rejected flipped; off: discarded."""
+    gold_validation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """The gold RM (trained on D_gold only) selects its checkpoint on this share of D_gold."""
+    final: bool = True
+    """Train a reward model on the curated set and one on every loop pair as labelled, and
+    compare them on ``benchmarks``."""
+    benchmarks: dict[str, str] = Field(default_factory=dict)
+    """``{benchmark: data path}`` the final reward models are evaluated on (``synpref eval``)."""
+
+
 class DemoConfig(_Section):
     """The `synpref demo` main job."""
 
@@ -494,6 +561,8 @@ class SynprefConfig(BaseSettings):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     judging: JudgingConfig = Field(default_factory=JudgingConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod

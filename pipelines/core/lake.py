@@ -136,12 +136,18 @@ class Lake:
         return self._merge(spec, data, update_existing=True, compare=compare)
 
     def replace_decisions(
-        self, spec: TableSpec, data: pa.Table, compare: tuple[str, ...]
+        self,
+        spec: TableSpec,
+        data: pa.Table,
+        compare: tuple[str, ...],
+        scope: str | None = None,
     ) -> WriteResult:
         """Make the table hold exactly ``data``: upsert it (rewriting only changed rows) and
-        delete the rows it no longer has. For decision tables that a job re-derives in full;
+        delete the rows it no longer has (only rows matching ``scope``, a SQL predicate on the
+        table's columns, when given). For decision tables that a job re-derives in full;
         earlier decisions stay readable by time travel. Same decisions: no commit."""
-        return self._merge(spec, data, update_existing=True, compare=compare, delete_missing=True)
+        delete = scope if scope is not None else True
+        return self._merge(spec, data, update_existing=True, compare=compare, delete_missing=delete)
 
     def _merge(
         self,
@@ -149,7 +155,7 @@ class Lake:
         data: ArrowData,
         update_existing: bool,
         compare: tuple[str, ...] | None = None,
-        delete_missing: bool = False,
+        delete_missing: bool | str = False,
     ) -> WriteResult:
         if isinstance(data, pa.Table):
             data = conform(data, spec)
@@ -175,7 +181,8 @@ class Lake:
                 merger = merger.when_matched_update_all(predicate=changed or None)
             merger = merger.when_not_matched_insert_all()
             if delete_missing:
-                merger = merger.when_not_matched_by_source_delete()
+                scope = delete_missing if isinstance(delete_missing, str) else None
+                merger = merger.when_not_matched_by_source_delete(scope)
             metrics = merger.execute()
             return WriteResult(
                 spec.name,
