@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pipelines.hygiene.dedup import DedupSummary
     from pipelines.ingest.job import IngestRequest, IngestSummary
     from pipelines.judging.job import JudgeSummary
+    from pipelines.loop.driver import LoopSummary
     from pipelines.rm.evaluation import EvalSummary
     from pipelines.rm.scoring import ScoreSummary
     from pipelines.rm.training import TrainSummary
@@ -164,6 +165,15 @@ def evaluate(
 
     params = {"benchmark": benchmark, "data": data, "model": model, "scores": scores}
     return run_job(config, "eval", work, params | {"mapping": mapping}, uses_ray=model is not None)
+
+
+def loop(config: SynprefConfig, resume: bool = False) -> JobResult[LoopSummary]:
+    """The human-AI loop (``config.loop``): Stage 1 iterations, Stage 2, the curated set and
+    the final reward models, each step committed as it finishes. Run again (or ``resume``) to
+    go on from the first step not committed; a loop waiting for people returns ``waiting``."""
+    from pipelines.loop.driver import run_loop
+
+    return run_loop(config, resume)
 
 
 def demo(config: SynprefConfig) -> JobResult[DemoSummary]:

@@ -16,6 +16,7 @@ from ray_jobs import (
     ingest,
     judge,
     lake_tables,
+    loop,
     score,
     serve,
     show_config,
@@ -53,6 +54,7 @@ cli.add_command(evaluate.command)
 cli.add_command(serve.command)
 cli.add_command(train.command)
 cli.add_command(demo.command)
+cli.add_command(loop.command)
 cli.add_command(show_config.command)
 
 

@@ -20,6 +20,8 @@ from ray_jobs.job import (
 @click.option("--backbone", help="HF id or folder of the backbone (training.backbone).")
 @click.option("--where", help="SQL predicate selecting the training pairs (training.data.where).")
 @click.option("--validation-where", help="SQL predicate selecting the validation (gold) pairs.")
+@click.option("--set", "set_", help="Curated set NAME[@VERSION] to train on (training.data.set).")
+@click.option("--validation-set", help="Curated set NAME[@VERSION] of validation (gold) pairs.")
 @click.option("--workers", type=int, help="Ray Train workers (training.workers).")
 def command(
     ctx: click.Context,
@@ -27,6 +29,8 @@ def command(
     backbone: str | None,
     where: str | None,
     validation_where: str | None,
+    set_: str | None,
+    validation_set: str | None,
     workers: int | None,
     as_json: bool,
     **options: Any,
@@ -40,6 +44,8 @@ def command(
         update={
             "where": where or data.where,
             "validation_where": validation_where or data.validation_where,
+            "set": set_ or data.set,
+            "validation_set": validation_set or data.validation_set,
         }
     )
     training = training.model_copy(

@@ -223,6 +223,13 @@ class TrainingDataConfig(_Section):
     """SQL predicate (DataFusion) on ``table`` selecting the pairs, e.g. ``"source = 'hh'"``."""
     version: int | None = None
     """Delta version of ``table``; ``None`` pins the latest at the start of the run."""
+    set: str | None = None
+    """A curated set (``NAME`` or ``NAME@VERSION`` of ``curated_sets``) of ``pairs``: only its
+    pairs train, each with its label as the set holds it (flipped pairs swap chosen and
+    rejected). Combines with ``where``."""
+    validation_set: str | None = None
+    """A curated set of validation (gold) pairs, labelled as the set holds them; they are
+    removed from training. Replaces ``validation_where``."""
     curated_only: bool = False
     """Keep only pairs whose ``curation_status`` is ``kept`` (after dedup and decontamination)."""
     weight_column: str | None = None
@@ -430,6 +437,9 @@ class GoldConfig(_Section):
 
     where: str | None = None
     """SQL predicate on ``pairs`` selecting the gold pairs, e.g. ``"source = 'gold'"``."""
+    set: str | None = None
+    """Or a curated set (``NAME`` or ``NAME@VERSION``) of gold pairs, each shown with the label
+    the set holds (the loop's human-verified D_gold)."""
     embedder: str = "sentence-transformers/all-MiniLM-L6-v2"
     """sentence-transformers model for the retrieval (offline MiniLM when installed)."""
 
@@ -456,8 +466,13 @@ class JudgingConfig(_Section):
                 f"aggregation.min_judges {self.aggregation.min_judges} is more than the "
                 f"{len(self.judges)} judge(s): every panel verdict would be invalid"
             )
-        if any(j.few_shot for j in self.judges) and not self.gold.where:
-            raise ValueError("a judge with few_shot > 0 needs judging.gold.where (the gold pairs)")
+        if any(j.few_shot for j in self.judges) and not (self.gold.where or self.gold.set):
+            raise ValueError(
+                "a judge with few_shot > 0 needs judging.gold.where or judging.gold.set "
+                "(the gold pairs)"
+            )
+        if self.gold.where and self.gold.set:
+            raise ValueError("give judging.gold.where or judging.gold.set, not both")
         return self
 
 
@@ -526,6 +541,12 @@ class LoopConfig(_Section):
     compare them on ``benchmarks``."""
     benchmarks: dict[str, str] = Field(default_factory=dict)
     """``{benchmark: data path}`` the final reward models are evaluated on (``synpref eval``)."""
+
+    @model_validator(mode="after")
+    def _stage2_needs_a_best_rm(self) -> LoopConfig:
+        if self.stage2 and self.iterations == 0:
+            raise ValueError("stage2 needs Stage 1's best reward model: iterations must be >= 1")
+        return self
 
 
 class DemoConfig(_Section):

@@ -127,11 +127,13 @@ def run_job(
     params: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     uses_ray: bool = True,
+    resume_run_id: str | None = None,
 ) -> JobResult[Summary]:
-    """Run ``work`` as the MLflow run of ``job`` and record its summary."""
+    """Run ``work`` as the MLflow run of ``job`` (or in run ``resume_run_id`` again) and record
+    its summary."""
     lake = Lake(config.lake.root, config.lake.storage_options)
     dashboard = connect(config.ray) if uses_ray else None
-    with job_run(config, job, params, run_name) as run:
+    with job_run(config, job, params, run_name, resume_run_id) as run:
         summary = work(JobContext(config, lake, run.info.run_id))
         record(summary, lake)
     return JobResult(summary, run.info.run_id, run_location(run, config.tracking), dashboard)

@@ -107,3 +107,38 @@ def category_bars(values: Mapping[str, float], ylabel: str, title: str) -> Figur
     axes.tick_params(axis="x", labelrotation=45)
     figure.tight_layout()
     return figure
+
+
+def loop_iterations(iterations: Sequence[Mapping[str, float]]) -> Figure:
+    """The loop across Stage 1 iterations: the gold and silver sets growing (left), and the
+    RM's accuracy on gold with the judges' agreement with people (right)."""
+    figure = Figure(figsize=(10, 4))
+    sizes, rates = figure.subplots(1, 2)
+    xs = list(range(1, len(iterations) + 1))
+    for key, name in (("gold_pairs", "D_gold"), ("silver_pairs", "D_silver")):
+        sizes.plot(xs, [m.get(key, 0) for m in iterations], marker="o", label=name)
+    sizes.set(xlabel="iteration", ylabel="pairs", title="verified pairs")
+    sizes.legend()
+    for key, name in (
+        ("gold_accuracy", "RM accuracy on D_gold"),
+        ("judge_human_agreement", "judges agree with people"),
+    ):
+        values = [m.get(key, np.nan) for m in iterations]
+        rates.plot(xs, values, marker="o", label=name)
+    rates.set(xlabel="iteration", ylim=(0, 1), title="quality")
+    rates.legend()
+    for axes in (sizes, rates):
+        axes.set_xticks(xs)
+    figure.tight_layout()
+    return figure
+
+
+def curated_composition(by_origin: Mapping[str, float]) -> Figure:
+    """The curated set's pairs by the origin of their label."""
+    figure = Figure(figsize=(6, 3))
+    axes = figure.subplots()
+    names = sorted(by_origin)
+    axes.barh(names, [by_origin[n] for n in names])
+    axes.set(xlabel="pairs", title="curated set by label origin")
+    figure.tight_layout()
+    return figure

@@ -66,21 +66,25 @@ def job_run(
     job: str,
     params: Mapping[str, Any] | None = None,
     run_name: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one job; nested under the active run when there is one (the loop).
+    With ``resume_run_id``, that run is reopened (a resumed loop) and its params stand.
 
     ``run_name`` defaults to the job and the time. A job that fails ends its run as FAILED
     with the error as the ``synpref.error`` tag and the traceback as ``error.txt``."""
     experiment_id = ensure_experiment(config.tracking)
     with mlflow.start_run(
+        run_id=resume_run_id,
         experiment_id=experiment_id,
-        run_name=run_name or f"{job}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+        run_name=None if resume_run_id else run_name or f"{job}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
         nested=mlflow.active_run() is not None,
         tags={"synpref.job": job, "synpref.schema_version": str(SCHEMA_VERSION)},
     ) as run:
         try:
-            flat = flatten({"config": config.model_dump(), **(params or {})})
-            mlflow.log_params({k: _param_value(k, v) for k, v in flat.items()})
+            if resume_run_id is None:
+                flat = flatten({"config": config.model_dump(), **(params or {})})
+                mlflow.log_params({k: _param_value(k, v) for k, v in flat.items()})
             yield run
         except BaseException as exc:
             _record_error(exc)

@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 from pipelines.attributes.job import annotator_key, valid_attributes
 from pipelines.core import reporting
 from pipelines.core.actor_pool import StageResult, check_cpus, missing_rows, run_stage
-from pipelines.core.config import ActorPoolConfig, JudgingConfig
+from pipelines.core.config import ActorPoolConfig, GoldConfig, JudgingConfig
 from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake, pair_keys
@@ -52,7 +52,8 @@ from pipelines.core.selection import select_pair_keys
 from pipelines.judging.actor import PairJudge, attach_attributes, request_rows
 from pipelines.judging.identity import JudgeIdentity, PromptInputs, cache_predicate, digest
 from pipelines.judging.quality import judge_quality
-from pipelines.judging.verdicts import verdict_rows
+from pipelines.judging.verdicts import panel_key, verdict_rows
+from pipelines.labels.sets import SetRef, flipped_keys, pinned, read_set
 from pipelines.llm.retrieval import Embedder, NearestGold, build_index
 from storage_schemas import JUDGE_ORDERS, JUDGMENTS, PAIRS, VERDICTS, VERDICTS_KNOWN
 
@@ -90,6 +91,8 @@ class JudgeSummary(PairsSummary):
     verdict_counts: dict[str, int]
     seconds: float
     quality: dict[str, dict[str, float]] = field(default_factory=dict)
+    panel_key: str = ""
+    """The ``judge_key`` of the panel's rows in ``verdicts``."""
 
     def text(self) -> str:
         lines = [f"judged {self.selected:,} selected pairs in {self.seconds:.1f}s"]
@@ -222,12 +225,14 @@ def judge_pairs(
         new = JUDGMENTS.schema.empty_table()
         if missing.num_rows:
             if judge.few_shot and index is None:
+                gold = gold_pairs(lake, config.gold, pairs_version)
                 index = build_index(
                     lake,
                     pairs_version,
-                    config.gold.where or "",
+                    gold.keys,
                     Embedder(config.gold.embedder),
                     _attribute_rows(attributes),
+                    gold.flipped,
                 )
             stage = _judge(
                 lake, pairs_version, missing, identity, run_id, attributes, index, config
@@ -280,6 +285,7 @@ def judge_pairs(
         counts,
         seconds,
         quality,
+        panel_key(identities, config.aggregation),
     )
 
 
@@ -291,8 +297,13 @@ def judge_identities(lake: Lake, config: JudgingConfig, pairs_version: int) -> l
     uses_attributes = uses_gold or any(j.show_attributes for j in config.judges)
     gold = None
     if uses_gold:
-        keys = select_pair_keys(lake, pairs_version, config.gold.where)
-        gold = digest(config.gold.where, config.gold.embedder, keys["pair_id"].to_pylist())
+        pairs = gold_pairs(lake, config.gold, pairs_version)
+        gold = digest(
+            pairs.selection,
+            config.gold.embedder,
+            pairs.keys["pair_id"].to_pylist(),
+            *([sorted(pairs.flipped)] if pairs.flipped else []),
+        )
     annotator = config.annotator, config.annotator_template
     inputs = PromptInputs(gold, annotator_key(*annotator) if uses_attributes else None)
     identities = [JudgeIdentity.of(judge, inputs) for judge in config.judges]
@@ -305,6 +316,27 @@ def judge_identities(lake: Lake, config: JudgingConfig, pairs_version: int) -> l
                 "sampling parameters: they would share their judgments; make them one judge"
             )
     return identities
+
+
+@dataclass(frozen=True)
+class GoldPairs:
+    """The gold pairs of few-shot prompts: their keys, those shown flipped (relabelled by a
+    human) and what selected them (the predicate, or the set at its version)."""
+
+    keys: pa.Table
+    flipped: frozenset[tuple[str, str]]
+    selection: str | None
+
+
+def gold_pairs(lake: Lake, gold: GoldConfig, pairs_version: int) -> GoldPairs:
+    """The configured gold pairs at ``pairs_version`` (a set pinned at its latest version)."""
+    if gold.set is None:
+        return GoldPairs(select_pair_keys(lake, pairs_version, gold.where), frozenset(), gold.where)
+    ref = pinned(lake, SetRef.parse(gold.set))
+    members = read_set(lake, ref)
+    flipped = flipped_keys(members)
+    keys = zip(flipped["source"].to_pylist(), flipped["pair_id"].to_pylist(), strict=True)
+    return GoldPairs(members.select(["source", "pair_id"]), frozenset(keys), str(ref))
 
 
 RETRIEVAL_POOL = ActorPoolConfig(actors=1, num_cpus=0.5)

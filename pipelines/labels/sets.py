@@ -75,4 +75,5 @@ def pinned(lake: Lake, ref: SetRef) -> SetRef:
 
 def flipped_keys(members: pa.Table) -> pa.Table:
     """(source, pair_id) of the members trained with chosen and rejected swapped."""
-    return members.filter(pc.field("flipped")).select(["source", "pair_id"])
+    flipped = members.filter(pc.field("flipped"))
+    return pa.table({"source": flipped["source"], "pair_id": flipped["pair_id"]})

@@ -10,14 +10,15 @@ by cosine, never the query pair itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipelines.core.lake import Lake
+from pipelines.core.lake import Lake, pair_keys
 from pipelines.core.model_paths import resolve_model
 from pipelines.core.text import prompt_text
 from storage_schemas import PAIRS
@@ -69,19 +70,23 @@ class SimilarityIndex:
 def build_index(
     lake: Lake,
     version: int,
-    where: str,
+    keys: pa.Table,
     embedder: Embedder,
     attributes: dict[tuple[str, str], dict[str, Any]] | None = None,
+    flipped: Collection[tuple[str, str]] = (),
 ) -> SimilarityIndex:
-    """The pairs matching ``where`` (SQL on ``pairs`` at ``version``, the version the judges'
+    """The pairs ``keys`` (source, pair_id) of ``pairs`` at ``version`` (the version the judges'
     identities were computed from) with their prompt embeddings, each with its ``attributes``
-    (keyed by (source, pair_id)) when given."""
-    table = lake.read(
-        PAIRS.name, version, ["source", "pair_id", "history", "chosen", "rejected"], where
-    ).sort_by([("pair_id", "ascending"), ("source", "ascending")])
-    rows = table.to_pylist()
+    (keyed by (source, pair_id)) when given; ``flipped`` pairs with chosen and rejected
+    swapped (a human relabelled them)."""
+    table = lake.read(PAIRS.name, version, ["source", "pair_id", "history", "chosen", "rejected"])
+    table = table.filter(pc.is_in(pair_keys(table), value_set=pair_keys(keys).combine_chunks()))
+    rows = table.sort_by([("pair_id", "ascending"), ("source", "ascending")]).to_pylist()
     for row in rows:
-        row["attributes"] = (attributes or {}).get((row["source"], row["pair_id"]))
+        key = (row["source"], row["pair_id"])
+        row["attributes"] = (attributes or {}).get(key)
+        if key in flipped:
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
     vectors = embedder([prompt_text(r["history"]) for r in rows]) if rows else np.empty((0, 0))
     return SimilarityIndex(rows, vectors)
 

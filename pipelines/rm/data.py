@@ -5,7 +5,9 @@ version, optionally only pairs whose curation status is ``kept``) into the keys 
 and validation pairs. ``tokenized_pairs`` reads those rows with Ray Data and tokenises them on an
 actor pool with the same formatting as scoring and serving (``format_conversation``), applying the
 truncation policy: ``left`` keeps the last ``max_length`` tokens (the response being judged),
-``drop`` marks the pair dropped. Every row carries ``row_key``, a 64-bit hash of (source, pair_id),
+``drop`` marks the pair dropped. A selection from curated sets (``training.data.set``) trains each
+pair with the label the set holds: its ``flipped`` pairs swap chosen and rejected as they are
+tokenised. Every row carries ``row_key``, a 64-bit hash of (source, pair_id),
 which checkpoints record so that a resumed run never trains a pair twice in an epoch.
 """
 
@@ -24,8 +26,9 @@ from deltalake.exceptions import DeltaError
 from pipelines.core.config import TrainingConfig, TrainingDataConfig
 from pipelines.core.errors import SelectionError
 from pipelines.core.lake import Lake
+from pipelines.labels.sets import SetRef, flipped_keys, pinned, read_set
 from pipelines.rm.model import encode, format_conversation, load_tokenizer, pair_conversations
-from storage_schemas import CURATION_STATUS
+from storage_schemas import CURATION_STATUS, PAIRS
 
 KEYS = ["source", "pair_id"]
 TEXT_COLUMNS = ["history", "chosen", "rejected"]
@@ -55,6 +58,10 @@ class TrainingSelection:
     version: int
     train: pa.Table
     validation: pa.Table
+    flipped: pa.Table
+    """Keys of the pairs trained with chosen and rejected swapped (from curated sets)."""
+    sets: tuple[SetRef, ...] = ()
+    """The curated sets read, at their pinned versions."""
 
 
 def row_keys(source: pa.Array | pa.ChunkedArray, pair_id: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -74,6 +81,19 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
         raise SelectionError(f"training.data.table {data.table!r} does not exist in the lake")
     version = lake.version(data.table) if data.version is None else data.version
     selected = _read_keys(lake, data.table, version, data.where, "training.data.where")
+    sets, flipped = [], [pa.table({k: pa.array([], pa.string()) for k in KEYS})]
+    if data.set is not None or data.validation_set is not None:
+        if data.table != PAIRS.name:
+            raise SelectionError(
+                "training.data.set selects pairs: training.data.table must be pairs"
+            )
+        if data.validation_set is not None and data.validation_where is not None:
+            raise SelectionError("give validation_set or validation_where, not both")
+    if data.set is not None:
+        members, ref = _set_members(lake, data.set)
+        selected = selected.join(members.select(KEYS), KEYS, join_type="inner")
+        sets.append(ref)
+        flipped.append(flipped_keys(members))
     if data.curated_only:
         if not lake.exists(CURATION_STATUS.name):
             raise SelectionError(
@@ -81,7 +101,15 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
             )
         kept = lake.read(CURATION_STATUS.name, columns=KEYS, where="status = 'kept'")
         selected = selected.join(kept, KEYS, join_type="inner")
-    if data.validation_where is not None:
+    if data.validation_set is not None:
+        members, ref = _set_members(lake, data.validation_set)
+        validation = _read_keys(lake, data.table, version, None, "").join(
+            members.select(KEYS), KEYS, join_type="inner"
+        )
+        sets.append(ref)
+        flipped.append(flipped_keys(members))
+        train = selected.join(validation, KEYS, join_type="left anti")
+    elif data.validation_where is not None:
         validation = _read_keys(
             lake, data.table, version, data.validation_where, "training.data.validation_where"
         )
@@ -93,7 +121,19 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
         raise SelectionError(
             f"the training selection is empty ({data.table} v{version}, where {data.where!r})"
         )
-    return TrainingSelection(data.table, version, _sorted(train), _sorted(validation))
+    return TrainingSelection(
+        data.table,
+        version,
+        _sorted(train),
+        _sorted(validation),
+        pa.concat_tables(flipped),
+        tuple(sets),
+    )
+
+
+def _set_members(lake: Lake, text: str) -> tuple[pa.Table, SetRef]:
+    ref = pinned(lake, SetRef.parse(text))
+    return read_set(lake, ref), ref
 
 
 def _read_keys(lake: Lake, table: str, version: int, where: str | None, option: str) -> pa.Table:
@@ -120,8 +160,9 @@ def _sorted(keys: pa.Table) -> pa.Table:
 class PairTokenizer:
     """Ray Data actor: formats and tokenises pairs (tokenizer loaded once per actor)."""
 
-    def __init__(self, training: TrainingConfig) -> None:
+    def __init__(self, training: TrainingConfig, flipped: np.ndarray) -> None:
         self.tokenizer = load_tokenizer(training.backbone, **training.backbone_kwargs)
+        self.flipped = flipped
         self.max_length = training.max_length
         self.drop = training.truncation == "drop"
         self.weight_column = training.data.weight_column
@@ -129,9 +170,14 @@ class PairTokenizer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        conversations = pair_conversations(
-            batch["history"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist()
+        keys = row_keys(batch["source"], batch["pair_id"])
+        swap = np.isin(keys, self.flipped)
+        chosen, rejected = batch["chosen"].to_pylist(), batch["rejected"].to_pylist()
+        chosen, rejected = (
+            [r if s else c for c, r, s in zip(chosen, rejected, swap, strict=True)],
+            [c if s else r for c, r, s in zip(chosen, rejected, swap, strict=True)],
         )
+        conversations = pair_conversations(batch["history"].to_pylist(), chosen, rejected)
         texts = [format_conversation(self.tokenizer, c) for c in conversations]
         ids, full = encode(self.tokenizer, texts, self.max_length)
         over = (full[:n] > self.max_length) | (full[n:] > self.max_length)
@@ -140,7 +186,7 @@ class PairTokenizer:
         length = np.maximum([len(c) for c in cut[:n]], [len(c) for c in cut[n:]])
         return pa.table(
             {
-                "row_key": row_keys(batch["source"], batch["pair_id"]),
+                "row_key": keys,
                 "chosen_ids": pa.array(cut[:n], pa.list_(pa.int32())),
                 "rejected_ids": pa.array(cut[n:], pa.list_(pa.int32())),
                 "length": pa.array(length, pa.int32()),
@@ -179,4 +225,5 @@ def tokenized_pairs(
     }
     columns = [*KEYS, *TEXT_COLUMNS, *extra]
     rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
-    return rows.map_batches(PairTokenizer, fn_constructor_args=(training,), **options)
+    flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
+    return rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)

@@ -73,6 +73,7 @@ from pipelines.rm.model import (
     without_dropout,
 )
 from pipelines.rm.registry import MODEL_VERSION_TAG, log_reward_model, registered_version
+from storage_schemas import CURATED_SETS
 
 log = logging.getLogger(__name__)
 
@@ -559,6 +560,8 @@ class TrainSummary(JobSummary):
     """The logged MLflow model (``models:/NAME/VERSION`` when registered)."""
     registered_as: str | None = None
     registered_version: str | None = None
+    sets: list[str] = field(default_factory=list)
+    """The curated sets trained and validated on, as ``NAME@VERSION``."""
 
     def text(self) -> str:
         val = self.selected_metrics.get("val_accuracy")
@@ -574,10 +577,14 @@ class TrainSummary(JobSummary):
         return text
 
     def tables_read(self) -> list[TableVersion]:
-        return [TableVersion(self.table, self.table_version)]
+        set_versions = sorted({int(s.rpartition("@")[2]) for s in self.sets})
+        return [TableVersion(self.table, self.table_version)] + [
+            TableVersion(CURATED_SETS.name, v) for v in set_versions
+        ]
 
     def tags(self) -> dict[str, str]:
-        return {"synpref.training_set": self.training_set, "synpref.train_run": self.name}
+        tags = {"synpref.training_set": self.training_set, "synpref.train_run": self.name}
+        return tags | ({"synpref.curated_sets": ", ".join(self.sets)} if self.sets else {})
 
     def metrics(self) -> dict[str, float]:
         return {f"selected_{k}": v for k, v in self.selected_metrics.items()} | {
@@ -602,13 +609,21 @@ CURVES = ("loss", "accuracy", "val_accuracy", "val_loss")
 
 
 def default_run_name(lake: Lake, training: TrainingConfig) -> str:
-    """A fingerprint of the training config and the selected table version, so re-running the
-    same job resumes it and changing either starts a new one."""
+    """A fingerprint of the training config and the selected table version (and of
+    ``curated_sets`` when it trains on sets), so re-running the same job resumes it and
+    changing either starts a new one."""
     data = training.data
     version = data.version
     if version is None and lake.exists(data.table):
         version = lake.version(data.table)
-    identity = json.dumps([training.model_dump(), version], sort_keys=True, default=str)
+    sets_version = None
+    if (data.set or data.validation_set) and lake.exists(CURATED_SETS.name):
+        sets_version = lake.version(CURATED_SETS.name)
+    identity = json.dumps(
+        [training.model_dump(), version] + ([sets_version] if sets_version is not None else []),
+        sort_keys=True,
+        default=str,
+    )
     return f"rm-{data.name}-{hashlib.blake2b(identity.encode(), digest_size=5).hexdigest()}"
 
 
@@ -726,6 +741,7 @@ def train_reward_model(
         selected_metrics={k: float(v) for k, v in metrics.items()},
         checkpoint=checkpoint.path,
         model_folder=str(state_folder / MODEL_DIR),
+        sets=[str(ref) for ref in selection.sets],
     )
 
 
