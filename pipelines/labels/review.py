@@ -22,9 +22,8 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar
 
 import httpx
@@ -38,8 +37,13 @@ from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake, WriteResult, pair_keys
 from pipelines.core.sql import all_of, literal
 from pipelines.labels.agreement import Agreement, among_raters, cohen
-from pipelines.labels.events import LabelEvent, derive_labels, event_rows, rebuild_labels
-from pipelines.labels.events import record_events as record_label_events
+from pipelines.labels.events import (
+    LabelEvent,
+    derive_labels,
+    event_rows,
+    rebuild_labels,
+    record_events,
+)
 from storage_schemas import ATTRIBUTES, JUDGE_ORDERS, LABEL_EVENTS, LABELS, PAIRS, VERDICTS
 
 log = logging.getLogger(__name__)
@@ -50,8 +54,8 @@ CHOICES = {"Response 1 is better": 1, "Response 2 is better": 2, "Can't decide":
 HUMAN_LABELS = ("keep", "flip", "unsure")
 PANEL_LABELS = {"agree": "keep", "disagree": "flip"}
 """A judge panel's verdict as a label (tie, inconsistent and invalid decide nothing)."""
-IMPORT_BATCH = 500
-"""Tasks per import request (Label Studio takes one JSON body per request)."""
+BATCH = 500
+"""Tasks per request to Label Studio (an import, a page of the task list)."""
 
 _CHOICE_TAGS = "\n".join(f'    <Choice value="{choice}"/>' for choice in CHOICES)
 LABEL_CONFIG = f"""<View>
@@ -164,7 +168,7 @@ class LabelStudio:
     def __enter__(self) -> LabelStudio:
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.http.close()
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -211,7 +215,7 @@ class LabelStudio:
         """The project's tasks (data and annotation counts), page by page."""
         seen, page = 0, 1
         while True:
-            params = {"project": project, "page": page, "page_size": IMPORT_BATCH}
+            params = {"project": project, "page": page, "page_size": BATCH}
             found = self.call("GET", "/api/tasks", params=params)
             yield from found["tasks"]
             seen += len(found["tasks"])
@@ -220,8 +224,8 @@ class LabelStudio:
             page += 1
 
     def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> None:
-        for start in range(0, len(tasks), IMPORT_BATCH):
-            batch = tasks[start : start + IMPORT_BATCH]
+        for start in range(0, len(tasks), BATCH):
+            batch = tasks[start : start + BATCH]
             self.call("POST", f"/api/projects/{project}/import", json=batch)
 
     def export(self, project: int) -> list[dict[str, Any]]:
@@ -243,7 +247,7 @@ class LabelStudio:
 @dataclass
 class ReviewPushSummary(PairsSummary):
     job: ClassVar[str] = "review_push"
-    project: str
+    project: str | None
     project_id: int | None
     to_file: str | None
     pairs_version: int
@@ -319,7 +323,7 @@ def push_pairs(
             studio.import_tasks(project_id, new)
     log.info(f"[review] {len(new):,} of {len(tasks):,} pairs sent to review")
     return ReviewPushSummary(
-        project=review.project,
+        project=None if to_file else review.project,
         project_id=project_id,
         to_file=str(to_file) if to_file else None,
         pairs_version=pairs_version,
@@ -478,7 +482,7 @@ def _answer(task: dict[str, Any], annotation: Any, where: str) -> Answer:
     choices = [
         r.get("value", {}).get("choices", [])
         for r in annotation.get("result") or []
-        if r.get("from_name") == CHOICE_NAME and r.get("type") == "choices"
+        if isinstance(r, dict) and r.get("from_name") == CHOICE_NAME and r.get("type") == "choices"
     ]
     data = task["data"]
     return Answer(
@@ -523,9 +527,15 @@ class ReviewPullSummary(PairsSummary):
     label_events_version: int | None
     labels_version: int | None
     verdicts_version: int | None
-    original: Agreement
-    judges: dict[str, Agreement] = field(default_factory=dict)
-    annotators: Agreement | None = None
+    decided_pairs: int
+    """Pairs the reviewers decided (keep or flip: each annotator's latest answer, majority)."""
+    original_kept: float | None
+    """Share of the decided pairs whose original label the reviewers kept."""
+    judges: dict[str, Agreement]
+    """By judge panel: the reviewers against its latest verdict (agree ~ keep, disagree ~ flip)
+    on the pairs both decided."""
+    annotators: Agreement
+    """Between annotators, on the pairs several of them labelled (keep, flip or unsure)."""
 
     def tables_read(self) -> list[TableVersion]:
         return super().tables_read() + versions((VERDICTS, self.verdicts_version))
@@ -542,13 +552,13 @@ class ReviewPullSummary(PairsSummary):
             "skipped": self.skipped,
             "unknown_choices": len(self.unknown_choices),
             "unknown_pairs": self.unknown_pairs,
+            "decided_pairs": self.decided_pairs,
         }
         metrics |= {f"labels.{label}": n for label, n in self.labels.items()}
-        named = {"original": self.original, "annotators": self.annotators}
-        named |= {f"judges.{name}": agreement for name, agreement in self.judges.items()}
-        for name, agreement in named.items():
-            if agreement is None:
-                continue
+        if self.original_kept is not None:
+            metrics["original_kept"] = self.original_kept
+        named = {f"judges.{name}": agreement for name, agreement in self.judges.items()}
+        for name, agreement in (named | {"annotators": self.annotators}).items():
             metrics[f"{name}.items"] = agreement.items
             for measure in ("raw", "kappa"):
                 if (value := getattr(agreement, measure)) is not None:
@@ -557,15 +567,15 @@ class ReviewPullSummary(PairsSummary):
 
     def text(self) -> str:
         labels = ", ".join(f"{label} {n:,}" for label, n in sorted(self.labels.items()))
+        kept = "-" if self.original_kept is None else f"{100 * self.original_kept:.1f}%"
         lines = [
             f"review pull from {self.origin}: {self.annotations:,} annotations of "
             f"{self.tasks:,} tasks -> labels {labels or 'none'}; {self.events_new:,} new label "
             f"events ({self.events_known:,} already recorded), {self.skipped:,} skipped",
-            f"  original labels kept: {_share(self.original)}",
+            f"  original label kept in {kept} of {self.decided_pairs:,} decided pairs",
         ]
-        lines += [f"  with judges {name}: {_share(a)}" for name, a in sorted(self.judges.items())]
-        if self.annotators is not None:
-            lines.append(f"  between annotators: {_share(self.annotators)}")
+        lines += [f"  judges {name}: {_agreement(a)}" for name, a in sorted(self.judges.items())]
+        lines.append(f"  between annotators: {_agreement(self.annotators)}")
         lines += [
             f"  unknown choice {u['choice']!r}: task {u['task']}, annotation {u['annotation']} "
             f"by {u['who']} (not a label)"
@@ -576,11 +586,12 @@ class ReviewPullSummary(PairsSummary):
         return "\n".join(lines)
 
 
-def _share(agreement: Agreement) -> str:
-    if not agreement.items or agreement.raw is None:
+def _agreement(agreement: Agreement) -> str:
+    if agreement.raw is None:
         return "no pairs decided by both"
     kappa = "undefined" if agreement.kappa is None else f"{agreement.kappa:.2f}"
-    return f"{100 * agreement.raw:.1f}% of {agreement.items:,}, {agreement.method} kappa {kappa}"
+    share = f"{100 * agreement.raw:.1f}% agree on {agreement.items:,}"
+    return f"{share}, {agreement.method} kappa {kappa}"
 
 
 def pull_annotations(
@@ -588,19 +599,7 @@ def pull_annotations(
 ) -> ReviewPullSummary:
     """Record the answers of the review project (or of a Label Studio JSON export file) as
     human label events, rebuild ``labels``, and measure agreement."""
-    review = config.review
-    if from_file is not None:
-        answers, origin = read_export(from_file), str(from_file)
-    else:
-        with LabelStudio(review) as studio:
-            project = studio.find_project(review.project)
-            if project is None:
-                raise ReviewError(
-                    f"Label Studio at {studio.url} has no project {review.project!r} "
-                    "(config review.project): push pairs first (`synpref review push`)"
-                )
-            origin = f"Label Studio project {review.project!r} (id {project}) at {studio.url}"
-            answers = read_answers(studio.export(project), origin)
+    answers, origin = _fetch(config.review, from_file)
     pairs_version = lake.version(PAIRS.name)
     keys = pa.Table.from_pylist(
         [{"source": a.source, "pair_id": a.pair_id} for a in answers],
@@ -610,17 +609,19 @@ def pull_annotations(
     known = set(zip(present["source"].to_pylist(), present["pair_id"].to_pylist(), strict=True))
     labelled = [a for a in answers if a.label is not None and (a.source, a.pair_id) in known]
     events = [a.event(pairs_version) for a in labelled]
-    written = record_label_events(lake, events, run_id)
+    written = record_events(lake, events, run_id)
     rebuilt = rebuild_labels(lake, config.loop.human_sources)
     unknown = [a for a in answers if not a.cancelled and a.label is None]
     for a in unknown:
         log.warning(
-            f"[review] task {a.task} annotation {a.annotation}: unknown choice {a.choice!r}"
+            f"[review] task {a.task}, annotation {a.annotation} by {a.who}: unknown choice "
+            f"{a.choice!r}, not a label"
         )
     verdicts_version = lake.version(VERDICTS.name) if lake.exists(VERDICTS.name) else None
     human = derive_labels(event_rows(events, run_id), config.loop.human_sources)
     decided = [label for label in human["label"].to_pylist() if label in PANEL_LABELS.values()]
-    summary = ReviewPullSummary(
+    log.info(f"[review] {written.rows_inserted:,} new human label events from {origin}")
+    return ReviewPullSummary(
         origin=origin,
         pairs_version=pairs_version,
         tasks=len({(a.project, a.task, a.source, a.pair_id) for a in answers}),
@@ -637,14 +638,26 @@ def pull_annotations(
         label_events_version=written.version if written.rows_inserted else None,
         labels_version=rebuilt.version if _changed(rebuilt) else None,
         verdicts_version=verdicts_version,
-        original=Agreement(
-            "share", len(decided), decided.count("keep") / len(decided) if decided else None, None
-        ),
+        decided_pairs=len(decided),
+        original_kept=decided.count("keep") / len(decided) if decided else None,
         judges=_with_judges(lake, verdicts_version, human),
         annotators=among_raters(_by_annotator(labelled), HUMAN_LABELS),
     )
-    log.info(f"[review] {summary.events_new:,} new human label events from {origin}")
-    return summary
+
+
+def _fetch(review: ReviewConfig, from_file: Path | None) -> tuple[list[Answer], str]:
+    """The answers, and where they come from: the file, or the review project's export."""
+    if from_file is not None:
+        return read_export(from_file), str(from_file)
+    with LabelStudio(review) as studio:
+        project = studio.find_project(review.project)
+        if project is None:
+            raise ReviewError(
+                f"Label Studio at {studio.url} has no project {review.project!r} "
+                "(config review.project): push pairs first (`synpref review push`)"
+            )
+        origin = f"Label Studio project {review.project!r} (id {project}) at {studio.url}"
+        return read_answers(studio.export(project), origin), origin
 
 
 def _changed(result: WriteResult) -> bool:
