@@ -145,7 +145,7 @@ def server_tasks(server, project: int) -> dict[str, dict]:
 
 
 def test_push_annotate_pull_with_two_annotators_and_the_vendor_file_route(
-    label_studio, hh, review_config, lake, config, run, tmp_path, monkeypatch
+    label_studio, hh, review_config, lake, run, tmp_path, monkeypatch
 ):
     config = review_config
     monkeypatch.setattr(review, "BATCH", 3)  # imports and task lists take several requests
