@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synpref-installed
 
-.PHONY: demo test test-fast test-vllm lint bench clean
+.PHONY: demo test test-fast test-vllm labelstudio lint bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,20 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/synpref demo
 
-test: $(STAMP)
+# Label Studio (human review, docs/review.md) is a server in a venv of its own: it pins
+# pyarrow 24 and ours is 25. `make test` builds it for tests/test_review.py.
+LS_VENV ?= .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.synpref-installed
+
+$(LS_STAMP): requirements-labelstudio.lock
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25"
+	$(LS_VENV)/bin/python -m pip install --quiet -r requirements-labelstudio.lock
+	touch $(LS_STAMP)
+
+labelstudio: $(LS_STAMP)
+
+test: $(STAMP) $(LS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -25,12 +25,15 @@ from pipelines.core.jobs import JobContext, JobResult, Summary, run_job
 from pipelines.core.lake import Lake
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pipelines.attributes.job import AnnotateSummary
     from pipelines.demo import DemoSummary
     from pipelines.hygiene.decontamination import DecontaminationSummary
     from pipelines.hygiene.dedup import DedupSummary
     from pipelines.ingest.job import IngestRequest, IngestSummary
     from pipelines.judging.job import JudgeSummary
+    from pipelines.labels.review import ReviewPullSummary, ReviewPushSummary
     from pipelines.loop.driver import LoopSummary
     from pipelines.rm.evaluation import EvalSummary
     from pipelines.rm.scoring import ScoreSummary
@@ -182,3 +185,40 @@ def demo(config: SynprefConfig) -> JobResult[DemoSummary]:
     from pipelines.demo import run_demo
 
     return run_job(config, "demo", run_demo)
+
+
+def review_push(
+    config: SynprefConfig,
+    where: str | None = None,
+    limit: int | None = None,
+    to_file: Path | None = None,
+) -> JobResult[ReviewPushSummary]:
+    """The selected pairs as pairwise tasks of the Label Studio project ``review.project``
+    (pairs already there are skipped), or as Label Studio's JSON import file ``to_file``."""
+    from pipelines.core.selection import select_pair_keys
+    from pipelines.labels.review import push_pairs
+    from storage_schemas import PAIRS
+
+    def work(ctx: JobContext) -> ReviewPushSummary:
+        keys = select_pair_keys(ctx.lake, ctx.lake.version(PAIRS.name), where, limit)
+        return push_pairs(ctx.lake, config.review, keys, ctx.run_id, to_file=to_file)
+
+    params = {"where": where, "limit": limit, "to_file": str(to_file) if to_file else None}
+    return run_job(config, "review_push", work, params, uses_ray=False)
+
+
+def review_pull(
+    config: SynprefConfig, from_file: Path | None = None
+) -> JobResult[ReviewPullSummary]:
+    """The review project's answers (or those of a Label Studio JSON export file) as human
+    label events, the rebuilt ``labels``, and the reviewers' agreement."""
+    from pipelines.labels.review import pull_annotations
+
+    params = {"from_file": str(from_file) if from_file else None}
+    return run_job(
+        config,
+        "review_pull",
+        lambda ctx: pull_annotations(ctx.lake, config, ctx.run_id, from_file),
+        params,
+        uses_ray=False,
+    )

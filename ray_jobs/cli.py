@@ -17,6 +17,7 @@ from ray_jobs import (
     judge,
     lake_tables,
     loop,
+    review,
     score,
     serve,
     show_config,
@@ -50,6 +51,7 @@ cli.add_command(decontaminate.command)
 cli.add_command(score.command)
 cli.add_command(annotate.command)
 cli.add_command(judge.command)
+cli.add_command(review.command)
 cli.add_command(evaluate.command)
 cli.add_command(serve.command)
 cli.add_command(train.command)

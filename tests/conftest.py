@@ -186,3 +186,13 @@ def decoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
     LlamaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory):
+    """One Label Studio server for the session (tests/labelstudio.py); skips when its venv is
+    missing."""
+    from tests.labelstudio import running_label_studio
+
+    with running_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
+        yield server
