@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -196,3 +198,42 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory):
 
     with running_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
         yield server
+
+
+def start_openai_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("openai_server.py")),
+            "--port",
+            str(port),
+            *flags,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{url}/health", server, 180)
+    return server, url
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
+    server, url = start_openai_server()
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def scripted_server_url():
+    """The same server with scripted answers (the longer response wins), for the tests of
+    orchestration: it starts in seconds and its every judgment is predictable."""
+    server, url = start_openai_server("--scripted")
+    yield url
+    server.terminate()
+    server.wait(timeout=10)

@@ -43,9 +43,7 @@ from tests.conftest import (
     HH_HARMLESS,
     JUDGEBENCH,
     REPO,
-    free_port,
     shared_data,
-    wait_until_up,
 )
 
 SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
@@ -61,45 +59,6 @@ API_KEY = "sk-test-loopback"
 def hf_backend():
     """SmolLM2 through transformers, loaded once for the session."""
     return HFBackend(LLMConfig(max_prompt_tokens=2048))
-
-
-def _start_server(*flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("openai_server.py")),
-            "--port",
-            str(port),
-            *flags,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{url}/health", server, 180)
-    return server, url
-
-
-@pytest.fixture(scope="session")
-def openai_server():
-    """The test OpenAI-compatible server (real SmolLM2) in its own process, once per session."""
-    server, url = _start_server()
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def scripted_server_url():
-    """The same server with scripted answers (the longer response wins), for the tests of
-    orchestration: it starts in seconds and its every judgment is predictable."""
-    server, url = _start_server("--scripted")
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
 
 
 @pytest.fixture

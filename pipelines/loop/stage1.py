@@ -97,22 +97,28 @@ def _review(run: LoopRun, iteration: int, keys: pa.Table) -> dict[str, Any]:
 
 
 def await_review(run: LoopRun, iteration: int) -> dict[str, Any]:
-    """Go on once every pair sent to people has an answer; else pause the loop."""
+    """Go on once every pair sent to people is answered; else pause the loop. With Label
+    Studio, the answers given so far are pulled first (a skipped task is answered, without a
+    label), and the loop waits while the iteration has open tasks."""
     sent = key_table(run.state.result(f"s1/{iteration}/review")["keys"])
-    waiting = awaited(run.lake, run.name, sent)
-    if waiting.num_rows:
-        review = run.config.review
-        from pipelines.labels.review import open_tasks
+    if run.config.loop.annotator == "label-studio":
+        from pipelines.labels.review import open_tasks, pull_annotations
 
-        open_count = open_tasks(review, run.name, iteration)
+        pull_annotations(run.lake, run.config, run.run_id)
+        waiting = open_tasks(run.config.review, run.name, iteration)
+    else:
+        waiting = awaited(run.lake, run.name, sent).num_rows
+    if waiting:
+        review = run.config.review
         raise LoopPaused(
-            f"waiting for people: {waiting.num_rows:,} of {sent.num_rows:,} pairs of iteration "
-            f"{iteration} have no answer ({open_count:,} tasks open in Label Studio project "
-            f"'{review.project}' at {review.url}). Run `synpref review pull` when they are "
-            "done, then `synpref loop resume`."
+            f"waiting for people: {waiting:,} of the {sent.num_rows:,} review tasks of "
+            f"iteration {iteration} are open in Label Studio project '{review.project}' at "
+            f"{review.url}. When they are answered: `synpref loop resume` (it pulls the "
+            "answers itself; `synpref review pull` reports the agreement any time)."
         )
     written = rebuild_labels(run.lake, run.config.loop.human_sources)
-    return {"answered": sent.num_rows, "labels_version": written.version}
+    answered = sent.num_rows - awaited(run.lake, run.name, sent).num_rows
+    return {"answered": answered, "labels_version": written.version}
 
 
 def members(table: pa.Table) -> pa.Table:

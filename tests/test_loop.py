@@ -1,0 +1,268 @@
+"""The human-AI loop end to end on real HH pairs with the offline models: two Stage 1 iterations,
+Stage 2, the curated set and the final reward models; then a driver killed mid-iteration that
+resumes to the same labels and curated set.
+
+HH's labels are human, so its first 160 records play a human-labelled source (Stage 1) and the
+next 200 a source without human labels (Stage 2), each with a share of records flipped (marked
+``injected_flip``: the simulated annotator's ground truth). The judge is the scripted
+OpenAI-compatible server (the longer response wins), so every verdict is known; the real judges
+are tested in test_judging.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import yaml
+
+from pipelines import jobs
+from pipelines.core.config import JudgeConfig, SynprefConfig, load_config
+from pipelines.core.lake import Lake
+from pipelines.ingest.job import IngestRequest
+from pipelines.labels.events import live_events
+from pipelines.labels.sets import SetRef, read_set
+from pipelines.loop.steps import retrieval_k
+from tests.conftest import HH_HARMLESS, REPO, RM_BENCH, shared_data
+
+pytestmark = pytest.mark.slow
+
+FLIPPED = "source_meta LIKE '%injected_flip%'"
+
+
+@pytest.fixture(scope="module")
+def hh_sources(tmp_path_factory) -> Path:
+    """Two jsonl files of real HH records, 15% and 20% of them flipped (and marked)."""
+    folder = tmp_path_factory.mktemp("hh-sources")
+    with gzip.open(shared_data(HH_HARMLESS), "rt") as hh:
+        lines = hh.read().splitlines()
+    for name, part, share, seed in (
+        ("verified", lines[:160], 0.15, 1),
+        ("wild", lines[160:360], 0.2, 2),
+    ):
+        rng = random.Random(seed)
+        with (folder / f"{name}.jsonl").open("w") as out:
+            for line in part:
+                record = json.loads(line)
+                if rng.random() < share:
+                    record = {
+                        "chosen": record["rejected"],
+                        "rejected": record["chosen"],
+                        "injected_flip": True,
+                    }
+                out.write(json.dumps(record) + "\n")
+    return folder
+
+
+def loop_config(folder: Path, judge_url: str) -> dict:
+    """The loop's whole configuration (a YAML mapping, so a subprocess can read it)."""
+    return {
+        "lake": {"root": str(folder / "lake")},
+        "tracking": {
+            "uri": f"sqlite:///{folder / 'mlruns.db'}",
+            "artifact_location": str(folder / "mlartifacts"),
+        },
+        "training": {
+            "max_length": 64,
+            "global_batch": 16,
+            "learning_rate": 1e-3,
+            "validate_every": 1000,
+            "checkpoint_every": 1000,
+            "storage_path": str(folder / "checkpoints"),
+        },
+        "scoring": {"max_length": 64},
+        "judging": {
+            "judges": [
+                JudgeConfig(
+                    name="longer",
+                    backend="openai",
+                    base_url=f"{judge_url}/v1",
+                    model="scripted",
+                    api_key_env=None,
+                    num_cpus=0.5,
+                    few_shot=2,
+                ).model_dump()
+            ]
+        },
+        "loop": {
+            "human_sources": ["hh-verified"],
+            "seed_set": "source = 'hh-verified'",
+            "seed_gold": 16,
+            "human_budget": 6,
+            "iterations": 2,
+            "simulated_flips": FLIPPED,
+            "benchmarks": {"rmbench": str(shared_data(RM_BENCH / "chat_filtered.json"))},
+        },
+    }
+
+
+def prepared(folder: Path, sources: Path, judge_url: str, **loop: object) -> SynprefConfig:
+    """A lake with both sources ingested and deduplicated, and the loop's config."""
+    values = loop_config(folder, judge_url)
+    values["loop"] |= loop
+    (folder / "config.yaml").write_text(yaml.safe_dump(values))
+    config = load_config(folder / "config.yaml")
+    for name in ("verified", "wild"):
+        request = IngestRequest(paths=[str(sources / f"{name}.jsonl")], source=f"hh-{name}")
+        jobs.ingest(config, request)
+    jobs.dedup(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, hh_sources, scripted_server_url, ray_cluster):
+    """One uninterrupted loop: its config and result."""
+    folder = tmp_path_factory.mktemp("loop")
+    config = prepared(folder, hh_sources, scripted_server_url)
+    return config, jobs.loop(config)
+
+
+def test_the_loop_runs_stage1_stage2_and_the_final_models(finished):
+    config, result = finished
+    lake = Lake(config.lake.root)
+    summary = result.summary
+    assert summary.status == "finished" and summary.steps_done == summary.steps_total
+    assert [round(m["gold_pairs"]) for m in summary.iterations] == [22, 28]
+    assert "SIMULATED" in summary.text()
+
+    # People: the simulated annotator flips exactly the injected flips it is shown.
+    flipped = set(lake.read("pairs", columns=["pair_id"], where=FLIPPED)["pair_id"].to_pylist())
+    human = live_events(lake, where="origin = 'human'").to_pylist()
+    assert len(human) == 16 + 2 * 6 and {e["who"] for e in human} == {"simulated"}
+    assert all((e["label"] == "flip") == (e["pair_id"] in flipped) for e in human)
+
+    # Retrieval follows the k rule on the p the iteration's model gave each gold pair.
+    edges = lake.read("retrievals").to_pylist()
+    for edge in edges:
+        assert edge["k"] == min(retrieval_k(edge["gold_p"], 8), 8)
+    by_gold = {}
+    for edge in edges:
+        by_gold.setdefault((edge["iteration"], edge["gold_pair_id"]), []).append(edge)
+    assert all(len(found) == found[0]["k"] for found in by_gold.values())
+    assert {e["iteration"] for e in edges} == {1, 2}
+    assert any(e["gold_p"] <= 0.5 and e["k"] == 8 for e in edges)
+
+    # Gold never trains the model selected on it.
+    state = {r["step"]: json.loads(r["result"]) for r in lake.read("loop_state").to_pylist()}
+    for i in (1, 2):
+        sets = state[f"s1/{i}/sets"]
+        gold = read_set(lake, SetRef.parse(sets["gold"]))
+        train = read_set(lake, SetRef.parse(sets["train"]))
+        trained_gold = set(gold["pair_id"].to_pylist()) & set(train["pair_id"].to_pylist())
+        assert not trained_gold
+
+    # Every pair of the curated set is explained by a live label event with its label.
+    curated = read_set(lake, SetRef.parse(summary.curated_set)).to_pylist()
+    events = {e["event_id"]: e for e in live_events(lake).to_pylist()}
+    assert curated and all(m["event_id"] in events for m in curated)
+    for member in curated:
+        event = events[member["event_id"]]
+        assert event["pair_id"] == member["pair_id"] and event["label"] in ("keep", "flip")
+        assert member["flipped"] == (event["label"] == "flip")
+    origins = {m["origin"] for m in curated}
+    assert {"human", "llm-judge"} <= origins and origins & {"rm-consistency", "recycled"}
+    stage2 = [e for e in events.values() if e["step"] == "s2/decide"]
+    assert len(stage2) == sum(summary.stage2.values())
+    assert all({"p_best", "p_gold", "verdict"} <= json.loads(e["evidence"]).keys() for e in stage2)
+
+    # The final RM trained on the curated set (selected on gold) and was evaluated.
+    assert set(summary.final) == {"curated", "all"}
+    for metrics in summary.final.values():
+        assert 0 <= metrics["gold_accuracy"] <= 1 and "rmbench.accuracy" in metrics
+
+    # MLflow: the loop, a child per part, a grandchild per step; numbers per iteration.
+    mlflow.set_tracking_uri(config.tracking.uri)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(result.run_id)
+    history = client.get_metric_history(result.run_id, "gold_pairs")
+    assert sorted((m.step, m.value) for m in history) == [(1, 22.0), (2, 28.0)]
+    plots = {a.path for a in client.list_artifacts(result.run_id, "loop")}
+    assert plots == {"loop/iterations.png", "loop/curated_set.png"}
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    names = {c.info.run_name for c in children}
+    assert names == {
+        "stage 1: seed review",
+        "iteration 1",
+        "iteration 2",
+        "stage 2",
+        "final models",
+    }
+    iteration = next(c for c in children if c.info.run_name == "iteration 1")
+    steps = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{iteration.info.run_id}'")
+    parts = ("sets", "train", "score-gold", "retrieve", "review", "await-review", "judge", "label")
+    assert {s.data.tags["synpref.loop.step"] for s in steps} == {f"s1/1/{p}" for p in parts}
+    assert iteration.data.metrics["gold_accuracy"] >= 0
+    trained = client.get_run(state["final/train-curated"]["run_id"]).data.tags
+    assert summary.curated_set in trained["synpref.curated_sets"]
+
+    # Running it again does nothing.
+    again = jobs.loop(config).summary
+    assert again.steps_run == [] and again.curated_set == summary.curated_set
+
+
+def test_a_killed_driver_resumes_to_the_same_labels_and_curated_set(
+    finished, tmp_path, hh_sources, scripted_server_url
+):
+    reference, _ = finished
+    config = prepared(tmp_path, hh_sources, scripted_server_url, final=False)
+    lake = Lake(config.lake.root)
+    log = (tmp_path / "loop.log").open("w")
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.loop",
+            "run",
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "SYNPREF_LOG_FILE": str(tmp_path / "synpref.log")},
+    )
+    deadline = time.monotonic() + 600
+    while not _committed(lake, "s1/2/sets"):  # kill it as iteration 2 trains
+        assert driver.poll() is None, (tmp_path / "loop.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the loop did not reach iteration 2"
+        time.sleep(1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+    resumed = jobs.loop(config, resume=True)
+    assert resumed.summary.status == "finished"
+    assert resumed.summary.steps_run[0] == "s1/2/train"
+
+    expected = Lake(reference.lake.root)
+    for table, columns, where in (
+        ("labels", ["source", "pair_id", "label", "pool", "origin"], None),
+        ("curated_sets", ["source", "pair_id", "flipped", "origin"], "set_name = 'loop/curated'"),
+    ):
+        order = [(c, "ascending") for c in columns]
+        want = expected.read(table, columns=columns, where=where).sort_by(order)
+        assert lake.read(table, columns=columns, where=where).sort_by(order).equals(want), table
+
+    # The runs the killed driver left RUNNING are marked KILLED.
+    mlflow.set_tracking_uri(config.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=["synpref"], output_format="list")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert any(r.info.status == "KILLED" for r in runs)
+
+
+def _committed(lake: Lake, step: str) -> bool:
+    if not lake.exists("loop_state"):
+        return False
+    return lake.count("loop_state", where=f"step = '{step}'") > 0
