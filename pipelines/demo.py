@@ -1,7 +1,8 @@
 """The main job on the embedded defaults (``synpref demo``): a seeded synthetic corpus (with
 planted duplicates, flips, contamination and bad rows) and the real datasets found beside the
-checkout (HH-RLHF, RM-Bench, JudgeBench) are ingested, then deduplicated and decontaminated.
-Every step is a child run of the demo's MLflow run."""
+checkout (HH-RLHF, RM-Bench, JudgeBench) are ingested, deduplicated and decontaminated, then a
+short human-AI loop runs on them (``demo.loop``) with a simulated annotator. Every step is a
+child run of the demo's MLflow run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipelines import jobs
+from pipelines.core.config import SynprefConfig
 from pipelines.core.jobs import JobContext, JobResult, JobSummary
 from pipelines.core.lake import TableInfo
 from pipelines.ingest.job import IngestRequest
@@ -27,7 +29,7 @@ class DemoSummary(JobSummary):
     job: ClassVar[str] = "demo"
     lake: str
     steps: list[JobResult[Any]]
-    """The child jobs in order: ingests, dedup, decontamination."""
+    """The child jobs in order: ingests, dedup, decontamination, the loop."""
     skipped_inputs: list[str]
     tables: list[TableInfo]
 
@@ -44,12 +46,19 @@ class DemoSummary(JobSummary):
         lines += [f"skipped (not found): {p}" for p in self.skipped_inputs]
         lines += ["", f"lake {self.lake}:", f"  {'table':<20}{'version':>8}{'rows':>14}"]
         lines += [f"  {t.name:<20}{t.version:>8}{t.rows:>14,}" for t in self.tables]
-        lines += [
-            "",
-            "Next: synpref tables | synpref history curation_status | "
-            "synpref ingest PATH --source X",
-        ]
+        lines += ["", "Where to look:", *WHERE_TO_LOOK]
         return "\n".join(lines)
+
+
+WHERE_TO_LOOK = [
+    "  MLflow: mlflow ui --backend-store-uri sqlite:///mlruns.db  (the demo run; its loop run has "
+    "a child per iteration)",
+    "  tables: synpref tables | synpref loop status | synpref labels explain PAIR_ID",
+    "  the curated set: the `curated_sets` table, set demo/curated; train on it with "
+    "synpref train --set demo/curated",
+    "  with people instead of the simulated annotator: loop.annotator: label-studio "
+    "(docs/loop.md, docs/review.md)",
+]
 
 
 def run_demo(ctx: JobContext) -> DemoSummary:
@@ -67,7 +76,28 @@ def run_demo(ctx: JobContext) -> DemoSummary:
         for source, paths in sources.items()
     ]
     steps += [jobs.dedup(config), jobs.decontaminate(config)]
+    if demo.loop:
+        steps.append(jobs.loop(_loop_config(config, set(sources))))
     return DemoSummary(config.lake.root, steps, skipped, ctx.lake.tables())
+
+
+def _loop_config(config: SynprefConfig, sources: set[str]) -> SynprefConfig:
+    """The loop as configured, with the synthetic corpus as the human-labelled source when none
+    of the configured ones was ingested, only the benchmarks whose data is here, and reward
+    models of ``demo.max_length`` tokens."""
+    loop = config.loop
+    if not set(loop.human_sources) & sources:
+        log.info(f"[demo] no {loop.human_sources} pairs: {DEMO_SOURCE} plays the human source")
+        loop = loop.model_copy(
+            update={"human_sources": [DEMO_SOURCE], "seed_set": f"source = '{DEMO_SOURCE}'"}
+        )
+    present = {name: path for name, path in loop.benchmarks.items() if Path(path).exists()}
+    for name in loop.benchmarks.keys() - present.keys():
+        log.info(f"[demo] benchmark {name}: {loop.benchmarks[name]} not found, left out")
+    training = config.training.model_copy(update={"max_length": config.demo.max_length})
+    scoring = config.scoring.model_copy(update={"max_length": config.demo.max_length})
+    update = {"loop": loop.model_copy(update={"benchmarks": present})}
+    return config.model_copy(update=update | {"training": training, "scoring": scoring})
 
 
 def _first_benchmark_prompts(paths: list[str]) -> list[str]:

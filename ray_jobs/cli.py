@@ -15,6 +15,7 @@ from ray_jobs import (
     generate,
     ingest,
     judge,
+    labels,
     lake_tables,
     loop,
     review,
@@ -52,6 +53,7 @@ cli.add_command(score.command)
 cli.add_command(annotate.command)
 cli.add_command(judge.command)
 cli.add_command(review.command)
+cli.add_command(labels.command)
 cli.add_command(evaluate.command)
 cli.add_command(serve.command)
 cli.add_command(train.command)

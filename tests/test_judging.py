@@ -506,8 +506,11 @@ def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
         load_config(None, {"judging": {"judges": [{"samples_per_order": 2, "temperature": 1}]}})
     with pytest.raises(ConfigError, match="min_judges 2 is more than the 1 judge"):
         load_config(None, {"judging": {"aggregation": {"min_judges": 2}}})
+    config.judging.judges = [JudgeConfig(few_shot=2)]
     with pytest.raises(ConfigError, match="few_shot > 0 needs judging.gold.where"):
-        load_config(None, {"judging": {"judges": [{"few_shot": 2}]}})
+        jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
+    with pytest.raises(ConfigError, match="judging.gold.where or judging.gold.set, not both"):
+        load_config(None, {"judging": {"gold": {"where": "TRUE", "set": "loop/gold"}}})
     with pytest.raises(ConfigError, match="judge names must be unique"):
         load_config(None, {"judging": {"judges": [{"name": "a"}, {"name": "a"}]}})
 

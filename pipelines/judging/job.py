@@ -297,6 +297,11 @@ def judge_identities(lake: Lake, config: JudgingConfig, pairs_version: int) -> l
     uses_attributes = uses_gold or any(j.show_attributes for j in config.judges)
     gold = None
     if uses_gold:
+        if not (config.gold.where or config.gold.set):
+            raise ConfigError(
+                "a judge with few_shot > 0 needs judging.gold.where or judging.gold.set (the "
+                "gold pairs; the loop gives its own)"
+            )
         pairs = gold_pairs(lake, config.gold, pairs_version)
         gold = digest(
             pairs.selection,

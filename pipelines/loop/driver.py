@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import mlflow
@@ -192,6 +193,9 @@ def run_loop(config: SynprefConfig, resume: bool = False) -> JobResult[LoopSumma
     started = state.results.get("start")
     if resume and started is None:
         raise SelectionError(f"loop {loop.name!r} has not started: `synpref loop run` starts it")
+    missing = {name: data for name, data in loop.benchmarks.items() if not Path(data).exists()}
+    if missing and loop.final:
+        raise ConfigError(f"loop.benchmarks: data not found: {missing}")
     if started is not None:
         _check_unchanged(started["loop"], loop)
     return run_job(
