@@ -81,7 +81,9 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
         raise SelectionError(f"training.data.table {data.table!r} does not exist in the lake")
     version = lake.version(data.table) if data.version is None else data.version
     selected = _read_keys(lake, data.table, version, data.where, "training.data.where")
-    sets, flipped = [], [pa.table({k: pa.array([], pa.string()) for k in KEYS})]
+    sets: list[SetRef] = []
+    # Each pair is labelled as the set it trains or validates from holds it.
+    train_flips = validation_flips = pa.table({k: pa.array([], pa.string()) for k in KEYS})
     if data.set is not None or data.validation_set is not None:
         if data.table != PAIRS.name:
             raise SelectionError(
@@ -93,7 +95,7 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
         members, ref = _set_members(lake, data.set)
         selected = selected.join(members.select(KEYS), KEYS, join_type="inner")
         sets.append(ref)
-        flipped.append(flipped_keys(members))
+        train_flips = validation_flips = flipped_keys(members)
     if data.curated_only:
         if not lake.exists(CURATION_STATUS.name):
             raise SelectionError(
@@ -107,7 +109,7 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
             members.select(KEYS), KEYS, join_type="inner"
         )
         sets.append(ref)
-        flipped.append(flipped_keys(members))
+        validation_flips = flipped_keys(members)
         train = selected.join(validation, KEYS, join_type="left anti")
     elif data.validation_where is not None:
         validation = _read_keys(
@@ -126,7 +128,12 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
         version,
         _sorted(train),
         _sorted(validation),
-        pa.concat_tables(flipped),
+        pa.concat_tables(
+            [
+                train_flips.join(train, KEYS, join_type="inner"),
+                validation_flips.join(validation, KEYS, join_type="inner"),
+            ]
+        ),
         tuple(sets),
     )
 
