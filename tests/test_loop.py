@@ -21,19 +21,23 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 import ray
 import yaml
 
 from pipelines import jobs
-from pipelines.core.config import JudgeConfig, SynprefConfig, load_config
+from pipelines.core.config import JudgeConfig, LoopConfig, ReviewConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.labels.events import live_events
 from pipelines.labels.sets import SetRef, read_set
+from pipelines.loop.driver import loop_status
 from pipelines.loop.steps import retrieval_k
 from tests.conftest import HH_HARMLESS, REPO, RM_BENCH, shared_data
+from tests.labelstudio import answer
+from tests.test_review import choice_for
 
 pytestmark = pytest.mark.slow
 
@@ -266,3 +270,58 @@ def _committed(lake: Lake, step: str) -> bool:
     if not lake.exists("loop_state"):
         return False
     return lake.count("loop_state", where=f"step = '{step}'") > 0
+
+
+def test_the_loop_waits_for_people_in_label_studio_and_goes_on_with_their_answers(
+    config, lake, label_studio, hh_sources, monkeypatch, ray_cluster
+):
+    """The seed review as Label Studio tasks: the loop pauses, `status` counts the open tasks,
+    people answer (one skips), and the resumed loop pulls the answers into D_gold."""
+    monkeypatch.setenv(config.review.token_env, label_studio.token)
+    config.review = ReviewConfig(url=label_studio.url, project="loop with people")
+    config.loop = LoopConfig(
+        name="people",
+        human_sources=["hh-verified"],
+        seed_gold=4,
+        iterations=0,
+        stage2=False,
+        final=False,
+        annotator="label-studio",
+    )
+    request = IngestRequest(paths=[str(hh_sources / "verified.jsonl")], source="hh-verified")
+    jobs.ingest(config, request)
+    jobs.dedup(config)
+
+    paused = jobs.loop(config).summary
+    assert paused.status == "waiting" and "4 of the 4 review tasks" in paused.waiting_for
+    status = loop_status(config)
+    assert (status.next_step, status.open_tasks) == ("s1/0/await-review", 4)
+    assert jobs.loop(config).summary.status == "waiting", "nobody answered yet"
+
+    tasks = httpx.get(
+        f"{label_studio.url}/api/tasks",
+        params={"project": paused_project(label_studio), "page_size": 100},
+        headers={"Authorization": f"Token {label_studio.token}"},
+    ).json()["tasks"]
+    wanted = ["keep", "flip", "keep", None]  # the last one is skipped
+    for task, label in zip(sorted(tasks, key=lambda t: t["data"]["pair_id"]), wanted, strict=True):
+        choice = None if label is None else choice_for(label, task["data"]["order"])
+        answer(label_studio, label_studio.token, task["id"], choice)
+
+    finished = jobs.loop(config, resume=True).summary
+    assert finished.status == "finished" and finished.pools["D_gold"] == 3
+    gold = read_set(lake, SetRef("people/gold")).sort_by("pair_id").to_pylist()
+    assert [m["flipped"] for m in gold] == [False, True, False]
+    assert {e["who"] for e in live_events(lake).to_pylist()} == {
+        f"labelstudio:{label_studio.email}"
+    }
+
+
+def paused_project(server) -> int:
+    projects = httpx.get(
+        f"{server.url}/api/projects",
+        params={"title": "loop with people"},
+        headers={"Authorization": f"Token {server.token}"},
+    ).json()
+    found = projects["results"] if isinstance(projects, dict) else projects
+    return next(p["id"] for p in found if p["title"] == "loop with people")

@@ -206,4 +206,4 @@ def evaluate(run: LoopRun, which: str, benchmark: str, data: str) -> dict[str, A
     model = run.state.result(f"final/train-{which}")
     result = jobs.evaluate(run.config, benchmark, data, model=model["model_folder"])
     tag_step(result.run_id, run.name, f"final/eval-{which}-{benchmark}")
-    return {"metrics": result.summary.metrics(), "run_id": result.run_id}
+    return {"benchmark_metrics": result.summary.metrics(), "run_id": result.run_id}
