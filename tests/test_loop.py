@@ -39,7 +39,7 @@ from tests.conftest import HH_HARMLESS, REPO, RM_BENCH, shared_data
 from tests.labelstudio import answer
 from tests.test_review import choice_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 FLIPPED = "source_meta LIKE '%injected_flip%'"
 
