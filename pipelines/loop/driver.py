@@ -335,9 +335,8 @@ def _summary(run: LoopRun, steps: list[Step], ran: list[str], waiting: str | Non
             for benchmark in sorted(loop.benchmarks):
                 step = f"final/eval-{which}-{benchmark}"
                 if state.done(step):
-                    values |= {
-                        f"{benchmark}.{k}": v for k, v in state.result(step)["metrics"].items()
-                    }
+                    metrics = state.result(step)["benchmark_metrics"]
+                    values |= {f"{benchmark}.{k}": v for k, v in metrics.items()}
             final[which] = values
     sets = state.results.get("final/sets", {})
     lake = run.lake
