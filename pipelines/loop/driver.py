@@ -258,7 +258,9 @@ def _part_run(run: LoopRun, part: str) -> Iterator[None]:
     run_id = run.state.result(key)["run_id"] if run.state.done(key) else None
     name = PART_NAMES.get(part, f"iteration {part.removeprefix('s1/')}")
     tags = {"synpref.loop": run.name, "synpref.loop.part": part}
-    with mlflow.start_run(run_id=run_id, run_name=name, nested=True, tags=tags) as active:
+    with mlflow.start_run(
+        run_id=run_id, experiment_id=_experiment(), run_name=name, nested=True, tags=tags
+    ) as active:
         if run_id is None:
             run.state.commit(key, {"run_id": active.info.run_id}, run.run_id)
         try:
@@ -278,7 +280,9 @@ def _run_step(run: LoopRun, step: Step) -> None:
         result = step.work(run)
     else:
         tags = {"synpref.loop": run.name, "synpref.loop.step": step.name}
-        with mlflow.start_run(run_name=step.name, nested=True, tags=tags):
+        with mlflow.start_run(
+            experiment_id=_experiment(), run_name=step.name, nested=True, tags=tags
+        ):
             result = step.work(run)
             _log_numbers(result)
     result["seconds"] = round(time.perf_counter() - started, 3)
@@ -292,6 +296,11 @@ def _run_step(run: LoopRun, step: Step) -> None:
             run.run_id, metrics=[Metric(k, float(v), 0, iteration) for k, v in metrics.items()]
         )
     run.state.commit(step.name, result, mlflow.active_run().info.run_id)
+
+
+def _experiment() -> str:
+    """The active run's experiment: a nested run goes to the default one unless told."""
+    return mlflow.active_run().info.experiment_id
 
 
 def _log_numbers(result: dict[str, Any], prefix: str = "") -> None:
@@ -336,7 +345,11 @@ def _summary(run: LoopRun, steps: list[Step], ran: list[str], waiting: str | Non
                 step = f"final/eval-{which}-{benchmark}"
                 if state.done(step):
                     metrics = state.result(step)["benchmark_metrics"]
-                    values |= {f"{benchmark}.{k}": v for k, v in metrics.items()}
+                    values |= {
+                        f"{benchmark}.{k}": v
+                        for k, v in metrics.items()
+                        if not k.startswith("scoring.")  # throughput, not quality
+                    }
             final[which] = values
     sets = state.results.get("final/sets", {})
     lake = run.lake
