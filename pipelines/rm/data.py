@@ -20,8 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import ray.train
 import xxhash
 from deltalake.exceptions import DeltaError
+from ray.data.dataset import MaterializedDataset
 
 from pipelines.core.config import TrainingConfig, TrainingDataConfig
 from pipelines.core.errors import SelectionError
@@ -227,3 +229,32 @@ def tokenized_pairs(
     rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
     flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
     return rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)
+
+
+class EveryRowDataConfig(ray.train.DataConfig):
+    """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows.
+
+    It lives here, not beside the training loop, because Ray Train's controller and dataset
+    manager unpickle it: importing the training module there (torch, transformers, MLflow)
+    cost each of them seconds of CPU before the first step. A materialized set (validation)
+    is split by its blocks up front, without the coordinator actor a streaming split starts."""
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            if isinstance(dataset, MaterializedDataset):
+                splits = [part.iterator() for part in dataset.split(world_size)]
+            else:
+                dataset = dataset.copy(dataset)
+                dataset.context.execution_options = self._resolve_execution_options(name)
+                splits = dataset.streaming_split(world_size, equal=False)
+            for rank, split in enumerate(splits):
+                output[rank][name] = split
+        return output

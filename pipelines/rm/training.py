@@ -62,7 +62,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
-from pipelines.rm.data import DATA_CPUS, tokenized_pairs, training_selection
+from pipelines.rm.data import DATA_CPUS, EveryRowDataConfig, tokenized_pairs, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     backbone_max_length,
@@ -512,26 +512,6 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
-class _EveryRowDataConfig(ray.train.DataConfig):
-    """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows."""
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: Any,
-        worker_node_ids: Any,
-        **kwargs: Any,
-    ) -> list[dict[str, Any]]:
-        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False)):
-                output[rank][name] = split
-        return output
-
-
 @dataclass(frozen=True)
 class TrainSummary(JobSummary):
     """What ``synpref train`` did: data, steps, the selected checkpoint and its metrics, and
@@ -710,7 +690,7 @@ def train_reward_model(
             ),
         ),
         datasets=datasets,
-        dataset_config=_EveryRowDataConfig(),
+        dataset_config=EveryRowDataConfig(),
     )
     with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs):
         result = trainer.fit()
