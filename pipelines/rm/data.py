@@ -50,6 +50,8 @@ TOKENIZED = pa.schema(
 DATA_CPUS = 0.25
 """CPUs per read task and tokenizer actor: training workers hold the rest (Ray Data hangs when
 no CPU is left for its reads)."""
+TOKENIZE_BATCH = 256
+"""Pairs per tokenizer call."""
 
 
 @dataclass(frozen=True)
@@ -219,10 +221,13 @@ def tokenized_pairs(
     missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
     if missing:
         raise SelectionError(f"training table {selection.table} has no column(s) {missing}")
+    # An actor per batch at most: each one is a process importing transformers (seconds of
+    # CPU), which a small set (a loop's gold set, a test's pairs) never needs twice.
+    actors = max(1, min(training.workers, -(-keys.num_rows // TOKENIZE_BATCH)))
     options: dict[str, Any] = {
         "batch_format": "pyarrow",
-        "batch_size": 256,
-        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, training.workers)),
+        "batch_size": TOKENIZE_BATCH,
+        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         "num_cpus": DATA_CPUS,
     }
     columns = [*KEYS, *TEXT_COLUMNS, *extra]
