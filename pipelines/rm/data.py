@@ -20,8 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import ray.train
 import xxhash
 from deltalake.exceptions import DeltaError
+from ray.data.dataset import MaterializedDataset
 
 from pipelines.core.config import TrainingConfig, TrainingDataConfig
 from pipelines.core.errors import SelectionError
@@ -48,6 +50,8 @@ TOKENIZED = pa.schema(
 DATA_CPUS = 0.25
 """CPUs per read task and tokenizer actor: training workers hold the rest (Ray Data hangs when
 no CPU is left for its reads)."""
+TOKENIZE_BATCH = 256
+"""Pairs per tokenizer call."""
 
 
 @dataclass(frozen=True)
@@ -224,13 +228,45 @@ def tokenized_pairs(
     missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
     if missing:
         raise SelectionError(f"training table {selection.table} has no column(s) {missing}")
+    # An actor per batch at most: each one is a process importing transformers (seconds of
+    # CPU), which a small set (a loop's gold set, a test's pairs) never needs twice.
+    actors = max(1, min(training.workers, -(-keys.num_rows // TOKENIZE_BATCH)))
     options: dict[str, Any] = {
         "batch_format": "pyarrow",
-        "batch_size": 256,
-        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, training.workers)),
+        "batch_size": TOKENIZE_BATCH,
+        "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         "num_cpus": DATA_CPUS,
     }
     columns = [*KEYS, *TEXT_COLUMNS, *extra]
     rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
     flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
     return rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)
+
+
+class EveryRowDataConfig(ray.train.DataConfig):
+    """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows.
+
+    It lives here, not beside the training loop, because Ray Train's controller and dataset
+    manager unpickle it: importing the training module there (torch, transformers, MLflow)
+    cost each of them seconds of CPU before the first step. A materialized set (validation)
+    is split by its blocks up front, without the coordinator actor a streaming split starts."""
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            if isinstance(dataset, MaterializedDataset):
+                splits = [part.iterator() for part in dataset.split(world_size)]
+            else:
+                dataset = dataset.copy(dataset)
+                dataset.context.execution_options = self._resolve_execution_options(name)
+                splits = dataset.streaming_split(world_size, equal=False)
+            for rank, split in enumerate(splits):
+                output[rank][name] = split
+        return output

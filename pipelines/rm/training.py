@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch.distributed.checkpoint.state_dict import (
@@ -54,7 +53,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import get_scheduler
 
-from pipelines.core import reporting
 from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import TrainingConfig
@@ -62,7 +60,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
-from pipelines.rm.data import DATA_CPUS, tokenized_pairs, training_selection
+from pipelines.rm.data import DATA_CPUS, EveryRowDataConfig, tokenized_pairs, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     backbone_max_length,
@@ -72,8 +70,10 @@ from pipelines.rm.model import (
     save_reward_model,
     without_dropout,
 )
-from pipelines.rm.registry import MODEL_VERSION_TAG, log_reward_model, registered_version
 from storage_schemas import CURATED_SETS
+
+if TYPE_CHECKING:  # the training workers import this module: they need neither
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -512,26 +512,6 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
-class _EveryRowDataConfig(ray.train.DataConfig):
-    """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows."""
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: Any,
-        worker_node_ids: Any,
-        **kwargs: Any,
-    ) -> list[dict[str, Any]]:
-        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False)):
-                output[rank][name] = split
-        return output
-
-
 @dataclass(frozen=True)
 class TrainSummary(JobSummary):
     """What ``synpref train`` did: data, steps, the selected checkpoint and its metrics, and
@@ -595,6 +575,8 @@ class TrainSummary(JobSummary):
     def figures(self, lake: Lake) -> dict[str, Figure]:
         """Training curves from the run's step metrics (none when this run trained nothing: a
         finished run re-run)."""
+        from pipelines.core import reporting
+
         client = MlflowClient()
         curves = {
             key: sorted((m.step, m.value) for m in client.get_metric_history(self.run_id, key))
@@ -630,6 +612,8 @@ def default_run_name(lake: Lake, training: TrainingConfig) -> str:
 def register(summary: TrainSummary, register_as: str | None) -> TrainSummary:
     """Log the trained model to the active run and register it as ``register_as`` (unless that
     name already holds this very model: a re-run registers nothing twice)."""
+    from pipelines.rm.registry import MODEL_VERSION_TAG, log_reward_model, registered_version
+
     tags = {
         "synpref.train_run": summary.name,
         "synpref.step": str(summary.selected_step),
@@ -710,7 +694,7 @@ def train_reward_model(
             ),
         ),
         datasets=datasets,
-        dataset_config=_EveryRowDataConfig(),
+        dataset_config=EveryRowDataConfig(),
     )
     with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs):
         result = trainer.fit()
