@@ -77,6 +77,7 @@ def loop_config(folder: Path, judge_url: str) -> dict:
             "artifact_location": str(folder / "mlartifacts"),
         },
         "training": {
+            "workers": 1,  # one data-parallel worker: the same model in every run
             "max_length": 64,
             "global_batch": 16,
             "learning_rate": 1e-3,

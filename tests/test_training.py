@@ -116,6 +116,13 @@ def test_workers_get_steps_of_similar_length_and_every_row_once():
     assert [s["length"][0].as_py() for s in steps[0][:8]] != sorted(
         s["length"][0].as_py() for s in steps[0][:8]
     ), "steps are taken in a random order, not from short to long"
+    # The rows' arrival order does not matter: ties in length are broken by content.
+    tied = pa.table({"row_key": np.arange(32), "length": np.repeat([10, 20], 16)})
+    shuffled = tied.take(rng.permutation(32))
+    again = list(length_grouped_steps([shuffled], 4, (0, 0)))
+    assert [s["row_key"].to_pylist() for s in again] == [
+        s["row_key"].to_pylist() for s in length_grouped_steps([tied], 4, (0, 0))
+    ]
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -265,7 +265,11 @@ class EveryRowDataConfig(ray.train.DataConfig):
                 splits = [part.iterator() for part in dataset.split(world_size)]
             else:
                 dataset = dataset.copy(dataset)
-                dataset.context.execution_options = self._resolve_execution_options(name)
+                options = self._resolve_execution_options(name)
+                # Blocks in read order: one worker then sees the same rows in the same order
+                # in every run (several workers get blocks as they ask for them).
+                options.preserve_order = True
+                dataset.context.execution_options = options
                 splits = dataset.streaming_split(world_size, equal=False)
             for rank, split in enumerate(splits):
                 output[rank][name] = split

@@ -403,7 +403,8 @@ def length_grouped_steps(
     workers of a step hold pairs of about the same length quantile and none waits long for
     the others (DDP steps at the pace of the slowest)."""
     for index, window in enumerate(windows):
-        ordered = window.take(np.argsort(window["length"].to_numpy(), kind="stable"))
+        # By length, then by content (row_key): the order does not depend on arrival order.
+        ordered = window.sort_by([("length", "ascending"), ("row_key", "ascending")])
         steps = [ordered.slice(at, local_batch) for at in range(0, ordered.num_rows, local_batch)]
         for position in np.random.default_rng([*seed, index]).permutation(len(steps)):
             yield steps[position]
