@@ -38,9 +38,8 @@ from storage_schemas import PAIRS, RM_SCORES, VERDICTS
 
 log = logging.getLogger(__name__)
 
-
-def last_iteration(run: LoopRun) -> int:
-    return run.config.loop.iterations
+OUTCOMES = ("kept", "recycled", "discarded")
+"""What Stage 2 does with a D_wild pair."""
 
 
 def gold_set(run: LoopRun) -> dict[str, Any]:
@@ -62,7 +61,7 @@ def wild_pairs(run: LoopRun) -> pa.Table:
 def score_wild(run: LoopRun) -> dict[str, Any]:
     """D_wild scored by the best RM and by the gold RM."""
     wild = wild_pairs(run)
-    best = run.state.result(f"s1/{last_iteration(run)}/train")
+    best = run.state.result(f"s1/{run.config.loop.iterations}/train")  # Stage 1's last RM
     return {
         "best": score(run, "s2/score", best, wild),
         "gold": score(run, "s2/score", run.state.result("s2/gold-rm"), wild),
@@ -155,10 +154,7 @@ def decide(run: LoopRun) -> dict[str, Any]:
         f"[loop] stage 2: {outcomes['kept']:,} kept, {outcomes['recycled']:,} recycled, "
         f"{outcomes['discarded']:,} discarded of {p.num_rows:,} D_wild pairs"
     )
-    return {"metrics": {f"stage2_{k}": float(outcomes[k]) for k in KEPT_RECYCLED_DISCARDED}}
-
-
-KEPT_RECYCLED_DISCARDED = ("kept", "recycled", "discarded")
+    return {"metrics": {f"stage2_{k}": float(outcomes[k]) for k in OUTCOMES}}
 
 
 def curated_sets(run: LoopRun) -> dict[str, Any]:
