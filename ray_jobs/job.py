@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +41,27 @@ def global_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+JSON_STDOUT = "synpref.json_stdout"
+
+
 def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_stdout_for_json_only,
+        help="Print the summary as one JSON object on stdout.",
     )(command)
+
+
+def _stdout_for_json_only(ctx: click.Context, _: click.Parameter, as_json: bool) -> bool:
+    """With --json, stdout carries the JSON summary and nothing else: until the command ends,
+    whatever else is printed there (Ray relays its workers' and raylet's output to the driver's
+    stdout) goes to stderr."""
+    if as_json and JSON_STDOUT not in ctx.meta:
+        ctx.meta[JSON_STDOUT] = sys.stdout
+        ctx.with_resource(redirect_stdout(sys.stderr))
+    return as_json
 
 
 def resolve_config(ctx: click.Context, **options: Any) -> SynprefConfig:
@@ -142,7 +159,8 @@ def emit(summary: dict[str, Any], text: str, as_json: bool) -> None:
     context = click.get_current_context(silent=True)
     root = context.find_root().obj if context is not None else None
     if as_json or (isinstance(root, dict) and root.get("as_json")):
-        click.echo(json.dumps(summary, default=str, sort_keys=True))
+        stdout = context.meta.get(JSON_STDOUT) if context is not None else None
+        click.echo(json.dumps(summary, default=str, sort_keys=True), file=stdout)
     else:
         click.echo(text)
 

@@ -57,6 +57,28 @@ def test_ingest_tables_and_history_with_json_summaries(run):
     assert "MERGE" in run("history", "pairs").stdout
 
 
+def test_json_stdout_holds_the_summary_only_whatever_else_is_printed():
+    """Ray relays its workers' and raylet's lines to the driver's stdout while a job runs
+    (the journey once failed on a raylet warning there): with --json they go to stderr."""
+    from ray_jobs.job import emit, job_command
+
+    @job_command("noisy")
+    def noisy(ctx, as_json, **options):
+        print("(raylet) WARNING: 8 PYTHON worker processes have been started")
+        emit({"rows": 1}, "1 row", as_json)
+
+    cli.add_command(noisy)
+    try:
+        for args in (["noisy", "--json"], ["--json", "noisy"]):
+            result = CliRunner().invoke(cli, args, catch_exceptions=False)
+            assert json.loads(result.stdout) == {"rows": 1}
+            assert "raylet" in result.stderr
+        plain = CliRunner().invoke(cli, ["noisy"], catch_exceptions=False).stdout
+        assert "raylet" in plain and "1 row" in plain
+    finally:
+        cli.commands.pop("noisy")
+
+
 def test_usage_errors_are_clear(run, config, tmp_path):
     result = run("history", "nope", expect=1)
     assert "unknown table 'nope'" in result.output
