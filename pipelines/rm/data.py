@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import ray.train
 import xxhash
 from deltalake.exceptions import DeltaError
 from ray.data.dataset import MaterializedDataset
@@ -52,6 +51,11 @@ DATA_CPUS = 0.25
 no CPU is left for its reads)."""
 TOKENIZE_BATCH = 256
 """Pairs per tokenizer call."""
+TOKENIZE_ON_DRIVER = 2048
+"""Sets up to this many pairs are tokenised by the driver (a second or two of work): an actor
+would be a process importing transformers, and each set a streaming split with its own
+coordinator actor, seconds of start-up per training run on a small machine for a loop's gold
+and training sets."""
 
 
 @dataclass(frozen=True)
@@ -228,8 +232,12 @@ def tokenized_pairs(
     missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
     if missing:
         raise SelectionError(f"training table {selection.table} has no column(s) {missing}")
-    # An actor per batch at most: each one is a process importing transformers (seconds of
-    # CPU), which a small set (a loop's gold set, a test's pairs) never needs twice.
+    columns = [*KEYS, *TEXT_COLUMNS, *extra]
+    rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
+    flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
+    if keys.num_rows <= TOKENIZE_ON_DRIVER:
+        return _tokenized_here(rows, PairTokenizer(training, flipped))
+    # An actor per batch at most: each one is a process importing transformers (seconds).
     actors = max(1, min(training.workers, -(-keys.num_rows // TOKENIZE_BATCH)))
     options: dict[str, Any] = {
         "batch_format": "pyarrow",
@@ -237,40 +245,13 @@ def tokenized_pairs(
         "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         "num_cpus": DATA_CPUS,
     }
-    columns = [*KEYS, *TEXT_COLUMNS, *extra]
-    rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
-    flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
     return rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)
 
 
-class EveryRowDataConfig(ray.train.DataConfig):
-    """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows.
-
-    It lives here, not beside the training loop, because Ray Train's controller and dataset
-    manager unpickle it: importing the training module there (torch, transformers, MLflow)
-    cost each of them seconds of CPU before the first step. A materialized set (validation)
-    is split by its blocks up front, without the coordinator actor a streaming split starts."""
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: Any,
-        worker_node_ids: Any,
-        **kwargs: Any,
-    ) -> list[dict[str, Any]]:
-        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            if isinstance(dataset, MaterializedDataset):
-                splits = [part.iterator() for part in dataset.split(world_size)]
-            else:
-                dataset = dataset.copy(dataset)
-                options = self._resolve_execution_options(name)
-                # Blocks in read order: one worker then sees the same rows in the same order
-                # in every run (several workers get blocks as they ask for them).
-                options.preserve_order = True
-                dataset.context.execution_options = options
-                splits = dataset.streaming_split(world_size, equal=False)
-            for rank, split in enumerate(splits):
-                output[rank][name] = split
-        return output
+def _tokenized_here(rows: ray.data.Dataset, tokenize: PairTokenizer) -> MaterializedDataset:
+    """A small set read by Ray Data and tokenised by the driver, in key order (the order
+    blocks arrive in varies from run to run)."""
+    parts = [t for t in ray.get(rows.to_arrow_refs()) if t.num_rows]
+    table = pa.concat_tables(parts).sort_by([(k, "ascending") for k in KEYS])
+    batches = range(0, table.num_rows, TOKENIZE_BATCH)
+    return ray.data.from_arrow([tokenize(table.slice(at, TOKENIZE_BATCH)) for at in batches])

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from ray.data.dataset import MaterializedDataset
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -60,7 +61,8 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
-from pipelines.rm.data import DATA_CPUS, EveryRowDataConfig, tokenized_pairs, training_selection
+from pipelines.rm.data import DATA_CPUS, tokenized_pairs, training_selection
+from pipelines.rm.launch import EveryRowDataConfig, WorkerSetup, train_loop
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     backbone_max_length,
@@ -114,17 +116,6 @@ class TrainState:
     def load(cls, folder: Path) -> TrainState:
         values = json.loads((folder / STATE_FILE).read_text())
         return cls(**values, seen=np.load(folder / SEEN_FILE))
-
-
-@dataclass(frozen=True)
-class WorkerSetup:
-    """Everything a training worker needs besides its data shards (sent by the driver)."""
-
-    training: TrainingConfig
-    total_steps: int
-    tracking_uri: str
-    run_id: str
-    has_validation: bool
 
 
 class _Worker:
@@ -664,7 +655,10 @@ def train_reward_model(
     )
     local_batch = math.ceil(training.global_batch / training.workers)
     train = tokenized_pairs(lake, selection, selection.train, training)
-    datasets = {"train": in_blocks_of(train, local_batch, DATA_CPUS)}
+    steps_of_data = in_blocks_of(train, local_batch, DATA_CPUS)
+    if isinstance(train, MaterializedDataset):  # tokenised by the driver: split, not streamed
+        steps_of_data = steps_of_data.materialize()
+    datasets = {"train": steps_of_data}
     if n_val:
         # Gold sets are small and read at every validation: tokenise them once.
         validation = tokenized_pairs(lake, selection, selection.validation, training)
@@ -676,7 +670,7 @@ def train_reward_model(
     by_accuracy = bool(n_val) and training.select == "best"
     resources = {"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {})
     trainer = ray.train.torch.TorchTrainer(
-        _train_loop,
+        train_loop,
         train_loop_config={"setup": setup},
         scaling_config=ray.train.ScalingConfig(
             num_workers=training.workers,
@@ -779,10 +773,6 @@ class _ProgressLines:
             if "val_accuracy" in metrics:
                 line += f"; validation accuracy {metrics['val_accuracy']:.3f}"
             log.info(line)
-
-
-def _train_loop(config: dict[str, Any]) -> None:
-    train_worker(config["setup"])
 
 
 def _select(
