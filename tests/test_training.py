@@ -4,6 +4,7 @@ inputs, a GGUF decoder that registers a model scoring exactly as trained, and a 
 an epoch. The encoder on the defaults, its registry and its resume: test_journey.py."""
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -24,7 +25,8 @@ from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import ConfigError, load_config
 from pipelines.ingest.job import IngestRequest
-from pipelines.rm.data import row_keys, training_selection
+from pipelines.rm import data
+from pipelines.rm.data import row_keys, tokenized_pairs, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     RewardModel,
@@ -205,6 +207,38 @@ def _validation_conversations(lake, training):
     return chosen, rejected
 
 
+def test_a_small_set_tokenised_by_the_driver_equals_the_actor_pipeline(
+    config, hh_lake, encoder_rm, tmp_path, monkeypatch
+):
+    """Sets up to TOKENIZE_ON_DRIVER pairs skip the tokenizer actors and the streaming split:
+    the same rows (flips swapped, long pairs truncated), in blocks of a worker's share of a
+    step, the same blocks in every run."""
+    training = _train_config(config, encoder_rm, tmp_path)
+    training.max_length = 64
+    plain = training_selection(hh_lake, training.data)
+    flips = plain.train.slice(0, 5)
+    selection = dataclasses.replace(plain, flipped=flips)
+
+    def tokenized(selection) -> list[pa.Table]:
+        dataset = tokenized_pairs(hh_lake, selection, selection.train, training, 16)
+        return list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    here = tokenized(selection)
+    assert [b.num_rows for b in here[:-1]] == [16] * (len(here) - 1) and here[-1].num_rows <= 16
+    assert [b.to_pydict() for b in tokenized(selection)] == [b.to_pydict() for b in here]
+    unflipped = pa.concat_tables(tokenized(plain)).sort_by("row_key").to_pydict()
+    monkeypatch.setattr(data, "TOKENIZE_ON_DRIVER", 0)
+    streamed = pa.concat_tables(tokenized(selection)).sort_by("row_key")
+    assert pa.concat_tables(here).sort_by("row_key").equals(streamed)
+    rows = streamed.to_pydict()
+    assert sum(rows["truncated"]) > 0
+    swapped = set(row_keys(flips["source"], flips["pair_id"]).tolist())
+    for i, key in enumerate(rows["row_key"]):
+        sides = (rows["chosen_ids"][i], rows["rejected_ids"][i])
+        as_stored = (unflipped["chosen_ids"][i], unflipped["rejected_ids"][i])
+        assert sides == (as_stored[::-1] if key in swapped else as_stored)
+
+
 def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):
     _train_config(config, str(tmp_path / "no-model-here"), tmp_path)
     with pytest.raises(ValueError, match="cannot be loaded"):
@@ -227,8 +261,10 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) 
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice_an_epoch(
-    config, hh_lake, decoder_rm, tmp_path
+    config, hh_lake, decoder_rm, tmp_path, monkeypatch
 ):
+    # The path of large sets: tokenizer actors, and the streaming split among 2 workers.
+    monkeypatch.setattr(data, "TOKENIZE_ON_DRIVER", 0)
     training = _train_config(config, decoder_rm, tmp_path)
     training.data.where = "pair_id < '18'"  # about a tenth of HH: many small steps
     training.global_batch = 8

@@ -24,6 +24,7 @@ import xxhash
 from deltalake.exceptions import DeltaError
 from ray.data.dataset import MaterializedDataset
 
+from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.config import TrainingConfig, TrainingDataConfig
 from pipelines.core.errors import SelectionError
 from pipelines.core.lake import Lake
@@ -224,9 +225,14 @@ class PairTokenizer:
 
 
 def tokenized_pairs(
-    lake: Lake, selection: TrainingSelection, keys: pa.Table, training: TrainingConfig
+    lake: Lake,
+    selection: TrainingSelection,
+    keys: pa.Table,
+    training: TrainingConfig,
+    block_rows: int | None = None,
 ) -> ray.data.Dataset:
-    """The pairs ``keys`` of the selection as a Ray Dataset of ``TOKENIZED`` rows."""
+    """The pairs ``keys`` of the selection as a Ray Dataset of ``TOKENIZED`` rows, in blocks of
+    exactly ``block_rows`` rows but the last (a training worker's share of a step)."""
     extra = [c for c in (training.data.weight_column, training.data.margin_column) if c]
     schema = lake.table_schema(selection.table, selection.version)
     missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
@@ -236,7 +242,7 @@ def tokenized_pairs(
     rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
     flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
     if keys.num_rows <= TOKENIZE_ON_DRIVER:
-        return _tokenized_here(rows, PairTokenizer(training, flipped))
+        return _tokenized_here(rows, PairTokenizer(training, flipped), block_rows)
     # An actor per batch at most: each one is a process importing transformers (seconds).
     actors = max(1, min(training.workers, -(-keys.num_rows // TOKENIZE_BATCH)))
     options: dict[str, Any] = {
@@ -245,13 +251,24 @@ def tokenized_pairs(
         "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         "num_cpus": DATA_CPUS,
     }
-    return rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)
+    tokenized = rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)
+    return tokenized if block_rows is None else in_blocks_of(tokenized, block_rows, DATA_CPUS)
 
 
-def _tokenized_here(rows: ray.data.Dataset, tokenize: PairTokenizer) -> MaterializedDataset:
-    """A small set read by Ray Data and tokenised by the driver, in key order (the order
-    blocks arrive in varies from run to run)."""
+def _tokenized_here(
+    rows: ray.data.Dataset, tokenize: PairTokenizer, block_rows: int | None
+) -> MaterializedDataset:
+    """A small set read by Ray Data, tokenised by the driver in key order (the order blocks
+    arrive in varies from run to run) and cut into blocks: the same blocks in every run."""
     parts = [t for t in ray.get(rows.to_arrow_refs()) if t.num_rows]
     table = pa.concat_tables(parts).sort_by([(k, "ascending") for k in KEYS])
-    batches = range(0, table.num_rows, TOKENIZE_BATCH)
-    return ray.data.from_arrow([tokenize(table.slice(at, TOKENIZE_BATCH)) for at in batches])
+    tokenized = pa.concat_tables(
+        [
+            tokenize(table.slice(at, TOKENIZE_BATCH))
+            for at in range(0, table.num_rows, TOKENIZE_BATCH)
+        ]
+    )
+    size = block_rows or TOKENIZE_BATCH
+    return ray.data.from_arrow(
+        [tokenized.slice(at, size) for at in range(0, tokenized.num_rows, size)]
+    )

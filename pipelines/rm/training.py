@@ -44,7 +44,6 @@ import torch
 import torch.distributed as dist
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from ray.data.dataset import MaterializedDataset
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -54,14 +53,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import get_scheduler
 
-from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import TrainingConfig
 from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
-from pipelines.rm.data import DATA_CPUS, tokenized_pairs, training_selection
+from pipelines.rm.data import tokenized_pairs, training_selection
 from pipelines.rm.launch import EveryRowDataConfig, WorkerSetup, train_loop
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
@@ -654,11 +652,7 @@ def train_reward_model(
         f"on {training.workers} worker(s)"
     )
     local_batch = math.ceil(training.global_batch / training.workers)
-    train = tokenized_pairs(lake, selection, selection.train, training)
-    steps_of_data = in_blocks_of(train, local_batch, DATA_CPUS)
-    if isinstance(train, MaterializedDataset):  # tokenised by the driver: split, not streamed
-        steps_of_data = steps_of_data.materialize()
-    datasets = {"train": steps_of_data}
+    datasets = {"train": tokenized_pairs(lake, selection, selection.train, training, local_batch)}
     if n_val:
         # Gold sets are small and read at every validation: tokenise them once.
         validation = tokenized_pairs(lake, selection, selection.validation, training)
