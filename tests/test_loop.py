@@ -106,6 +106,7 @@ def loop_config(folder: Path, judge_url: str) -> dict:
             "human_budget": 6,
             "iterations": 2,
             "simulated_flips": FLIPPED,
+            "stage2_judge_budget": 100,
             "benchmarks": {"rmbench": str(shared_data(RM_BENCH / "chat_filtered.json"))},
         },
     }
@@ -217,7 +218,16 @@ def test_a_killed_loop_resumes_and_runs_stage1_stage2_and_the_final_models(finis
     assert {"human", "llm-judge"} <= origins and origins & {"rm-consistency", "recycled"}
     stage2 = [e for e in events.values() if e["step"] == "s2/decide"]
     assert len(stage2) == sum(summary.stage2.values())
-    assert all({"p_best", "p_gold", "verdict"} <= json.loads(e["evidence"]).keys() for e in stage2)
+    evidence = [json.loads(e["evidence"]) for e in stage2]
+    assert all({"p_best", "p_gold", "verdict"} <= e.keys() for e in evidence)
+    # The judges' budget went to the pairs the best RM was least sure of.
+    judged = state["s2/judge"]
+    assert judged["sent"] == 100 < judged["doubtful"]
+    with_verdict = [abs(e["p_best"] - 0.5) for e in evidence if e["verdict"] is not None]
+    without = [
+        abs(e["p_best"] - 0.5) for e in evidence if e["verdict"] is None and e["p_best"] <= 0.5
+    ]
+    assert len(with_verdict) == 100 and max(with_verdict) <= min(without)
 
     # The final RM trained on the curated set (selected on gold) and was evaluated.
     assert set(summary.final) == {"curated", "all"}

@@ -523,6 +523,9 @@ class LoopConfig(_Section):
     """Run Stage 2 over D_wild after the Stage 1 iterations."""
     uncertain_band: float = Field(default=0.1, ge=0, lt=0.5)
     """Stage 2: a pair whose best-RM p is within this of 0.5 also goes to the judges."""
+    stage2_judge_budget: int | None = Field(default=None, ge=0)
+    """Stage 2: at most this many pairs go to the judges, those the best RM is least sure of
+    first (p nearest 0.5); the others are decided without a verdict. None: all of them."""
     keep_needs_gold_rm: bool = True
     """Stage 2 keep rule: the label must agree with the gold RM (and with the best RM or the
     judges); off: agreeing with the best RM or the judges is enough."""

@@ -81,19 +81,29 @@ def _probabilities(run: LoopRun, wild: pa.Table) -> pa.Table:
 
 
 def judge_wild(run: LoopRun) -> dict[str, Any]:
-    """The judges on the pairs the best RM contradicts or is unsure of."""
-    band = run.config.loop.uncertain_band
+    """The judges on the pairs the best RM contradicts or is unsure of (within the budget,
+    the least sure first)."""
+    loop = run.config.loop
     p = _probabilities(run, wild_pairs(run))
+    p = p.append_column("doubt", pc.abs(pc.subtract(p["p_best"], 0.5)))
     doubtful = p.filter(
-        pc.or_(
-            pc.less_equal(p["p_best"], 0.5),
-            pc.less_equal(pc.abs(pc.subtract(p["p_best"], 0.5)), band),
-        )
+        pc.or_(pc.less_equal(p["p_best"], 0.5), pc.less_equal(p["doubt"], loop.uncertain_band))
     )
-    if doubtful.num_rows == 0:
-        return {"panel_key": None, "sent": 0}
+    doubtful = doubtful.sort_by(
+        [("doubt", "ascending"), ("pair_id", "ascending"), ("source", "ascending")]
+    )
+    sent = doubtful.slice(0, loop.stage2_judge_budget).select(KEYS)
+    log.info(
+        f"[loop] s2/judge: {doubtful.num_rows:,} pairs the best RM contradicts or is unsure "
+        f"of, {sent.num_rows:,} of them to the judges"
+    )
+    if sent.num_rows == 0:
+        return {"panel_key": None, "sent": 0, "doubtful": doubtful.num_rows}
     gold = run.state.result("s2/sets")["gold"]
-    return judge(run, "s2/judge", doubtful.select(KEYS), gold) | {"sent": doubtful.num_rows}
+    return judge(run, "s2/judge", sent, gold) | {
+        "sent": sent.num_rows,
+        "doubtful": doubtful.num_rows,
+    }
 
 
 def decide(run: LoopRun) -> dict[str, Any]:
