@@ -38,8 +38,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 class EveryRowDataConfig(ray.train.DataConfig):
     """Ray Train's split, but uneven: ``equal=True`` would drop up to ``workers - 1`` rows.
-    A materialized set (validation) is split by its blocks up front, without the coordinator
-    actor a streaming split starts."""
+    A materialized set (one the driver tokenised, the validation set) is split by its blocks
+    up front, in order, without the coordinator actor a streaming split starts."""
 
     def configure(
         self,
