@@ -176,6 +176,8 @@ def test_keys_predicate_selects_exactly_the_keys(lake, config):
 def test_loop_config_and_state_errors_are_clear(config, lake):
     with pytest.raises(ConfigError, match="stage2 needs Stage 1's best reward model"):
         load_config(None, {"loop": {"iterations": 0}})
+    with pytest.raises(ConfigError, match="loop.stage2_judge_budget"):
+        load_config(None, {"loop": {"stage2_judge_budget": -1}})
     steps = ["sets", "train", "score-gold", "retrieve", "review", "await-review", "judge", "label"]
     assert [s.name for s in plan(LoopConfig(iterations=1, stage2=False, final=False))] == [
         "s1/0/review",

@@ -261,13 +261,7 @@ def _tokenized_here(
     """A small set read by Ray Data, tokenised by the driver in key order (the order blocks
     arrive in varies from run to run) and cut into blocks: the same blocks in every run."""
     parts = [t for t in ray.get(rows.to_arrow_refs()) if t.num_rows]
-    table = pa.concat_tables(parts).sort_by([(k, "ascending") for k in KEYS])
-    tokenized = pa.concat_tables(
-        [
-            tokenize(table.slice(at, TOKENIZE_BATCH))
-            for at in range(0, table.num_rows, TOKENIZE_BATCH)
-        ]
-    )
+    tokenized = tokenize(pa.concat_tables(parts).sort_by([(k, "ascending") for k in KEYS]))
     size = block_rows or TOKENIZE_BATCH
     return ray.data.from_arrow(
         [tokenized.slice(at, size) for at in range(0, tokenized.num_rows, size)]
