@@ -1,7 +1,7 @@
-"""The human-AI loop end to end on real HH pairs with the offline models: its driver killed as
-iteration 2 trains, then resumed through Stage 2, the curated set and the final reward models,
-to the labels and curated set of an uninterrupted run; and a loop that waits for people in
-Label Studio.
+"""The human-AI loop end to end on real HH pairs with the offline models: two Stage 1
+iterations, Stage 2, the curated set and the final reward models; a loop whose driver is killed
+as iteration 1 trains and resumed, to the decisions of the uninterrupted run's iteration 1; and a
+loop that waits for people in Label Studio.
 
 HH's labels are human, so its first 160 records play a human-labelled source (Stage 1) and the
 next 200 a source without human labels (Stage 2), each with a share of records flipped (marked
@@ -127,18 +127,17 @@ def prepared(folder: Path, sources: Path, judge_url: str, **loop: object) -> Syn
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, hh_sources, scripted_server_url, ray_cluster):
-    """The loop run as a user runs it, but its driver killed as iteration 2 trains: the
-    steps done before, the steps left, and the result of the resumed run."""
-    folder = tmp_path_factory.mktemp("loop")
-    config = prepared(folder, hh_sources, scripted_server_url)
-    committed = _killed_at(config, folder, "s1/2/sets")
-    return config, committed, jobs.loop(config, resume=True)
+    """The loop run as a user runs it, from an ingested and deduplicated lake."""
+    config = prepared(tmp_path_factory.mktemp("loop"), hh_sources, scripted_server_url)
+    return config, jobs.loop(config)
 
 
-def _killed_at(config: SynprefConfig, folder: Path, step: str) -> set[str]:
-    """Run the loop's driver in a process of its own, SIGKILL it once ``step`` is committed,
-    and return the steps committed by then."""
+def _killed_in(config: SynprefConfig, folder: Path, run_name: str) -> set[str]:
+    """Run the loop's driver in a process of its own, SIGKILL it while the MLflow run
+    ``run_name`` is running, and return the steps committed by then."""
     lake = Lake(config.lake.root)
+    mlflow.set_tracking_uri(config.tracking.uri)
+    running = f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'"
     log = (folder / "loop.log").open("w")
     driver = subprocess.Popen(
         [
@@ -157,26 +156,21 @@ def _killed_at(config: SynprefConfig, folder: Path, step: str) -> set[str]:
         env={**os.environ, "SYNPREF_LOG_FILE": str(folder / "synpref.log")},
     )
     deadline = time.monotonic() + 900
-    while not (lake.exists("loop_state") and lake.count("loop_state", where=f"step = '{step}'")):
+    while not mlflow.search_runs(experiment_names=["synpref"], filter_string=running).shape[0]:
         assert driver.poll() is None, (folder / "loop.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, f"the loop did not reach {step}"
+        assert time.monotonic() < deadline, f"the loop did not start {run_name}"
         time.sleep(1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     return set(lake.read("loop_state", columns=["step"])["step"].to_pylist())
 
 
-def test_a_killed_loop_resumes_and_runs_stage1_stage2_and_the_final_models(finished):
-    config, committed, result = finished
+def test_the_loop_runs_stage1_stage2_and_the_final_models(finished):
+    config, result = finished
     lake = Lake(config.lake.root)
     summary = result.summary
     assert summary.status == "finished" and summary.steps_done == summary.steps_total
-    # The resumed driver redoes the step the killed one was in, then each step left, once.
-    names = [step.name for step in plan(config.loop)]
-    assert summary.steps_run == [n for n in names if n not in committed]
-    assert summary.steps_run[0] == "s1/2/train"
-    states = lake.read("loop_state", columns=["step"])["step"].to_pylist()
-    assert len(states) == len(set(states))
+    assert summary.steps_run == [step.name for step in plan(config.loop)]
     assert [round(m["gold_pairs"]) for m in summary.iterations] == [22, 28]
     assert "SIMULATED" in summary.text()
 
@@ -238,10 +232,8 @@ def test_a_killed_loop_resumes_and_runs_stage1_stage2_and_the_final_models(finis
     mlflow.set_tracking_uri(config.tracking.uri)
     client = mlflow.MlflowClient()
     parent = client.get_run(result.run_id)
-    # The runs the killed driver left RUNNING are marked KILLED.
     runs = mlflow.search_runs(experiment_names=["synpref"], output_format="list")
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert any(r.info.status == "KILLED" for r in runs)
+    assert {r.info.status for r in runs} == {"FINISHED"}
     history = client.get_metric_history(result.run_id, "gold_pairs")
     assert sorted((m.step, m.value) for m in history) == [(1, 22.0), (2, 28.0)]
     plots = {a.path for a in client.list_artifacts(result.run_id, "loop")}
@@ -269,22 +261,37 @@ def test_a_killed_loop_resumes_and_runs_stage1_stage2_and_the_final_models(finis
     assert again.steps_run == [] and again.curated_set == summary.curated_set
 
 
-def test_the_killed_loop_ends_as_an_uninterrupted_one(
+def test_a_loop_killed_as_it_trains_resumes_to_the_decisions_of_an_uninterrupted_run(
     finished, tmp_path, hh_sources, scripted_server_url
 ):
-    """The same loop without the kill (and without the final models, which label nothing)
-    gives the same labels and curated set."""
-    resumed, _, _ = finished
-    config = prepared(tmp_path, hh_sources, scripted_server_url, final=False)
-    assert jobs.loop(config).summary.status == "finished"
-    lake, expected = Lake(config.lake.root), Lake(resumed.lake.root)
-    for table, columns, where in (
-        ("labels", ["source", "pair_id", "label", "pool", "origin"], None),
-        ("curated_sets", ["source", "pair_id", "flipped", "origin"], "set_name = 'loop/curated'"),
+    """The driver SIGKILLed while iteration 1 trains; the resumed run redoes that step, then
+    each step left, once, and decides what the uninterrupted run decided in iteration 1 (its
+    iterations do not depend on how many follow)."""
+    uninterrupted, _ = finished
+    config = prepared(
+        tmp_path, hh_sources, scripted_server_url, iterations=1, stage2=False, final=False
+    )
+    committed = _killed_in(config, tmp_path, "loop-s1-1-train")
+    summary = jobs.loop(config, resume=True).summary
+    assert summary.status == "finished" and summary.steps_done == summary.steps_total
+    assert summary.steps_run == [s.name for s in plan(config.loop) if s.name not in committed]
+    assert summary.steps_run[0] == "s1/1/train"
+    lake, expected = Lake(config.lake.root), Lake(uninterrupted.lake.root)
+    states = lake.read("loop_state", columns=["step"])["step"].to_pylist()
+    assert len(states) == len(set(states))
+    # The runs the killed driver left RUNNING are marked KILLED.
+    runs = mlflow.search_runs(experiment_names=["synpref"], output_format="list")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert any(r.info.status == "KILLED" for r in runs)
+
+    # The retrained model gave each gold pair the same p; people and judges decided the same.
+    for table, columns in (
+        ("retrievals", ["gold_pair_id", "pair_id", "rank", "gold_p", "k"]),
+        ("label_events", ["source", "pair_id", "label", "origin", "who", "step", "confidence"]),
     ):
         order = [(c, "ascending") for c in columns]
-        want = expected.read(table, columns=columns, where=where).sort_by(order)
-        assert lake.read(table, columns=columns, where=where).sort_by(order).equals(want), table
+        want = expected.read(table, columns=columns, where="iteration <= 1").sort_by(order)
+        assert want.num_rows and lake.read(table, columns=columns).sort_by(order).equals(want)
 
 
 def test_the_loop_waits_for_people_in_label_studio_and_goes_on_with_their_answers(
