@@ -1,15 +1,18 @@
 """A new user's journey on the defaults, as the README tells it: ingest HH pairs, train a reward
-model on 1,500 of them (registered, scoring as trained; a re-run resumes the finished run),
-score, evaluate on JudgeBench and RM-Bench, serve it and query it with a conversation longer than
-the model reads, stop the server. Only the lake, the tracking URI and
-the selections are given: every other value is the default a user gets (the lesson of a round
-whose tests all set a small max_length and so never ran the defaults)."""
+model (registered, scoring as trained; a re-run resumes the finished run), score, evaluate on
+JudgeBench and RM-Bench, serve it and query it with a conversation longer than the model reads,
+stop the server. Only the lake, the tracking URI and the selections are given: every other value
+is the default a user gets (the lesson of a round whose tests all set a small max_length and so
+never ran the defaults). The README's run trains on 1,500 pairs and evaluates on the whole
+benchmarks (its numbers are measured by hand); this one trains on 500 and evaluates on the first
+items of each benchmark file, so that it costs a sixth of that on every CI run."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -19,6 +22,7 @@ import ray
 from click.testing import CliRunner
 from ray import serve
 
+from pipelines.core.lake import Lake
 from pipelines.rm.model import RewardModel
 from ray_jobs.cli import cli
 from tests.conftest import (
@@ -31,8 +35,8 @@ from tests.conftest import (
     wait_until_up,
 )
 
-TRAIN = "pair_id < 'a6'"  # about 1,500 of HH's 2,303 pairs (ids are hex digests)
-GOLD = "pair_id >= 'a6'"  # the other 800: validation accuracy within about 1.7 points
+TRAIN = "pair_id < '38'"  # about 500 of HH's 2,303 pairs (ids are hex digests)
+GOLD = "pair_id >= 'e8'"  # about 200 others
 
 
 @pytest.mark.slow
@@ -47,11 +51,16 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
 
     synpref("ingest", str(shared_data(HH_HARMLESS)), "--source", "hh")
     trained = synpref("train", "--name", "journey", "--where", TRAIN, "--validation-where", GOLD)
-    assert 1400 < trained["train_pairs"] < 1600 and trained["validation_pairs"] > 750
+    lake = Lake(config.lake.root)
+    assert trained["train_pairs"] == lake.count("pairs", where=TRAIN) > 450
+    assert trained["validation_pairs"] == lake.count("pairs", where=GOLD) > 180
     assert trained["max_length"] == 512, "MiniLM reads 512 tokens, whatever 4096 asks"
     assert trained["pairs_truncated"] > 0, "HH has conversations over 512 tokens: cut, not a crash"
+    # It learns: 0.566 and 0.671 here (on 1,500 pairs, the README's 62%); the length heuristic
+    # gets 0.45, a model that learned nothing a loss of ln 2 = 0.693.
     accuracy = trained["selected_metrics"]["val_accuracy"]
-    assert accuracy > 0.58, f"validation accuracy {accuracy:.3f}: the length heuristic gets 0.45"
+    assert accuracy > 0.53, f"validation accuracy {accuracy:.3f}"
+    assert trained["selected_metrics"]["val_loss"] < 0.685
     run = mlflow.get_run(trained["run_id"])
     assert run.info.run_name == "journey"
     assert run.data.params["config.training.micro_batch_tokens"] != "***"
@@ -75,20 +84,31 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
     scored = synpref("score", "--model", folder, "--where", GOLD)
     assert scored["accuracy"] == pytest.approx(accuracy), "scoring reads what training read"
 
-    judgebench = synpref(
-        "eval", "judgebench", "--data", str(shared_data(JUDGEBENCH)), "--model", folder
-    )
-    assert judgebench["items"] == 350 and 0 < judgebench["metrics"]["accuracy"] < 100
+    judgebench_sample = _first_items(shared_data(JUDGEBENCH), tmp_path / "judgebench", 60)
+    judgebench = synpref("eval", "judgebench", "--data", str(judgebench_sample), "--model", folder)
+    assert judgebench["items"] == 60 and 0 < judgebench["metrics"]["accuracy"] < 100
     tags = mlflow.get_run(judgebench["run_id"]).data.tags
     assert (
         tags["synpref.registered_model"]
         == f"models:/synpref-reward-model/{trained['registered_version']}"
     )
-    chat = shared_data(RM_BENCH) / "chat_filtered.json"
+    chat = _first_items(shared_data(RM_BENCH) / "chat_filtered.json", tmp_path / "rmbench", 30)
     rmbench = synpref("eval", "rmbench", "--data", str(chat), "--model", folder)
-    assert rmbench["items"] == 129
+    assert rmbench["items"] == 30
 
     _serve_query_and_stop(folder, tmp_path)
+
+
+def _first_items(path: Path, folder: Path, items: int) -> Path:
+    """The first ``items`` records of a benchmark file (jsonl or a JSON list), written under
+    ``folder`` with the same name and format."""
+    folder.mkdir(parents=True)
+    sample = folder / path.name
+    if path.suffix == ".jsonl":
+        sample.write_text("".join(path.read_text().splitlines(keepends=True)[:items]))
+    else:
+        sample.write_text(json.dumps(json.loads(path.read_text())[:items]))
+    return sample
 
 
 def _registered_model_scores_as_trained(trained: dict) -> None:
