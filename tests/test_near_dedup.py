@@ -10,12 +10,14 @@ import ray
 from pipelines import jobs
 from pipelines.core.config import MinHashConfig
 from pipelines.core.lake import Lake
+from pipelines.hygiene import near_dedup
 from pipelines.hygiene.near_dedup import (
     MinHasher,
     SignatureMaker,
     bucket_edges,
     near_clusters,
     near_pairs,
+    near_pairs_on_driver,
     node_ids,
 )
 from pipelines.ingest.job import IngestRequest
@@ -82,6 +84,8 @@ def test_near_duplicates_need_all_three_fields_similar(ray_cluster):
     edges = near_pairs(read, OPTIONS, partitions=3)
     found = sorted(zip(edges["pair_id_a"].to_pylist(), edges["pair_id_b"].to_pylist(), strict=True))
     assert [(a[0], b[0]) for a, b in found] == [("0", "1"), ("0", "4"), ("1", "4")]
+    order = [("pair_id_a", "ascending"), ("pair_id_b", "ascending")]
+    assert near_pairs_on_driver(signatures, OPTIONS).sort_by(order).equals(edges.sort_by(order))
     clusters = near_clusters(edges, lambda s: 0, "r")
     assert sorted(p[0] for p in clusters["pair_id"].to_pylist()) == ["0", "1", "4"]
     assert set(clusters["cluster_size"].to_pylist()) == {3}
@@ -121,7 +125,9 @@ def truth(lake, source):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path):
+def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path, monkeypatch):
+    """Found incrementally on the driver (a small set), and the same again from scratch on Ray
+    Data (the path of sets over ``NEAR_DEDUP_ON_DRIVER``)."""
     spec = CorpusSpec(
         pairs=600, seed=4, near_duplicate_rate=0.1, near_duplicate_edit_rate=0.02, bad_row_rate=0
     )
@@ -176,12 +182,20 @@ def test_planted_near_duplicates_are_found_incrementally(config, lake, tmp_path)
     )
     for source, files in (("one", first), ("two", second)):
         jobs.ingest(fresh, IngestRequest(paths=[str(f) for f in files], source=source)).as_dict()
+    monkeypatch.setattr(near_dedup, "NEAR_DEDUP_ON_DRIVER", 0)
     full = jobs.dedup(fresh).as_dict()
     assert (full["near_clusters"], full["near_duplicates"]) == (
         result["near_clusters"],
         result["near_duplicates"],
     )
     fresh_lake = Lake(fresh.lake.root)
+    columns = ["source", "pair_id", "representative_source", "representative_pair_id"]
+    order = [(c, "ascending") for c in columns]
+    for_both = [
+        near_lake.read("dedup_clusters", columns=columns, where="method = 'near'").sort_by(order)
+        for near_lake in (lake, fresh_lake)
+    ]
+    assert for_both[0].equals(for_both[1]), "the driver and Ray Data found the same clusters"
     near_status = fresh_lake.count("curation_status", where="status = 'near_dup'")
     assert 0 < near_status <= full["near_duplicates"]  # a conflict outranks being a near-dup
     fresh.dedup.minhash.enabled = False
