@@ -352,8 +352,9 @@ def components(edges: np.ndarray, n: int) -> np.ndarray:
 
 
 def store_signatures(lake: Lake, version: int, options: MinHashConfig) -> None:
-    """Compute on Ray Data and store the signatures of the corpus pairs at ``version`` that
-    have none yet (incremental: a re-run hashes only the pairs added since)."""
+    """Compute (on Ray Data, or on the driver for a few new pairs) and store the signatures of
+    the corpus pairs at ``version`` that have none yet (incremental: a re-run hashes only the
+    pairs added since)."""
     pairs = lake.read(PAIRS.name, version, ["source", "pair_id"], "source_kind = 'corpus'")
     if lake.exists(MINHASH_SIGNATURES.name):
         stored = lake.read(
@@ -367,27 +368,33 @@ def store_signatures(lake: Lake, version: int, options: MinHashConfig) -> None:
     if not missing.num_rows:
         return
     started = time.perf_counter()
-    rows = lake.dataset(
-        PAIRS.name,
-        version,
-        ["source", "pair_id", "history", "chosen", "rejected"],
-        pc.field("source_kind") == "corpus",
-        keys=missing if missing.num_rows < pairs.num_rows else None,
-    )
-    signed = rows.map_batches(
-        SignatureMaker,
-        fn_constructor_kwargs={"options": options},
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
-    )
-    parts = [t for t in ray.get(signed.to_arrow_refs()) if t.num_rows]
-    new = pa.concat_tables(parts)
+    columns = ["source", "pair_id", "history", "chosen", "rejected"]
+    keys = missing if missing.num_rows < pairs.num_rows else None
+    if missing.num_rows <= NEAR_DEDUP_ON_DRIVER:
+        rows = lake.read(PAIRS.name, version, columns, "source_kind = 'corpus'")
+        if keys is not None:
+            rows = rows.filter(pc.is_in(_pair_keys(rows), value_set=_pair_keys(keys)))
+        new = SignatureMaker(options)(rows)
+    else:
+        signed = lake.dataset(
+            PAIRS.name, version, columns, pc.field("source_kind") == "corpus", keys=keys
+        ).map_batches(
+            SignatureMaker,
+            fn_constructor_kwargs={"options": options},
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_cpus()),
+        )
+        new = pa.concat_tables([t for t in ray.get(signed.to_arrow_refs()) if t.num_rows])
     new = new.append_column("params_id", pa.array([options.params_id] * new.num_rows, pa.string()))
     lake.insert_new(MINHASH_SIGNATURES, new)
     log.info(
         f"[dedup] MinHash signatures of {new.num_rows:,} new pairs "
         f"in {time.perf_counter() - started:.1f}s"
     )
+
+
+def _pair_keys(rows: pa.Table) -> pa.ChunkedArray:
+    return pc.binary_join_element_wise(rows["source"], rows["pair_id"], "\x00")
 
 
 def _cpus() -> int:
@@ -399,9 +406,10 @@ def _drop(batch: pa.Table, keys: pa.Table) -> pa.Table:
 
 
 NEAR_DEDUP_ON_DRIVER = 20_000
-"""Pairs up to which the driver finds the near-duplicate edges itself: the Ray Data shuffles
-and joins cost about 30 s on 2 cores whatever the size (2,303 HH pairs: 31.7 s), the driver
-0.5 s for 20,000 pairs (about 40 MB of signatures and buckets)."""
+"""Pairs up to which the driver hashes the new pairs and finds the near-duplicate edges itself:
+the Ray Data shuffles and joins cost about 30 s on 2 cores whatever the size (2,303 HH pairs:
+31.7 s), the driver 0.5 s for the edges of 20,000 pairs (about 40 MB of signatures and
+buckets), and 0.5 s for the signatures of 2,303 HH pairs (3.8 s on an actor pool)."""
 
 _PAIRS_PER_PARTITION = 50_000
 """Shuffle partitions per pair: ~3.75M bucket rows (60 MB) per partition at 25 bands."""
