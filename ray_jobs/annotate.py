@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_jobs.job import configure_logging, pair_selection_command
+from ray_jobs.job import main, pair_selection_command
 
 command = pair_selection_command(
     "annotate",
@@ -13,5 +13,4 @@ command = pair_selection_command(
 )
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)

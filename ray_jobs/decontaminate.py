@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_jobs.job import config_only_command, configure_logging
+from ray_jobs.job import config_only_command, main
 
 command = config_only_command(
     "decontaminate",
@@ -10,5 +10,4 @@ command = config_only_command(
 )
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)

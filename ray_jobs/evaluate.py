@@ -9,9 +9,9 @@ import click
 
 from pipelines.rm.benchmarks import BENCHMARKS, EVAL_MAPPING_TARGETS
 from ray_jobs.job import (
-    configure_logging,
     emit_result,
     job_command,
+    main,
     resolve_config,
     user_errors,
 )
@@ -52,5 +52,4 @@ def command(
 
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)

@@ -12,9 +12,9 @@ import click
 
 from pipelines.ingest.formats import FORMATS
 from ray_jobs.job import (
-    configure_logging,
     emit_result,
     job_command,
+    main,
     resolve_config,
     user_errors,
 )
@@ -63,5 +63,4 @@ def command(
 
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)

@@ -189,6 +189,13 @@ def configure_logging(take_over_ray: bool = True) -> Path:
     return log_file
 
 
+def main(command: click.Command) -> None:
+    """Run ``command`` as a script (``python -m ray_jobs.<job>``, what a Ray job submits), with
+    the logging the ``synpref`` CLI sets up."""
+    configure_logging()
+    command()
+
+
 def take_over_ray_logging() -> None:
     """Ray's and Ray Data's loggers into ours (file, and errors on the console); Ray Data draws
     progress bars when stderr is a terminal. Nothing when ``configure_logging`` has not run

@@ -7,17 +7,17 @@ from typing import Any
 import click
 
 from ray_jobs.job import (
-    configure_logging,
     emit,
     global_options,
     json_option,
+    main,
     resolve_config,
     user_errors,
 )
 
 
 @click.group("labels")
-def group() -> None:
+def command() -> None:
     """Labels with lineage: every decision on a pair is a row of `label_events`."""
 
 
@@ -77,10 +77,8 @@ def undo(
     emit({"undone": event_id, "undo_event": event.event_id}, text, as_json)
 
 
-group.add_command(explain)
-group.add_command(undo)
-command = group
+command.add_command(explain)
+command.add_command(undo)
 
 if __name__ == "__main__":
-    configure_logging()
-    group()
+    main(command)

@@ -7,11 +7,11 @@ from typing import Any
 import click
 
 from ray_jobs.job import (
-    configure_logging,
     emit,
     global_options,
     job_command,
     json_option,
+    main,
     resolve_config,
     run_and_emit,
     user_errors,
@@ -19,7 +19,7 @@ from ray_jobs.job import (
 
 
 @click.group("loop")
-def group() -> None:
+def command() -> None:
     """The human-AI loop (config section `loop`): Stage 1 with people and LLM judges, Stage 2
     with two reward models, the curated set and the final reward models (docs/loop.md)."""
 
@@ -51,11 +51,9 @@ def status(ctx: click.Context, as_json: bool, **options: Any) -> None:
     emit(found.as_dict(), found.text(), as_json)
 
 
-group.add_command(run)
-group.add_command(resume)
-group.add_command(status)
-command = group
+command.add_command(run)
+command.add_command(resume)
+command.add_command(status)
 
 if __name__ == "__main__":
-    configure_logging()
-    group()
+    main(command)

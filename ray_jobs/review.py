@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ray_jobs.job import configure_logging, job_command, run_and_emit
+from ray_jobs.job import job_command, main, run_and_emit
 
 
 @click.group("review")
@@ -57,5 +57,4 @@ command.add_command(push)
 command.add_command(pull)
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)

@@ -7,9 +7,9 @@ from typing import Any
 import click
 
 from ray_jobs.job import (
-    configure_logging,
     emit_result,
     job_command,
+    main,
     resolve_config,
     user_errors,
 )
@@ -37,5 +37,4 @@ def command(
 
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)

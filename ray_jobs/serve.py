@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ray_jobs.job import configure_logging, global_options, resolve_config
+from ray_jobs.job import global_options, main, resolve_config
 
 
 def parse_models(specs: tuple[str, ...]) -> dict[str, str]:
@@ -82,5 +82,4 @@ def stop_on_signals() -> None:
 
 
 if __name__ == "__main__":
-    configure_logging()
-    command()
+    main(command)
