@@ -86,6 +86,7 @@ def test_near_duplicates_need_all_three_fields_similar(ray_cluster):
     assert [(a[0], b[0]) for a, b in found] == [("0", "1"), ("0", "4"), ("1", "4")]
     order = [("pair_id_a", "ascending"), ("pair_id_b", "ascending")]
     assert near_pairs_on_driver(signatures, OPTIONS).sort_by(order).equals(edges.sort_by(order))
+    assert near_pairs_on_driver(signatures.slice(0, 0), OPTIONS).num_rows == 0
     clusters = near_clusters(edges, lambda s: 0, "r")
     assert sorted(p[0] for p in clusters["pair_id"].to_pylist()) == ["0", "1", "4"]
     assert set(clusters["cluster_size"].to_pylist()) == {3}

@@ -284,6 +284,8 @@ def near_pairs(
 def near_pairs_on_driver(signatures: pa.Table, options: MinHashConfig) -> pa.Table:
     """``near_pairs`` in this process, for a set of at most ``NEAR_DEDUP_ON_DRIVER`` pairs:
     the same steps, with the whole set as one partition."""
+    if not signatures.num_rows:
+        return verified_edges(signatures, options.threshold, options.permutations)
     edges = bucket_edges(bucket_rows(signatures))
     candidates = pa.table(edges)
     nodes = pa.array(np.unique(np.concatenate([edges["a"], edges["b"]])))
