@@ -5,7 +5,7 @@ stop the server. Only the lake, the tracking URI and the selections are given: e
 is the default a user gets (the lesson of a round whose tests all set a small max_length and so
 never ran the defaults). The README's run trains on 1,500 pairs and evaluates on the whole
 benchmarks (its numbers are measured by hand); this one trains on 500 and evaluates on the first
-items of each benchmark file, so that it costs a sixth of that on every CI run."""
+items of each benchmark file, so that it costs less than half of that on every CI run."""
 
 import json
 import os

@@ -39,7 +39,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipelines.core.config import MinHashConfig
-from pipelines.core.lake import Lake
+from pipelines.core.lake import Lake, pair_keys
 from pipelines.core.text import tokens
 from storage_schemas import DEDUP_CLUSTERS, MINHASH_SIGNATURES, PAIRS
 
@@ -375,7 +375,7 @@ def store_signatures(lake: Lake, version: int, options: MinHashConfig) -> None:
     if missing.num_rows <= NEAR_DEDUP_ON_DRIVER:
         rows = lake.read(PAIRS.name, version, columns, "source_kind = 'corpus'")
         if keys is not None:
-            rows = rows.filter(pc.is_in(_pair_keys(rows), value_set=_pair_keys(keys)))
+            rows = rows.filter(pc.is_in(pair_keys(rows), value_set=pair_keys(keys)))
         new = SignatureMaker(options)(rows)
     else:
         signed = lake.dataset(
@@ -393,10 +393,6 @@ def store_signatures(lake: Lake, version: int, options: MinHashConfig) -> None:
         f"[dedup] MinHash signatures of {new.num_rows:,} new pairs "
         f"in {time.perf_counter() - started:.1f}s"
     )
-
-
-def _pair_keys(rows: pa.Table) -> pa.ChunkedArray:
-    return pc.binary_join_element_wise(rows["source"], rows["pair_id"], "\x00")
 
 
 def _cpus() -> int:
