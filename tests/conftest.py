@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -59,6 +60,18 @@ def shared_data(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real test data not found at {path} (../shared/data is absent)")
     return path
+
+
+def first_items(path: Path, folder: Path, items: int) -> Path:
+    """The first ``items`` records of a benchmark file (jsonl or a JSON list), written under
+    ``folder`` with the same name and format."""
+    folder.mkdir(parents=True)
+    sample = folder / path.name
+    if path.suffix == ".jsonl":
+        sample.write_text("".join(path.read_text().splitlines(keepends=True)[:items]))
+    else:
+        sample.write_text(json.dumps(json.loads(path.read_text())[:items]))
+    return sample
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import mlflow
@@ -30,6 +29,7 @@ from tests.conftest import (
     JUDGEBENCH,
     REPO,
     RM_BENCH,
+    first_items,
     free_port,
     shared_data,
     wait_until_up,
@@ -84,7 +84,7 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
     scored = synpref("score", "--model", folder, "--where", GOLD)
     assert scored["accuracy"] == pytest.approx(accuracy), "scoring reads what training read"
 
-    judgebench_sample = _first_items(shared_data(JUDGEBENCH), tmp_path / "judgebench", 60)
+    judgebench_sample = first_items(shared_data(JUDGEBENCH), tmp_path / "judgebench", 60)
     judgebench = synpref("eval", "judgebench", "--data", str(judgebench_sample), "--model", folder)
     assert judgebench["items"] == 60 and 0 < judgebench["metrics"]["accuracy"] < 100
     tags = mlflow.get_run(judgebench["run_id"]).data.tags
@@ -92,23 +92,11 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
         tags["synpref.registered_model"]
         == f"models:/synpref-reward-model/{trained['registered_version']}"
     )
-    chat = _first_items(shared_data(RM_BENCH) / "chat_filtered.json", tmp_path / "rmbench", 30)
+    chat = first_items(shared_data(RM_BENCH) / "chat_filtered.json", tmp_path / "rmbench", 30)
     rmbench = synpref("eval", "rmbench", "--data", str(chat), "--model", folder)
     assert rmbench["items"] == 30
 
     _serve_query_and_stop(folder, tmp_path)
-
-
-def _first_items(path: Path, folder: Path, items: int) -> Path:
-    """The first ``items`` records of a benchmark file (jsonl or a JSON list), written under
-    ``folder`` with the same name and format."""
-    folder.mkdir(parents=True)
-    sample = folder / path.name
-    if path.suffix == ".jsonl":
-        sample.write_text("".join(path.read_text().splitlines(keepends=True)[:items]))
-    else:
-        sample.write_text(json.dumps(json.loads(path.read_text())[:items]))
-    return sample
 
 
 def _registered_model_scores_as_trained(trained: dict) -> None:

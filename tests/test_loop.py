@@ -35,7 +35,7 @@ from pipelines.labels.events import live_events
 from pipelines.labels.sets import SetRef, read_set
 from pipelines.loop.driver import loop_status, plan
 from pipelines.loop.steps import retrieval_k
-from tests.conftest import HH_HARMLESS, REPO, RM_BENCH, shared_data
+from tests.conftest import HH_HARMLESS, REPO, RM_BENCH, first_items, shared_data
 from tests.labelstudio import answer
 from tests.test_review import choice_for
 
@@ -69,7 +69,12 @@ def hh_sources(tmp_path_factory) -> Path:
 
 
 def loop_config(folder: Path, judge_url: str) -> dict:
-    """The loop's whole configuration (a YAML mapping, so a subprocess can read it)."""
+    """The loop's whole configuration (a YAML mapping, so a subprocess can read it). The final
+    models are evaluated on RM-Bench chat's first 30 items (the whole file is test_evaluation's)."""
+    rmbench = shared_data(RM_BENCH / "chat_filtered.json")
+    rmbench_sample = folder / "rmbench" / rmbench.name
+    if not rmbench_sample.exists():
+        first_items(rmbench, rmbench_sample.parent, 30)
     return {
         "lake": {"root": str(folder / "lake")},
         "tracking": {
@@ -78,6 +83,7 @@ def loop_config(folder: Path, judge_url: str) -> dict:
         },
         "training": {
             "workers": 1,  # one data-parallel worker: the same model in every run
+            "cpus_per_worker": 1.5,  # two torch threads, half a CPU left for Ray Data
             "max_length": 64,
             "global_batch": 16,
             "learning_rate": 1e-3,
@@ -107,7 +113,7 @@ def loop_config(folder: Path, judge_url: str) -> dict:
             "iterations": 2,
             "simulated_flips": FLIPPED,
             "stage2_judge_budget": 100,
-            "benchmarks": {"rmbench": str(shared_data(RM_BENCH / "chat_filtered.json"))},
+            "benchmarks": {"rmbench": str(rmbench_sample)},
         },
     }
 
