@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synpref-installed
 
-.PHONY: demo test test-fast test-vllm labelstudio lint bench clean
+.PHONY: demo test test-fast test-vllm labelstudio lint bench bench-quality clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/judge_bench.py
+
+# The curation-quality experiment (docs/curation_quality.md): hours on 2 cores.
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/curation_quality.py
 
 clean:
 	rm -rf lake mlruns.db mlartifacts demo_data benchmarks/out

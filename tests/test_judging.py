@@ -447,6 +447,10 @@ def test_verdicts_of_a_panel_match_what_its_judges_said(config, lake, ray_cluste
     assert set(again.quality) == {"longer-lp", "renamed"}
     assert again.verdicts_version is None, "the same verdicts: nothing written"
 
+    # Nothing selected (a loop iteration that retrieved nothing): nothing judged, no error.
+    empty = jobs.judge(config, where="FALSE").summary
+    assert empty.selected == 0 and [run.judged for run in empty.judges] == [0, 0]
+
 
 @pytest.mark.slow
 def test_a_killed_judge_job_keeps_what_it_merged_and_the_rerun_adds_only_the_rest(

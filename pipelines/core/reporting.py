@@ -142,3 +142,35 @@ def curated_composition(by_origin: Mapping[str, float]) -> Figure:
     axes.set(xlabel="pairs", title="curated set by label origin")
     figure.tight_layout()
     return figure
+
+
+def interval_bars(
+    groups: Mapping[str, Mapping[str, tuple[float, float, float]]], ylabel: str
+) -> Figure:
+    """Bars of (mean, low, high) with the interval as error bars: one panel per group (a
+    backbone), one bar per condition."""
+    figure = Figure(figsize=(5 * len(groups), 4))
+    panels = figure.subplots(1, len(groups), squeeze=False)[0]
+    for axes, (group, bars) in zip(panels, groups.items(), strict=True):
+        names = list(bars)
+        means = np.array([bars[n][0] for n in names])
+        lows = np.array([bars[n][1] for n in names])
+        highs = np.array([bars[n][2] for n in names])
+        errors = np.nan_to_num(np.vstack([means - lows, highs - means]))
+        axes.bar(names, means, yerr=errors, capsize=4)
+        axes.set(ylabel=ylabel, title=group, ylim=(max(0.0, means.min() - 0.1), 1))
+    figure.tight_layout()
+    return figure
+
+
+def roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], float]]) -> Figure:
+    """ROC curves (false-positive rate, true-positive rate, AUROC) against the diagonal."""
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
+    for name, (fpr, tpr, auroc) in curves.items():
+        axes.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.2f})")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    axes.set(xlabel="false-positive rate", ylabel="true-positive rate", title="flip detection")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

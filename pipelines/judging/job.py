@@ -431,7 +431,8 @@ def _named_now(judgments: pa.Table, judges: Sequence[JudgeIdentity]) -> pa.Table
     rows = zip(*(judgments[c].to_pylist() for c in columns), strict=True)
     labels = [names.get((model, template, params), old) for model, template, params, old in rows]
     column = judgments.schema.get_field_index("judge")
-    return judgments.set_column(column, judgments.schema.field(column), pa.array(labels))
+    field = judgments.schema.field(column)
+    return judgments.set_column(column, field, pa.array(labels, field.type))
 
 
 def _of_pairs(table: pa.Table, selected: pa.Table) -> pa.Table:

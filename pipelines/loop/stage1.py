@@ -282,9 +282,14 @@ def review(run: LoopRun, iteration: int) -> dict[str, Any]:
 
 
 def judge_retrieved(run: LoopRun, iteration: int) -> dict[str, Any]:
-    """The judges on every retrieved pair: the ones people verify measure the judges."""
+    """The judges on every retrieved pair: the ones people verify measure the judges. Nothing
+    retrieved (D_un used up): no judging, and the iteration labels nothing."""
+    retrieved = retrieved_keys(run, iteration)
+    if retrieved.num_rows == 0:
+        log.info(f"[loop] iteration {iteration}: nothing retrieved, nothing to judge")
+        return {"panel_key": None}
     gold = run.state.result(f"s1/{iteration}/sets")["gold"]
-    return judge(run, f"s1/{iteration}/judge", retrieved_keys(run, iteration), gold)
+    return judge(run, f"s1/{iteration}/judge", retrieved, gold)
 
 
 def label(run: LoopRun, iteration: int) -> dict[str, Any]:
@@ -295,9 +300,12 @@ def label(run: LoopRun, iteration: int) -> dict[str, Any]:
     retrieved = retrieved_keys(run, iteration)
     human = key_table(run.state.result(f"s1/{iteration}/review")["keys"])
     to_label = retrieved.join(human, KEYS, join_type="left anti")
-    verdicts = verdicts_of(run, panel, to_label)
     step = f"s1/{iteration}/label"
-    versions = {PAIRS.name: run.pairs_version, VERDICTS.name: run.lake.version(VERDICTS.name)}
+    versions = {PAIRS.name: run.pairs_version}
+    verdicts = pa.table({})
+    if panel is not None:
+        verdicts = verdicts_of(run, panel, to_label)
+        versions[VERDICTS.name] = run.lake.version(VERDICTS.name)
     events = [
         LabelEvent(
             v["source"],
@@ -340,9 +348,11 @@ def label(run: LoopRun, iteration: int) -> dict[str, Any]:
 
 
 def _judge_human_agreement(
-    run: LoopRun, panel: str, human: pa.Table, table: pa.Table
+    run: LoopRun, panel: str | None, human: pa.Table, table: pa.Table
 ) -> tuple[float, int]:
     """Share of the pairs both people and judges decided (keep or flip) on which they agree."""
+    if panel is None:
+        return 0.0, 0
     verdicts = verdicts_of(run, panel, human)
     decided = verdicts.join(table.select([*KEYS, "label", "origin"]), KEYS, join_type="inner")
     rows = [

@@ -1,0 +1,69 @@
+"""The curation-quality benchmark, small and with one seed: it runs the platform's jobs and loop
+end to end and accounts for every pair; its accuracy numbers mean nothing at this size (the
+report in docs/curation_quality.md is the full run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import mlflow
+import pytest
+
+from pipelines.core.lake import Lake
+from tests.conftest import HH_HARMLESS, REPO, shared_data
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import curation_quality  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cluster):
+    shared_data(HH_HARMLESS)
+    experiment = curation_quality.Experiment(
+        test=40,
+        gold=40,
+        train=120,
+        seeds=(3,),
+        backbones=("minilm",),
+        max_length=32,
+        bootstrap_rounds=200,
+        rmbench=False,
+    )
+    summary = curation_quality.run(experiment, work=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    (seed,) = results["seeds"]
+
+    lake = Lake(str(tmp_path / "minilm" / "seed3" / "lake"))
+    wild = lake.read("pairs", columns=["pair_id"], where="source = 'hh-wild'")
+    flipped = lake.read("pairs", columns=["pair_id"], where=curation_quality.FLIPPED)
+    assert flipped.num_rows == 30, "a quarter of the 120 training labels"
+    decided = [d["pair_id"] for d in seed["stage2"]]
+    assert sorted(decided) == sorted(wild["pair_id"].to_pylist()), "every D_wild pair once"
+    flips = [d for d in seed["stage2"] if d["injected_flip"]]
+    assert sorted(d["pair_id"] for d in flips) == sorted(flipped["pair_id"].to_pylist())
+    assert {d["outcome"] for d in seed["stage2"]} <= {"kept", "recycled", "discarded"}
+
+    minilm = summary["minilm"]
+    detection = minilm["flip_detection"]
+    outcomes = sum(detection[f"{o}_pairs"][0] for o in ("recycled", "discarded"))
+    assert outcomes + sum(d["outcome"] == "kept" for d in seed["stage2"]) == 120
+    assert all(0 <= detection[k][0] <= 1 for k in ("auroc_gold_rm", "auroc_best_rm"))
+    for condition, row in minilm["conditions"].items():
+        assert len(seed["conditions"][condition]["test_correct"]) == 40, condition
+        assert 0 <= row["test_accuracy"][0] <= 1
+    curated, random = minilm["conditions"]["curated"], minilm["conditions"]["random"]
+    assert curated["train_pairs"] == random["train_pairs"], "the control drops as many"
+    assert minilm["conditions"]["clean"]["train_pairs"] == 120
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| curated |" in report and "gap the curated set closes" in report
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (parent,) = mlflow.search_runs(
+        experiment_names=[curation_quality.EXPERIMENT],
+        filter_string="tags.mlflow.runName = 'curation-quality'",
+        output_format="list",
+    )
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"report.md", "test_accuracy.png", "flip_detection_roc.png"} <= artifacts
