@@ -88,6 +88,7 @@ class Experiment:
     max_length: int = 256
     epochs: int = 1
     judge_budget: int = 0
+    best_rm_folds: int = 1
     bootstrap_rounds: int = 2000
     rmbench: bool = True
 
@@ -204,6 +205,7 @@ def seed_config(
         "human_budget": 0,
         "simulated_flips": FLIPPED,
         "stage2_judge_budget": experiment.judge_budget,
+        "best_rm_folds": experiment.best_rm_folds,
         "final": False,  # the conditions below train the final models
     }
     return _config(

@@ -11,10 +11,11 @@ import mlflow
 import pytest
 
 from pipelines.core.lake import Lake
+from pipelines.labels.events import live_events
 from tests.conftest import HH_HARMLESS, REPO, shared_data
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import curation_quality  # noqa: E402
+import curation_quality
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -30,6 +31,7 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
         max_length=32,
         bootstrap_rounds=200,
         rmbench=False,
+        best_rm_folds=2,  # each fold of D_wild scored by an RM that never trained on it
     )
     summary = curation_quality.run(experiment, work=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -44,6 +46,9 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
     flips = [d for d in seed["stage2"] if d["injected_flip"]]
     assert sorted(d["pair_id"] for d in flips) == sorted(flipped["pair_id"].to_pylist())
     assert {d["outcome"] for d in seed["stage2"]} <= {"kept", "recycled", "discarded"}
+    events = live_events(lake, where="step = 's2/decide'").to_pylist()
+    best_models = {json.loads(e["evidence"])["best_model"] for e in events}
+    assert best_models == {"minilm-seed3-s2-best-rm-0", "minilm-seed3-s2-best-rm-1"}
 
     minilm = summary["minilm"]
     detection = minilm["flip_detection"]

@@ -26,7 +26,7 @@ from pipelines.labels.events import (
     undo,
 )
 from pipelines.labels.sets import SetRef, read_set, write_set
-from pipelines.loop.driver import plan, run_loop
+from pipelines.loop.driver import _check_unchanged, plan, run_loop
 from pipelines.loop.pools import keys_predicate
 from pipelines.loop.state import LoopState
 from pipelines.loop.steps import retrieval_k
@@ -191,6 +191,22 @@ def test_loop_config_and_state_errors_are_clear(config, lake):
     config.loop.benchmarks = {}
     with pytest.raises(SelectionError, match="has not started"):
         run_loop(config, resume=True)
+    cross_fitted = plan(LoopConfig(iterations=1, best_rm_folds=2, final=False))
+    assert [s.name for s in cross_fitted if s.part == "s2"] == [
+        "s2/sets",
+        "s2/gold-rm",
+        "s2/best-rm-0",
+        "s2/best-rm-1",
+        "s2/score",
+        "s2/judge",
+        "s2/decide",
+    ]
+    # A loop started before a config key existed resumes when that key is at its default.
+    older = config.loop.model_dump()
+    del older["best_rm_folds"]
+    _check_unchanged(older, config.loop)
+    with pytest.raises(ConfigError, match="started with other values of loop.best_rm_folds"):
+        _check_unchanged(older, config.loop.model_copy(update={"best_rm_folds": 3}))
     start = {"run_id": "x", "loop": config.loop.model_dump() | {"iterations": 5}}
     LoopState(lake, config.loop.name).commit("start", start, None)
     with pytest.raises(ConfigError, match="started with other values of loop.iterations"):

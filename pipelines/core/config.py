@@ -532,6 +532,11 @@ class LoopConfig(_Section):
     recycle: bool = True
     """Stage 2: pairs that the gold RM and (the best RM or the judges) contradict are kept with
     chosen and rejected flipped; off: discarded."""
+    best_rm_folds: int = Field(default=1, ge=1)
+    """Stage 2: 1 scores D_wild with Stage 1's last RM. k > 1 cross-fits it: D_wild is cut
+    into k folds by pair id and each fold is scored by an RM trained on Stage 1's last
+    training set without that fold, so no pair is checked by a model that learned its label
+    (matters when ``seed_set`` trains on D_wild pairs; costs k trainings)."""
     gold_validation_fraction: float = Field(default=0.2, gt=0, lt=1)
     """The gold RM (trained on D_gold only) selects its checkpoint on this share of D_gold."""
     final: bool = True

@@ -78,6 +78,12 @@ def plan(loop: LoopConfig) -> list[Step]:
         steps += [
             Step("s2/sets", "s2", stage2.gold_set),
             Step("s2/gold-rm", "s2", stage2.gold_rm, job=True),
+        ]
+        if loop.best_rm_folds > 1:
+            for fold in range(loop.best_rm_folds):
+                train = partial(stage2.best_rm_without, fold=fold)
+                steps.append(Step(f"s2/best-rm-{fold}", "s2", train, job=True))
+        steps += [
             Step("s2/score", "s2", stage2.score_wild, job=True),
             Step("s2/judge", "s2", stage2.judge_wild, job=True),
             Step("s2/decide", "s2", stage2.decide),
@@ -209,9 +215,11 @@ def run_loop(config: SynprefConfig, resume: bool = False) -> JobResult[LoopSumma
 
 
 def _check_unchanged(started: dict[str, Any], loop: LoopConfig) -> None:
-    """A loop resumes with the config it started with (its committed steps assume it)."""
+    """A loop resumes with the config it started with (its committed steps assume it); a key
+    added to the config since it started stands at its default."""
     now = loop.model_dump()
-    changed = sorted(k for k in now if now[k] != started.get(k))
+    defaults = LoopConfig().model_dump()
+    changed = sorted(k for k in now if now[k] != started.get(k, defaults[k]))
     if changed:
         raise ConfigError(
             f"loop {loop.name!r} started with other values of loop.{', loop.'.join(changed)}: "

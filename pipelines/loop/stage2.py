@@ -1,8 +1,9 @@
 """Stage 2 over D_wild, then the curated set and the final reward models.
 
-Stage 2 scores D_wild with the best reward model (Stage 1's last) and with a gold RM trained on
-D_gold only, sends the pairs the best RM contradicts or is unsure of to the judges, and decides
-each pair by the configured rule: keep it when its label agrees with the gold RM and with the
+Stage 2 scores D_wild with the best reward model (Stage 1's last, or per fold of D_wild one
+retrained without that fold: ``loop.best_rm_folds``) and with a gold RM trained on D_gold
+only, sends the pairs the best RM contradicts or is unsure of to the judges, and decides each
+pair by the configured rule: keep it when its label agrees with the gold RM and with the
 best RM or the judges; recycle it (chosen and rejected flipped) when the gold RM and (the best
 RM or the judges) contradict it; discard it otherwise. The curated set is D_gold, D_silver and
 what Stage 2 kept or recycled, each with the label it trains with and the event that explains
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 
 from pipelines import jobs
 from pipelines.labels.events import LabelEvent, rebuild_labels, record_events
+from pipelines.labels.sets import SetRef, read_set
 from pipelines.loop.pools import KEYS, in_pool
 from pipelines.loop.stage1 import current_pools, members
 from pipelines.loop.steps import (
@@ -58,21 +60,72 @@ def wild_pairs(run: LoopRun) -> pa.Table:
     return in_pool(current_pools(run), "D_wild")
 
 
-def score_wild(run: LoopRun) -> dict[str, Any]:
-    """D_wild scored by the best RM and by the gold RM."""
+def fold_of(pairs: pa.Table, folds: int) -> np.ndarray:
+    """Each pair's cross-fitting fold: its pair id (a hex digest) modulo ``folds``."""
+    return np.array([int(p[-8:], 16) % folds for p in pairs["pair_id"].to_pylist()], np.int64)
+
+
+def best_rm_without(run: LoopRun, fold: int) -> dict[str, Any]:
+    """Stage 1's last RM retrained without D_wild's ``fold``, to score that fold."""
+    loop = run.config.loop
+    sets = run.state.result(f"s1/{loop.iterations}/sets")
+    train = read_set(run.lake, SetRef.parse(sets["train"]))
     wild = wild_pairs(run)
-    best = run.state.result(f"s1/{run.config.loop.iterations}/train")  # Stage 1's last RM
+    held_out = wild.filter(pa.array(fold_of(wild, loop.best_rm_folds) == fold)).select(KEYS)
+    kept = train.join(held_out, KEYS, join_type="left anti").sort_by(
+        [("pair_id", "ascending"), ("source", "ascending")]
+    )
+    if kept.num_rows == train.num_rows:
+        log.warning(
+            f"[loop] Stage 1's training set holds no pair of D_wild's fold {fold}: cross-fitting "
+            "retrains the same RM (loop.best_rm_folds: 1 scores with Stage 1's RM at no cost)"
+        )
+    ref = save_set(run, f"best-without-fold{fold}", kept)
+    step = f"s2/best-rm-{fold}"
+    return train_rm(run, step, ref, sets["gold"]) | {"held_out": held_out.num_rows}
+
+
+def _best_models(run: LoopRun) -> list[dict[str, Any]]:
+    """The best RM of each fold (one fold: Stage 1's last RM)."""
+    loop = run.config.loop
+    if loop.best_rm_folds == 1:
+        return [run.state.result(f"s1/{loop.iterations}/train")]
+    return [run.state.result(f"s2/best-rm-{fold}") for fold in range(loop.best_rm_folds)]
+
+
+def score_wild(run: LoopRun) -> dict[str, Any]:
+    """D_wild scored by the best RM (each fold by its own when cross-fitted) and by the gold
+    RM."""
+    wild = wild_pairs(run)
+    models = _best_models(run)
+    folds = fold_of(wild, len(models))
+    best = [
+        score(run, "s2/score", model, wild.filter(pa.array(folds == fold)))
+        for fold, model in enumerate(models)
+    ]
     return {
-        "best": score(run, "s2/score", best, wild),
+        "best": best,
         "gold": score(run, "s2/score", run.state.result("s2/gold-rm"), wild),
         "wild_pairs": wild.num_rows,
     }
 
 
+def _scored_best(run: LoopRun) -> list[dict[str, Any]]:
+    """The best RM(s) D_wild was scored with, one per fold (a loop scored before
+    cross-fitting existed committed one, not a list)."""
+    best = run.state.result("s2/score")["best"]
+    return best if isinstance(best, list) else [best]
+
+
 def _probabilities(run: LoopRun, wild: pa.Table) -> pa.Table:
     """D_wild with ``p_best`` and ``p_gold``, each towards the pair's current label."""
-    scored = run.state.result("s2/score")
-    best = oriented(p_of(run, scored["best"], wild), wild).select([*KEYS, "label", "p_label"])
+    scored, best_models = run.state.result("s2/score"), _scored_best(run)
+    folds = fold_of(wild, len(best_models))
+    by_fold = [
+        p_of(run, model, wild.filter(pa.array(folds == fold)))
+        for fold, model in enumerate(best_models)
+    ]
+    best = oriented(pa.concat_tables(by_fold), wild).select([*KEYS, "label", "p_label"])
     gold = oriented(p_of(run, scored["gold"], wild), wild).select([*KEYS, "p_label"])
     both = best.rename_columns([*KEYS, "label", "p_best"]).join(
         gold.rename_columns([*KEYS, "p_gold"]), KEYS, join_type="inner"
@@ -120,8 +173,10 @@ def decide(run: LoopRun) -> dict[str, Any]:
         PAIRS.name: run.pairs_version,
         RM_SCORES.name: run.lake.version(RM_SCORES.name),
     } | ({VERDICTS.name: run.lake.version(VERDICTS.name)} if verdicts else {})
+    best_models = _scored_best(run)
+    folds = fold_of(p, len(best_models)).tolist()
     events, outcomes = [], Counter()
-    for row in p.to_pylist():
+    for row, fold in zip(p.to_pylist(), folds, strict=True):
         verdict = verdicts.get((row["source"], row["pair_id"]))
         # The judges answer about the stored pair: agree means the stored label stands.
         judges_agree = verdict == ("agree" if row["label"] == "keep" else "disagree")
@@ -151,7 +206,7 @@ def decide(run: LoopRun) -> dict[str, Any]:
                     "p_best": row["p_best"],
                     "p_gold": row["p_gold"],
                     "verdict": verdict,
-                    "best_model": scored["best"]["model_name"],
+                    "best_model": best_models[fold]["model_name"],
                     "gold_model": scored["gold"]["model_name"],
                     "label_before": row["label"],
                 },
