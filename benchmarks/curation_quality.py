@@ -75,6 +75,23 @@ LEARNING_RATES = {"minilm": 2e-4, "smollm2": 1e-5}
 """The training defaults' rates: the encoder's (docs/training.md) and the decoders' 1e-5."""
 
 
+HELP = {
+    "test": "pairs in the test split (default 500)",
+    "gold": "pairs in the gold split, all verified by the simulated annotator (default 300)",
+    "train": "pairs in the training split, D_wild (default 1400)",
+    "flip_fraction": "share of the training labels flipped (default 0.25)",
+    "max_length": "tokens per conversation in training and scoring (default 256)",
+    "judge_budget": "Stage 2 pairs sent to the LLM judges (default 0: none)",
+    "best_rm_folds": "cross-fit the best RM over this many folds of D_wild (default 1: not)",
+    "bootstrap_rounds": "paired bootstrap resamples of the test pairs (default 2000)",
+    "seeds": "one run of every condition per seed (default 0 1 2)",
+    "backbones": "minilm (encoder) and/or smollm2 (decoder, GGUF) (default both)",
+    "epochs": "training epochs of every condition (default 1)",
+    "recycle": "Stage 2 flips the pairs both RMs contradict (--no-recycle: discards them)",
+    "rmbench": "also evaluate every model on RM-Bench chat",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything that defines a run of the benchmark (logged as its parameters)."""
@@ -89,6 +106,7 @@ class Experiment:
     epochs: int = 1
     judge_budget: int = 0
     best_rm_folds: int = 1
+    recycle: bool = True
     bootstrap_rounds: int = 2000
     rmbench: bool = True
 
@@ -206,6 +224,7 @@ def seed_config(
         "simulated_flips": FLIPPED,
         "stage2_judge_budget": experiment.judge_budget,
         "best_rm_folds": experiment.best_rm_folds,
+        "recycle": experiment.recycle,
         "final": False,  # the conditions below train the final models
     }
     return _config(
@@ -527,18 +546,23 @@ def figures(summary: dict[str, Any], seeds: list[dict[str, Any]]) -> dict[str, A
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     defaults = Experiment()
     for field in dataclasses.fields(Experiment):
         default = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=default, help=HELP.get(field.name))
         elif isinstance(default, tuple):
             kind = type(default[0])
-            parser.add_argument(flag, nargs="+", type=kind, default=list(default))
+            parser.add_argument(
+                flag, nargs="+", type=kind, default=list(default), help=HELP.get(field.name)
+            )
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(
+                flag, type=type(default), default=default, help=HELP.get(field.name)
+            )
     args = vars(parser.parse_args())
     experiment = Experiment(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     unknown = set(experiment.backbones) - set(LEARNING_RATES)
