@@ -10,7 +10,9 @@ import pytest
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
+from pipelines.core.errors import SelectionError
 from pipelines.core.lake import Lake
+from pipelines.core.selection import select_pair_keys
 from storage_schemas import PAIRS, QUARANTINE, SCHEMA_VERSION, TABLES, TableSpec, table_spec
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -123,6 +125,36 @@ def test_bad_data_gets_clear_errors(lake: Lake):
         lake.insert_new(PAIRS, nulls)
     with pytest.raises(TableNotFoundError, match="does not exist"):
         lake.read("quarantine")
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "1=1 LIMIT 1",
+        "1=0 UNION ALL SELECT * FROM t",
+        "source = 's'; DROP TABLE t",
+        "1=0) UNION ALL SELECT * FROM t WHERE (1=1",
+        "1=0 /*(*/) UNION ALL SELECT * FROM t WHERE (1=1 /*)*/",
+        "pair_id IN (SELECT pair_id FROM t WHERE chosen LIKE 'good%')",
+        "no_such_column = 1",
+    ],
+)
+def test_a_selection_is_one_predicate_and_nothing_else(lake: Lake, where: str):
+    """A user's predicate cannot append a query, a limit or a statement to the one it selects
+    with, however it places its parentheses and comments."""
+    lake.insert_new(PAIRS, pairs_rows(range(3)))
+    with pytest.raises(SelectionError, match="predicate on"):
+        lake.check_predicate("pairs", where)
+    with pytest.raises(SelectionError, match="predicate on"):
+        select_pair_keys(lake, lake.version("pairs"), where)
+
+
+def test_a_predicate_selects_what_it_says(lake: Lake):
+    lake.insert_new(PAIRS, pairs_rows(range(3)))
+    for where in ("source = 's' AND source_row < 2", "chosen LIKE '%) UNION (%' OR source_row = 0"):
+        lake.check_predicate("pairs", where)
+    keys = select_pair_keys(lake, lake.version("pairs"), "source_row < 2 OR chosen = '1) OR (1=1'")
+    assert keys.num_rows == 2
 
 
 def test_tables_lists_versions_and_row_counts(lake: Lake):

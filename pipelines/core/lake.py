@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 from deltalake import CommitProperties, DeltaTable, QueryBuilder, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from pipelines.core.errors import SelectionError
 from storage_schemas import SCHEMA_VERSION, TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class Lake:
         """
         dt = self._open(name, version)
         projection = ", ".join(f'"{c}"' for c in columns) if columns else "*"
-        sql = f"SELECT {projection} FROM t" + (f" WHERE {where}" if where else "")
+        sql = f"SELECT {projection} FROM t" + _where(where)
         sql += f" LIMIT {int(limit)}" if limit is not None else ""
         rows = pa.table(QueryBuilder().register("t", dt).execute(sql))
         # DataFusion returns string_view; give callers the declared Arrow types (plain strings
@@ -261,9 +262,30 @@ class Lake:
 
     def count(self, name: str, version: int | None = None, where: str | None = None) -> int:
         """Number of rows of table ``name`` (matching the SQL predicate ``where``)."""
-        sql = "SELECT COUNT(*) AS n FROM t" + (f" WHERE {where}" if where else "")
+        sql = "SELECT COUNT(*) AS n FROM t" + _where(where)
         result = pa.table(QueryBuilder().register("t", self._open(name, version)).execute(sql))
         return int(result["n"][0].as_py())
+
+    def check_predicate(self, name: str, where: str, version: int | None = None) -> None:
+        """Raise ``SelectionError`` unless ``where`` is one predicate over table ``name``.
+
+        Parentheses around it already make a trailing ``LIMIT``, ``UNION`` or ``;`` a syntax
+        error; what is left is a fragment that closes them itself (``1=0) UNION ALL SELECT ...
+        WHERE (1=1``). The engine's own plan, before optimisation, shows that: a selection is
+        a filter over one scan of the table, and nothing else (no union, join, subquery)."""
+        sql = f"EXPLAIN VERBOSE SELECT * FROM t{_where(where)}"
+        try:
+            plans = pa.table(QueryBuilder().register("t", self._open(name, version)).execute(sql))
+        except DeltaError as exc:
+            raise SelectionError(f"{where!r} is not a SQL predicate on {name}: {exc}") from None
+        by_type = dict(zip(plans["plan_type"].to_pylist(), plans["plan"].to_pylist(), strict=True))
+        plan = by_type["initial_logical_plan"].splitlines()
+        nodes = [line.strip().split(":")[0] for line in plan]
+        if nodes != ["Projection", "Filter", "TableScan"]:
+            raise SelectionError(
+                f"{where!r} is not one predicate on the columns of {name}: the query it makes "
+                f"has {', '.join(nodes)} (a selection is a filter, without subqueries)"
+            )
 
     def version(self, name: str) -> int:
         return self._open(name).version()
@@ -337,6 +359,12 @@ def _check_unique(data: pa.Table, spec: TableSpec) -> None:
 
 def pair_keys(table: pa.Table) -> pa.ChunkedArray:
     return pc.binary_join_element_wise(table["source"], table["pair_id"], "\x00")
+
+
+def _where(predicate: str | None) -> str:
+    """The WHERE clause of ``predicate``, in parentheses: whatever follows it cannot become part
+    of the query (a ``LIMIT`` or ``UNION`` inside them is a syntax error)."""
+    return f" WHERE ({predicate})" if predicate else ""
 
 
 def _only_keys(batch: pa.Table, wanted: pa.Array) -> pa.Table:

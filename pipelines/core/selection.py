@@ -16,6 +16,8 @@ def select_pair_keys(
 ) -> pa.Table:
     """(source, pair_id) of the pairs matching ``where``; with ``limit``, the ``limit`` pairs with
     the smallest pair_id (a fixed pseudo-random sample: ids are content hashes)."""
+    if where:
+        lake.check_predicate(PAIRS.name, where, version)
     try:
         selected = lake.read(PAIRS.name, version, ["source", "pair_id"], where)
     except DeltaError as exc:

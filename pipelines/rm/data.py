@@ -153,6 +153,11 @@ def _set_members(lake: Lake, text: str) -> tuple[pa.Table, SetRef]:
 
 
 def _read_keys(lake: Lake, table: str, version: int, where: str | None, option: str) -> pa.Table:
+    if where:
+        try:
+            lake.check_predicate(table, where, version)
+        except SelectionError as exc:
+            raise SelectionError(f"{option}: {exc}") from None
     try:
         keys = lake.read(table, version, KEYS, where)
     except DeltaError as exc:
