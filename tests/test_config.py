@@ -41,6 +41,13 @@ def test_a_bad_value_names_its_key(tmp_path: Path):
         load_config(path)
 
 
+def test_a_bad_secret_value_names_its_key_but_not_the_value():
+    options = {"storage_options": {"AWS_SECRET_ACCESS_KEY": ["s3cr3t"]}}
+    with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY") as error:
+        load_config(None, {"lake": options})
+    assert "s3cr3t" not in str(error.value)
+
+
 def test_a_bad_environment_value_names_its_key(monkeypatch):
     monkeypatch.setenv("SYNPREF_INGEST__BINARIZE", "coin_flip")
     with pytest.raises(ConfigError, match="config key 'ingest.binarize'"):

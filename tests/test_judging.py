@@ -2,6 +2,7 @@
 judgment cache, invalid answers, verdicts, gold few-shot examples, and the OpenAI-compatible
 backend against a real server on the loopback (429, 500 and timeouts injected)."""
 
+import base64
 import json
 import math
 import os
@@ -352,6 +353,15 @@ def test_openai_backend_sends_the_key_from_the_environment_only(server, monkeypa
     failed = _openai(server, api_key_env="SYNPREF_TEST_KEY").generate([prompt], sampling)[0]
     assert failed.error.startswith("request_failed: HTTP 401") and stats(server)["unauthorized"]
     assert wrong not in failed.error and "***" in failed.error, "the echoed key is redacted"
+
+    # Credentials in the URL go as a Basic header, which the server echoes back: redacted too.
+    monkeypatch.setenv("SYNPREF_TEST_KEY", API_KEY)
+    with_credentials = server.replace("://", "://judge:pa%24%24word@")
+    failed = _openai(with_credentials, api_key_env="SYNPREF_TEST_KEY").generate([prompt], sampling)
+    basic = base64.b64encode(b"judge:pa$$word").decode()
+    error = failed[0].error
+    assert error.startswith("request_failed: HTTP 401") and "***" in error, error
+    assert not [secret for secret in (basic, "pa$$word", "pa%24%24word") if secret in error]
 
 
 def _served_judge(server: str, name: str, **options) -> JudgeConfig:

@@ -8,14 +8,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines.core.config import load_config
+from pipelines.core.config import JudgeConfig, load_config
 from pipelines.core.tracking import _param_value, ensure_experiment, job_run
 from pipelines.rm.registry import log_reward_model
 from tests.conftest import REPO
 
 START_A_JOB = """
 import sys
-from pipelines.core.config import load_config
+from pipelines.core.config import JudgeConfig, load_config
 from pipelines.core.tracking import job_run
 
 root = sys.argv[1]
@@ -75,6 +75,21 @@ def test_a_failed_job_records_its_error_on_the_run(config):
 )
 def test_only_secret_names_are_masked(key, masked):
     assert (_param_value(key, "value") == "***") is masked
+
+
+def test_url_credentials_are_masked_in_params_and_errors(config):
+    url = "http://judge:s3cr3t@judges.internal:8000/v1"
+    config.judging.judges = [JudgeConfig(name="j", backend="openai", base_url=url, model="m")]
+    with pytest.raises(ValueError), job_run(config, "params") as run:
+        raise ValueError(f"cannot reach {url}")
+    recorded = mlflow.get_run(run.info.run_id).data
+    assert "://***@judges.internal" in recorded.params["config.judging.judges"]
+    assert (
+        recorded.tags["synpref.error"]
+        == "ValueError: cannot reach http://***@judges.internal:8000/v1"
+    )
+    trace = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
+    assert "s3cr3t" not in trace + str(recorded.params) + str(recorded.tags)
 
 
 def test_params_keep_hyperparameters_readable(config):

@@ -659,7 +659,8 @@ def _describe(exc: ValidationError, path: Path, prefix: tuple[str, ...] = ()) ->
     lines = [f"invalid configuration ({path}, SYNPREF_* environment, flags):"]
     for error in exc.errors():
         key = ".".join(str(part) for part in (*prefix, *error["loc"]))
-        got = f" (got {error['input']!r})" if error["type"] != "missing" else ""
+        secret = SECRET_NAME.search(str(error["loc"][-1])) if error["loc"] else None
+        got = f" (got {error['input']!r})" if error["type"] != "missing" and not secret else ""
         lines.append(f"  config key '{key}': {error['msg']}{got}")
     return "\n".join(lines)
 
@@ -669,12 +670,23 @@ SECRET_NAME = re.compile(r"secret|passw(or)?d|credential|(^|_)key$|(^|_)token$",
 ``AZURE_STORAGE_ACCOUNT_KEY``, ``AWS_SESSION_TOKEN``; not ``batch_tokens`` or ``max_tokens``."""
 
 
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+"""The ``user:password@`` of a URL (a judge's ``base_url`` may carry them)."""
+
+
+def without_url_credentials(text: str) -> str:
+    return URL_CREDENTIALS.sub("***@", text)
+
+
 def masked(values: Any) -> Any:
-    """``values`` (a ``model_dump``) with every value under a secret's name replaced by ``***``."""
+    """``values`` (a ``model_dump``) with every value under a secret's name replaced by ``***``
+    and the credentials of every URL by ``***@``."""
     if isinstance(values, dict):
         return {k: "***" if SECRET_NAME.search(str(k)) else masked(v) for k, v in values.items()}
     if isinstance(values, list):
         return [masked(v) for v in values]
+    if isinstance(values, str):
+        return without_url_credentials(values)
     return values
 
 

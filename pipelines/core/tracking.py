@@ -22,7 +22,13 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 
-from pipelines.core.config import SECRET_NAME, SynprefConfig, TrackingConfig
+from pipelines.core.config import (
+    SECRET_NAME,
+    SynprefConfig,
+    TrackingConfig,
+    masked,
+    without_url_credentials,
+)
 from pipelines.core.lake import Lake
 from storage_schemas import SCHEMA_VERSION
 
@@ -92,11 +98,12 @@ def job_run(
 
 
 def _record_error(exc: BaseException) -> None:
-    """The error of a failed job on its run (never masking the error itself)."""
+    """The error of a failed job on its run (URL credentials masked, nothing else)."""
     with suppress(Exception):
-        message = f"{type(exc).__name__}: {exc}"
+        message = without_url_credentials(f"{type(exc).__name__}: {exc}")
         mlflow.set_tag("synpref.error", message[:MAX_ERROR_TAG_CHARS])
-        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        trace = "".join(traceback.format_exception(exc))
+        mlflow.log_text(without_url_credentials(trace), "error.txt")
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,6 +121,7 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _param_value(key: str, value: Any) -> str:
     if SECRET_NAME.search(key.rsplit(".", 1)[-1]):
         return "***"
+    value = masked(value)  # lists of sections (judges) hold secrets and URLs too
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
 

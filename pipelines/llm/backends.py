@@ -19,17 +19,19 @@ one invalid row, never a failed job.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from pipelines.core.batching import length_batches
-from pipelines.core.config import DEFAULT_JUDGE_MODEL, LLMConfig
+from pipelines.core.config import DEFAULT_JUDGE_MODEL, LLMConfig, without_url_credentials
 from pipelines.core.errors import ConfigError
 from pipelines.core.text import Message
 
@@ -205,6 +207,14 @@ class OpenAIBackend:
                 )
         self.config = config
         self.api_key = api_key
+        url = urlsplit(config.base_url)
+        user, password = unquote(url.username or ""), unquote(url.password or "")
+        userinfo = f"{user}:{password}"  # httpx sends it as a Basic header
+        basic = base64.b64encode(userinfo.encode()).decode()
+        secrets = [api_key if config.api_key_env else ""]
+        if user or password:
+            secrets += [basic, userinfo, password]
+        self.secrets = [secret for secret in secrets if secret]
 
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
         return asyncio.run(self._generate_all(prompts, sampling))
@@ -212,9 +222,10 @@ class OpenAIBackend:
     def _failed(self, detail: str, rejected: bool = False) -> Generation:
         """A failed request (``request_failed``, asked again by the next run) or one the server
         rejected for good (``request_rejected``), recorded with the server's message minus the
-        API key (servers may echo it back)."""
-        if self.api_key and self.api_key != "none":
-            detail = detail.replace(self.api_key, "***")
+        API key and the URL's credentials (servers may echo the request's headers back)."""
+        for secret in self.secrets:
+            detail = detail.replace(secret, "***")
+        detail = without_url_credentials(detail)
         kind = "request_rejected" if rejected else "request_failed"
         return Generation(error=f"{kind}: {detail}"[:500])
 
