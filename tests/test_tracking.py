@@ -58,6 +58,37 @@ def test_a_failed_job_records_its_error_on_the_run(config):
     assert "Traceback" in trace and "the lake is on fire" in trace
 
 
+def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_job(tmp_path: Path):
+    script = START_A_JOB.replace(
+        "print(run.info.run_id)", "print(run.info.run_id, flush=True)\n    time.sleep(600)"
+    )
+    job = subprocess.Popen(
+        [sys.executable, "-c", "import time\n" + script, str(tmp_path), "killed"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    run_id = job.stdout.readline().strip()
+    job.kill()
+    job.wait()
+    config = load_config(
+        None,
+        {
+            "lake": {"root": str(tmp_path / "lake")},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "artifact_location": "art"},
+        },
+    )
+    mlflow.set_tracking_uri(config.tracking.uri)
+    assert mlflow.get_run(run_id).info.status == "RUNNING", "nothing ended it"
+    with job_run(config, "next") as alive:
+        with job_run(config, "nested"):
+            pass
+        assert mlflow.get_run(alive.info.run_id).info.status == "RUNNING", "a live run stays"
+    killed = mlflow.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["synpref.error"].startswith("killed: its process (pid")
+
+
 @pytest.mark.parametrize(
     ("key", "masked"),
     [

@@ -8,6 +8,8 @@ so a lead can see what a curation iteration consumed and produced and time-trave
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
@@ -30,7 +33,10 @@ from pipelines.core.config import (
     without_url_credentials,
 )
 from pipelines.core.lake import Lake
+from pipelines.core.sql import literal
 from storage_schemas import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
 MAX_ERROR_TAG_CHARS = 4000
@@ -80,12 +86,15 @@ def job_run(
     ``run_name`` defaults to the job and the time. A job that fails ends its run as FAILED
     with the error as the ``synpref.error`` tag and the traceback as ``error.txt``."""
     experiment_id = ensure_experiment(config.tracking)
+    nested = mlflow.active_run() is not None
+    if not nested:
+        close_dead_runs(experiment_id, reopening=resume_run_id)
     with mlflow.start_run(
         run_id=resume_run_id,
         experiment_id=experiment_id,
         run_name=None if resume_run_id else run_name or f"{job}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
-        nested=mlflow.active_run() is not None,
-        tags={"synpref.job": job, "synpref.schema_version": str(SCHEMA_VERSION)},
+        nested=nested,
+        tags={"synpref.job": job, "synpref.schema_version": str(SCHEMA_VERSION), **_process()},
     ) as run:
         try:
             if resume_run_id is None:
@@ -95,6 +104,45 @@ def job_run(
         except BaseException as exc:
             _record_error(exc)
             raise
+
+
+def _process() -> dict[str, str]:
+    """Which process runs a job: its host, pid and the pid's start time (pids are reused)."""
+    process = psutil.Process()
+    return {
+        "synpref.host": socket.gethostname(),
+        "synpref.pid": str(process.pid),
+        "synpref.pid_started": str(process.create_time()),
+    }
+
+
+def close_dead_runs(experiment_id: str, reopening: str | None = None) -> None:
+    """Mark KILLED the runs of this host left RUNNING by a process that is gone (SIGKILL, out
+    of memory, a power cut): nothing else would ever end them. Runs of other hosts are left
+    alone, since their processes cannot be seen from here, and so is the run being reopened
+    (a resumed loop)."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    running = f"attributes.status = 'RUNNING' and tags.synpref.host = {literal(host)}"
+    for run in client.search_runs([experiment_id], running, max_results=1000):
+        tags = run.data.tags
+        if "synpref.pid" not in tags or _alive(
+            int(tags["synpref.pid"]), tags["synpref.pid_started"]
+        ):
+            continue
+        reason = f"its process (pid {tags['synpref.pid']} on {host}) ended without ending it"
+        client.set_tag(run.info.run_id, "synpref.error", f"killed: {reason}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning(
+            f"[tracking] run {run.info.run_name} ({run.info.run_id}) marked KILLED: {reason}"
+        )
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        return str(psutil.Process(pid).create_time()) == started
+    except psutil.Error:
+        return False
 
 
 def _record_error(exc: BaseException) -> None:
