@@ -77,6 +77,9 @@ def first_items(path: Path, folder: Path, items: int) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (2 cores here: never one per test)."""
+    # Ray Train's controller looks at its workers every 2 s, so a training of a few steps
+    # waits about that long to be seen finished; every process of the cluster inherits this.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

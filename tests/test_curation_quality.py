@@ -20,8 +20,12 @@ import curation_quality
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cluster):
+def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cluster, monkeypatch):
     shared_data(HH_HARMLESS)
+    # One training process with two threads rather than two with one (SYNPREF_* settings
+    # apply to every config the benchmark loads): half the process start-up per training.
+    monkeypatch.setenv("SYNPREF_TRAINING__WORKERS", "1")
+    monkeypatch.setenv("SYNPREF_TRAINING__CPUS_PER_WORKER", "1.5")
     experiment = curation_quality.Experiment(
         test=40,
         gold=40,
