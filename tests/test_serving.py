@@ -21,7 +21,8 @@ PAIR = {"prompt": MESSAGES, "chosen": "Paris.", "rejected": "It is Lyon, I think
 def api(ray_cluster, encoder_rm):
     """One Serve app (MiniLM RM) for the module, at a free loopback port."""
     port = free_port()
-    config = load_config(None, {"serving": {"max_items": 8}})  # the default lengths: 4096 asked
+    serving = {"max_items": 8, "max_body_bytes": 1_000_000}
+    config = load_config(None, {"serving": serving})  # the default lengths: 4096 asked
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         reward_app({"minilm": encoder_rm}, config.scoring, config.serving),
@@ -63,7 +64,16 @@ def test_health_and_openapi(api):
         (b'{"pairs": [', 422, "JSON"),
         ({"pairs": [{**PAIR, "prompt": [{"role": "robot", "content": "x"}]}]}, 422, "role"),
         ({"conversations": []}, 422, "nothing to score"),
-        ({"pairs": [{**PAIR, "chosen": ""}]}, 422, "at least 1 character"),
+        ({"pairs": [{**PAIR, "chosen": ""}]}, 422, "must not be empty or only whitespace"),
+        ({"pairs": [{**PAIR, "chosen": " \n"}]}, 422, "must not be empty or only whitespace"),
+        (
+            b'{"pairs": [{"prompt": [{"role": "user", "content": "\\ud800"}], '
+            b'"chosen": "a", "rejected": "b"}]}',
+            422,
+            "lone surrogate",
+        ),
+        ({"pairs": [PAIR], "note": "x" * 100_000}, 422, "Extra inputs are not permitted"),
+        ({"pairs": [PAIR], "note": "x" * 1_000_001}, 413, "request body is over 1,000,000 bytes"),
         ({"conversations": [MESSAGES]}, 422, "must end with an assistant message"),
         (
             {"pairs": [{**PAIR, "prompt": [{"role": "assistant", "content": "Hi"}]}]},
@@ -87,6 +97,7 @@ def test_bad_requests_get_a_4xx_with_the_reason(api, body, status, message):
         reply = httpx.post(f"{url}/v1/score", json=body, timeout=60)
     assert reply.status_code == status
     assert message in reply.text
+    assert len(reply.content) < 2_000, "the reason, not the input echoed back"
 
 
 def test_one_over_long_request_is_truncated_and_never_fails_its_batch(api):

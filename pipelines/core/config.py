@@ -203,6 +203,8 @@ class ServingConfig(_Section):
     """Conversations or pairs per request; more is a 413."""
     max_chars: int = Field(default=400_000, ge=1)
     """Characters per request; more is a 413."""
+    max_body_bytes: int = Field(default=4 << 20, ge=1)
+    """Bytes of a request body (read no further); more is a 413."""
     max_ongoing_requests: int = Field(default=256, ge=1)
     """Requests the API replica works on at once (Ray Serve's default of 5 starves batching)."""
     replicas: int = Field(default=1, ge=1)

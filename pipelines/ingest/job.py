@@ -209,6 +209,12 @@ def normalise_batch(
                 iter_items(record, formats[source_file], limits, mapping=mapping, binarize=binarize)
             )
         for item in items:
+            pair = None
+            if isinstance(item, Pair):
+                try:
+                    pair = _pair_columns(item, source_kind, now)
+                except RecursionError:  # the JSON encoder's depth, below the parser's
+                    item = Rejection(item.item, "malformed_json", "a field nests too deep to store")
             common = position | {
                 "source_item": item.item,
                 "row_id": row_id(source, source_file, source_row, item.item),
@@ -227,7 +233,7 @@ def normalise_batch(
                     }
                 )
             else:
-                rows.append(common | _pair_columns(item, source_kind, now))
+                rows.append(common | pair)
     return pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
 
 
@@ -255,7 +261,7 @@ def detect_file_format(path: str, fs: pafs.FileSystem) -> str:
     seen: Counter[str] = Counter()
     for _, text, error in file_records(path, fs):
         if error is None:
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(ValueError):  # malformed, NaN: the job quarantines it
                 seen[detect_format(parse_json(text)) or "unknown"] += 1
         if sum(seen.values()) >= DETECTION_SAMPLE:
             break
@@ -315,9 +321,9 @@ def ingest(
             "binarize": config.binarize,
         },
     )
-    staged.write_parquet(fs_path(staging), filesystem=lake_fs, partition_cols=["kind"])
-    log.info(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
     try:
+        staged.write_parquet(fs_path(staging), filesystem=lake_fs, partition_cols=["kind"])
+        log.info(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
         if lake_fs.get_file_info(fs_path(staging)).type == pafs.FileType.NotFound:
             staged_rows = pads.dataset(STAGED_SCHEMA.empty_table())  # the inputs held no record
         else:
