@@ -14,11 +14,14 @@ gets its own 422 and never fails the others of its batch.
 
 # No ``from __future__ import annotations``: FastAPI (inside Serve's ingress) must see the
 # request model classes, not strings, to read them from the request body.
+import hmac
+import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -27,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.core.config import ScoringConfig, ServingConfig
+from pipelines.core.errors import ConfigError
 from pipelines.rm.model import model_version, pair_conversations, sigmoid
 from pipelines.rm.scoring import load_model
 
@@ -203,6 +207,37 @@ app = FastAPI(
 app.add_middleware(BodyLimit)
 
 
+async def _authorised(request: Request) -> None:
+    """With an API key, a request must carry it (compared in constant time)."""
+    key: str | None = getattr(request.app.state, "api_key", None)
+    if key is None:
+        return
+    sent = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
+        raise HTTPException(
+            401, "an API key is required: Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"}
+        )
+
+
+def api_key(serving: ServingConfig) -> str | None:
+    """The key in ``serving.api_key_env``; an API bound beyond loopback without one is refused."""
+    key = os.environ.get(serving.api_key_env) if serving.api_key_env else None
+    if not key and not _loopback(serving.host):
+        where = f"${serving.api_key_env}" if serving.api_key_env else "serving.api_key_env"
+        raise ConfigError(
+            f"serving.host {serving.host} is reachable beyond this machine: the reward API needs "
+            f"an API key there (set {where}; clients send Authorization: Bearer KEY)"
+        )
+    return key or None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Each error's place, message and type, never the input: it can be megabytes, or hold
@@ -216,8 +251,11 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 @serve.deployment
 @serve.ingress(app)
 class RewardAPI:
-    def __init__(self, scorers: dict[str, DeploymentHandle], serving: ServingConfig) -> None:
+    def __init__(
+        self, scorers: dict[str, DeploymentHandle], serving: ServingConfig, key: str | None
+    ) -> None:
         app.state.max_body_bytes = serving.max_body_bytes
+        app.state.api_key = key
         self.scorers = scorers
         self.limits = serving
         self.default = next(iter(scorers))
@@ -227,7 +265,12 @@ class RewardAPI:
     async def healthz(self) -> dict[str, object]:
         return {"status": "ok", "models": sorted(self.scorers)}
 
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        response_model_exclude_none=True,
+        dependencies=[Depends(_authorised)],
+    )
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         name = request.model or self.default
         if name not in self.scorers:
@@ -283,7 +326,8 @@ class RewardAPI:
 def reward_app(
     models: dict[str, str], scoring: ScoringConfig, serving: ServingConfig
 ) -> serve.Application:
-    """The application: a scorer deployment per ``name -> model path`` and the API in front."""
+    """The application: a scorer deployment per ``name -> model path`` and the API in front.
+    The API key, read here from the environment, goes to the API replica as an argument."""
     if not models:
         raise ValueError("serve at least one model (NAME=PATH)")
     scaling = (
@@ -303,4 +347,4 @@ def reward_app(
     }
     return RewardAPI.options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=serving.max_ongoing_requests
-    ).bind(scorers, serving)
+    ).bind(scorers, serving, api_key(serving))
