@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import mlflow
 import pyarrow as pa
@@ -241,6 +242,21 @@ def test_files_a_reader_chokes_on_leave_a_reason_and_every_other_row_lands(confi
     metas = lake.read("pairs", columns=["source_meta"], where="source_meta IS NOT NULL")
     for meta in metas["source_meta"].to_pylist():
         json.loads(meta, parse_constant=lambda name: pytest.fail(f"{name} in source_meta"))
+
+
+def test_staging_left_by_an_ended_ingest_is_removed_by_the_next(config, lake, tmp_path):
+    """A SIGKILLed ingest cannot remove its staging; the next ingest does, once the killed
+    one's run has ended (a running ingest's staging, or a folder of no run, stays)."""
+    mlflow.set_tracking_uri(config.tracking.uri)
+    with mlflow.start_run() as ended:
+        pass
+    staging = Path(config.lake.root) / "_staging"
+    for name in (f"ingest-{ended.info.run_id}", "ingest-not-a-run"):
+        (staging / name / "kind=pair").mkdir(parents=True)
+        (staging / name / "kind=pair" / "part-0.parquet").write_bytes(b"PAR1")
+    (tmp_path / "one.jsonl").write_text(json.dumps(_record(0)) + "\n")
+    ingest(config, [tmp_path / "one.jsonl"], "one")
+    assert sorted(p.name for p in staging.iterdir()) == ["ingest-not-a-run"]
 
 
 def test_normalise_batch_is_a_pure_arrow_function():

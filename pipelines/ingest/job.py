@@ -299,6 +299,7 @@ def ingest(
 
     staging = f"{lake.root}/_staging/ingest-{run_id}"
     lake_fs = filesystem_for(lake.root, lake.storage_options)
+    _remove_dead_staging(lake_fs, f"{lake.root}/_staging")
     raw = ray.data.read_datasource(
         RecordFileDatasource(
             [fs_path(f.path) for f in files],
@@ -335,6 +336,23 @@ def ingest(
     summary.seconds = time.perf_counter() - started
     log.info(f"[ingest] committed in {summary.seconds:.1f}s")
     return summary
+
+
+def _remove_dead_staging(lake_fs: pafs.FileSystem, root: str) -> None:
+    """Staging left by ingests that ended without cleaning up (SIGKILL: a handled failure
+    removes its own) goes, once their MLflow run is no longer RUNNING: an ingest that is
+    still running keeps its own."""
+    selector = pafs.FileSelector(fs_path(root), allow_not_found=True)
+    client = mlflow.MlflowClient()
+    for folder in lake_fs.get_file_info(selector):
+        run_id = folder.base_name.removeprefix("ingest-")
+        try:
+            running = client.get_run(run_id).info.status == "RUNNING"
+        except mlflow.exceptions.MlflowException:
+            continue  # not a run of this tracking store: not ours to remove
+        if not running:
+            lake_fs.delete_dir(folder.path)
+            log.info(f"[ingest] removed the staging of ended run {run_id}")
 
 
 def _commit(staged: pads.Dataset, lake: Lake, summary: IngestSummary, run_id: str) -> None:
