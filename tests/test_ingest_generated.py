@@ -47,6 +47,7 @@ def json_row(draw: st.DrawFn) -> bytes:
                 "oversize",
                 "deep",
                 "invalid_utf8",
+                "lone_surrogate",
                 "nan",
                 "duplicate_key",
                 "not_an_object",
@@ -72,6 +73,8 @@ def json_row(draw: st.DrawFn) -> bytes:
         data = data[:-1] + b', "extra": ' + b'{"x": ' * levels + b"1" + b"}" * levels + b"}"
     elif kind == "invalid_utf8":
         data = data[:-1] + b', "extra": "\xff\xfe"}'
+    elif kind == "lone_surrogate":
+        data = data[:-1] + b', "extra": "' + draw(st.sampled_from([b"\\ud800", b"\\udfff"])) + b'"}'
     elif kind == "nan":
         data = data[:-1] + b', "score": ' + draw(st.sampled_from([b"NaN", b"Infinity"])) + b"}"
     elif kind == "duplicate_key":

@@ -455,15 +455,20 @@ def _kind(value: Any) -> str:
 
 def parse_json(text: str) -> Any:
     """orjson's fast parse; the standard library's for what orjson refuses (integers beyond 64
-    bits) and for its error messages. Both refuse what JSON does not have (NaN, Infinity) and
-    nesting deeper than they can hold, as ``json.JSONDecodeError``."""
+    bits) and for its error messages. What is not JSON text (NaN, Infinity, a lone surrogate)
+    is a ``ValueError``, nesting deeper than the parsers hold a ``json.JSONDecodeError``."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(text, parse_constant=_not_a_json_number)
+            value = json.loads(text, parse_constant=_not_a_json_number)
         except RecursionError:
             raise json.JSONDecodeError("nested too deep", text, 0) from None
+    try:  # orjson refuses a lone surrogate escape (\ud800); the standard library does not
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string holds a lone surrogate (such as \\ud800): not text") from None
+    return value
 
 
 def _not_a_json_number(name: str) -> Any:

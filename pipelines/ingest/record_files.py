@@ -188,14 +188,19 @@ def _json_array_records(data: bytes) -> Iterator[tuple[int, str, str | None]]:
             yield position, "", f"unrepresentable element: {exc}"
             continue
         if _storable(record) != record:
-            yield position, _storable(record), "invalid UTF-8 in the element"
+            yield position, _storable(record), "invalid UTF-8 or a lone surrogate in the element"
         else:
             yield position, record, None
 
 
 def _storable(text: str) -> str:
-    """``text`` with the lone surrogates of undecodable bytes replaced by U+FFFD."""
-    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    """``text`` with every lone surrogate (an undecodable byte, or a ``\\ud800`` escape) as
+    U+FFFD: what a string column can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+    return text
 
 
 def _parquet_records(stream: pa.NativeFile) -> Iterator[tuple[int, str, str | None]]:
