@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import mlflow
 import pyarrow as pa
@@ -176,6 +177,86 @@ def test_invalid_utf8_lines_are_quarantined_not_fatal(config, lake, tmp_path):
     assert (result["pairs_inserted"], result["quarantine_reasons"]) == (2, {"malformed_json": 1})
     rows = lake.read("quarantine").to_pylist()
     assert rows[0]["source_row"] == 1 and "invalid UTF-8" in rows[0]["detail"]
+
+
+def _record(i: int, **extra) -> dict:
+    return {"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}", **extra}
+
+
+def _nested(levels: int) -> str:
+    return '{"x": ' * levels + "1" + "}" * levels
+
+
+def test_files_a_reader_chokes_on_leave_a_reason_and_every_other_row_lands(config, lake, tmp_path):
+    """Found by probing as a user: each of these crashed the whole ingest or kept a bad row."""
+    lines = [json.dumps(_record(i)).encode() for i in range(20_000)]
+    whole = gzip.compress(b"\n".join(lines) + b"\n")
+    (tmp_path / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + b"\n".join(lines[:2]) + b"\n")
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([_record(2), _record(3)]).encode())
+    utf8 = json.dumps([_record(4), _record(5, chosen="CHOSEN")]).encode()
+    (tmp_path / "utf8.json").write_bytes(utf8.replace(b"CHOSEN", b"bad \xff byte"))
+    binary = pa.array([b"good 6", b"bad \xff byte"]).view(pa.string())
+    table = pa.table(
+        {"prompt": ["question 6", "question 7"], "chosen": binary, "rejected": ["x", "y"]}
+    )
+    pq.write_table(table, tmp_path / "utf8.parquet")
+    ratings = [
+        {
+            "prompt": "q",
+            "completions": [{"response": "a", "rating": 5}, {"response": "b", "rating": 3}],
+        },
+    ]
+    infinite = json.dumps(ratings[0]).replace("3}", "1e999}")
+    (tmp_path / "ratings.jsonl").write_text(json.dumps(ratings[0]) + "\n" + infinite + "\n")
+    deep = [
+        json.dumps(_record(9))[:-1] + f', "extra": {_nested(levels)}}}'
+        for levels in (1_000, 100_000)
+    ]
+    nan_meta = json.dumps(_record(10))[:-1] + ', "score": NaN}'
+    (tmp_path / "deep.jsonl").write_text(
+        "\n".join([*deep, nan_meta, json.dumps(_record(11))]) + "\n"
+    )
+
+    result = ingest(config, [tmp_path], "probed")
+    assert result["balanced"]
+    quarantined = {
+        (r["source_file"].rsplit("/", 1)[-1], r["source_row"]): r
+        for r in lake.read("quarantine", where="source = 'probed'").to_pylist()
+    }
+    truncated = [r for (f, _), r in quarantined.items() if f == "truncated.jsonl.gz"]
+    assert len(truncated) == 1 and "truncated.jsonl.gz" in truncated[0]["detail"]
+    kept_from_truncated = lake.count("pairs", where="source_file LIKE '%truncated.jsonl.gz'")
+    assert 0 < kept_from_truncated == truncated[0]["source_row"], "every record before the cut"
+    assert lake.count("pairs", where="source_file LIKE '%bom.json%'") == 4, "a BOM is no data"
+    assert "invalid UTF-8" in quarantined[("utf8.json", 1)]["detail"]
+    assert "invalid UTF-8" in quarantined[("utf8.parquet", 1)]["detail"]
+    assert "\ufffd" in quarantined[("utf8.parquet", 1)]["record"], "the row, readable"
+    assert "not a finite number" in quarantined[("ratings.jsonl", 1)]["detail"]
+    assert quarantined[("deep.jsonl", 0)]["reason"] == "malformed_json"
+    assert "nested too deep" in quarantined[("deep.jsonl", 1)]["detail"]
+    assert "NaN is not a JSON number" in quarantined[("deep.jsonl", 2)]["detail"]
+    for path in ("utf8.json", "utf8.parquet", "deep.jsonl"):
+        assert lake.count("pairs", where=f"source_file LIKE '%{path}'") == 1, path
+    metas = lake.read("pairs", columns=["source_meta"], where="source_meta IS NOT NULL")
+    for meta in metas["source_meta"].to_pylist():
+        json.loads(meta, parse_constant=lambda name: pytest.fail(f"{name} in source_meta"))
+
+
+def test_staging_left_by_an_ended_ingest_is_removed_by_the_next(config, lake, tmp_path):
+    """A SIGKILLed ingest cannot remove its staging; the next ingest does, once the killed
+    one's run has ended (a running ingest's staging, or a folder of no run, stays)."""
+    mlflow.set_tracking_uri(config.tracking.uri)
+    with mlflow.start_run() as ended:
+        pass
+    staging = Path(config.lake.root) / "_staging"
+    for name in (f"ingest-{ended.info.run_id}", "ingest-not-a-run"):
+        (staging / name / "kind=pair").mkdir(parents=True)
+        (staging / name / "kind=pair" / "part-0.parquet").write_bytes(b"PAR1")
+    (tmp_path / "one.jsonl").write_text(json.dumps(_record(0)) + "\n")
+    ingest(config, [tmp_path / "one.jsonl"], "one")
+    assert sorted(p.name for p in staging.iterdir()) == ["ingest-not-a-run"]
 
 
 def test_normalise_batch_is_a_pure_arrow_function():

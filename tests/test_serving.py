@@ -2,32 +2,38 @@
 request gets a 4xx with a message, and a bounded load test completes without errors."""
 
 import asyncio
+import os
 
 import httpx
 import pytest
 from ray import serve
 
-from pipelines.core.config import load_config
+from pipelines.core.config import ServingConfig, load_config
+from pipelines.core.errors import ConfigError
 from pipelines.rm.model import RewardModel, sigmoid
-from pipelines.rm.serving import APP_NAME, reward_app
+from pipelines.rm.serving import APP_NAME, api_key, reward_app
 from ray_jobs.serve import parse_models
 from tests.conftest import free_port
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PAIR = {"prompt": MESSAGES, "chosen": "Paris.", "rejected": "It is Lyon, I think."}
+KEY = "test-key-4c1d"
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def api(ray_cluster, encoder_rm):
     """One Serve app (MiniLM RM) for the module, at a free loopback port."""
     port = free_port()
-    config = load_config(None, {"serving": {"max_items": 8}})  # the default lengths: 4096 asked
+    serving = {"max_items": 8, "max_body_bytes": 1_000_000}
+    config = load_config(None, {"serving": serving})  # the default lengths: 4096 asked
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        reward_app({"minilm": encoder_rm}, config.scoring, config.serving),
-        name=APP_NAME,
-        route_prefix="/",
-    )
+    os.environ["SYNPREF_API_KEY"] = KEY  # read by reward_app: every request below needs it
+    try:
+        app = reward_app({"minilm": encoder_rm}, config.scoring, config.serving)
+    finally:
+        del os.environ["SYNPREF_API_KEY"]
+    serve.run(app, name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}", RewardModel(encoder_rm, max_length=config.scoring.max_length)
     serve.shutdown()
 
@@ -39,15 +45,39 @@ def test_scores_equal_batch_scoring(api):
         [*MESSAGES, {"role": "assistant", "content": "It is Lyon, I think."}],
     ]
     expected = model.score(conversations).rewards
-    reply = httpx.post(f"{url}/v1/score", json={"conversations": conversations}, timeout=60)
+    reply = httpx.post(
+        f"{url}/v1/score", json={"conversations": conversations}, headers=AUTH, timeout=60
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["model"] == "minilm" and body["model_version"]
     assert [r["raw"] for r in body["rewards"]] == pytest.approx(expected, abs=1e-5)
-    pairs = httpx.post(f"{url}/v1/score", json={"pairs": [PAIR]}, timeout=60).json()["pairs"]
+    pairs = httpx.post(f"{url}/v1/score", json={"pairs": [PAIR]}, headers=AUTH, timeout=60)
+    pairs = pairs.json()["pairs"]
     assert pairs[0]["chosen"]["raw"] == pytest.approx(expected[0], abs=1e-5)
     assert pairs[0]["rejected"]["raw"] == pytest.approx(expected[1], abs=1e-5)
     assert pairs[0]["p"] == pytest.approx(sigmoid(expected[0] - expected[1]), abs=1e-5)
+
+
+@pytest.mark.parametrize("sent", [None, "Bearer wrong-key", KEY, f"Basic {KEY}"])
+def test_a_score_request_without_the_api_key_is_a_401(api, sent):
+    url, _ = api
+    headers = {"authorization": sent} if sent else {}
+    reply = httpx.post(f"{url}/v1/score", json={"nope": 1}, headers=headers, timeout=60)
+    assert reply.status_code == 401 and "API key" in reply.text, "before the body is looked at"
+    assert reply.headers["www-authenticate"] == "Bearer"
+
+
+def test_an_api_beyond_loopback_needs_a_key(monkeypatch):
+    monkeypatch.delenv("SYNPREF_API_KEY", raising=False)
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert api_key(ServingConfig(host=host)) is None
+    with pytest.raises(ConfigError, match=r"0.0.0.0 is reachable .*\(set \$SYNPREF_API_KEY"):
+        api_key(ServingConfig(host="0.0.0.0"))
+    with pytest.raises(ConfigError, match="set serving.api_key_env"):
+        api_key(ServingConfig(host="10.1.2.3", api_key_env=None))
+    monkeypatch.setenv("SYNPREF_API_KEY", KEY)
+    assert api_key(ServingConfig(host="0.0.0.0")) == KEY
 
 
 def test_health_and_openapi(api):
@@ -63,7 +93,16 @@ def test_health_and_openapi(api):
         (b'{"pairs": [', 422, "JSON"),
         ({"pairs": [{**PAIR, "prompt": [{"role": "robot", "content": "x"}]}]}, 422, "role"),
         ({"conversations": []}, 422, "nothing to score"),
-        ({"pairs": [{**PAIR, "chosen": ""}]}, 422, "at least 1 character"),
+        ({"pairs": [{**PAIR, "chosen": ""}]}, 422, "must not be empty or only whitespace"),
+        ({"pairs": [{**PAIR, "chosen": " \n"}]}, 422, "must not be empty or only whitespace"),
+        (
+            b'{"pairs": [{"prompt": [{"role": "user", "content": "\\ud800"}], '
+            b'"chosen": "a", "rejected": "b"}]}',
+            422,
+            "lone surrogate",
+        ),
+        ({"pairs": [PAIR], "note": "x" * 100_000}, 422, "Extra inputs are not permitted"),
+        ({"pairs": [PAIR], "note": "x" * 1_000_001}, 413, "request body is over 1,000,000 bytes"),
         ({"conversations": [MESSAGES]}, 422, "must end with an assistant message"),
         (
             {"pairs": [{**PAIR, "prompt": [{"role": "assistant", "content": "Hi"}]}]},
@@ -81,12 +120,13 @@ def test_bad_requests_get_a_4xx_with_the_reason(api, body, status, message):
     url, _ = api
     if isinstance(body, bytes):
         reply = httpx.post(
-            f"{url}/v1/score", content=body, headers={"content-type": "application/json"}
+            f"{url}/v1/score", content=body, headers=AUTH | {"content-type": "application/json"}
         )
     else:
-        reply = httpx.post(f"{url}/v1/score", json=body, timeout=60)
+        reply = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=60)
     assert reply.status_code == status
     assert message in reply.text
+    assert len(reply.content) < 2_000, "the reason, not the input echoed back"
 
 
 def test_one_over_long_request_is_truncated_and_never_fails_its_batch(api):
@@ -98,7 +138,7 @@ def test_one_over_long_request_is_truncated_and_never_fails_its_batch(api):
     bodies = [{"pairs": [{**PAIR, "chosen": f"Paris, answer {i}."}]} for i in range(40)]
 
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
             requests = [
                 client.post("/v1/score", json=b) for b in [*bodies[:20], long_body, *bodies[20:]]
             ]
@@ -123,7 +163,9 @@ def test_bounded_load_completes_without_errors(api):
 
     async def run() -> list[int]:
         limits = httpx.Limits(max_connections=32)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async with httpx.AsyncClient(
+            base_url=url, headers=AUTH, limits=limits, timeout=120
+        ) as client:
             gate = asyncio.Semaphore(32)
 
             async def one(i: int) -> int:

@@ -203,6 +203,12 @@ class ServingConfig(_Section):
     """Conversations or pairs per request; more is a 413."""
     max_chars: int = Field(default=400_000, ge=1)
     """Characters per request; more is a 413."""
+    max_body_bytes: int = Field(default=4 << 20, ge=1)
+    """Bytes of a request body (read no further); more is a 413."""
+    api_key_env: str | None = "SYNPREF_API_KEY"
+    """Environment variable that holds the API key clients send as ``Authorization: Bearer
+    KEY`` (the key itself never goes in a config file). With a key, every score request needs
+    it (401 otherwise); without one, the API serves a loopback host only."""
     max_ongoing_requests: int = Field(default=256, ge=1)
     """Requests the API replica works on at once (Ray Serve's default of 5 starves batching)."""
     replicas: int = Field(default=1, ge=1)

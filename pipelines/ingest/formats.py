@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -263,6 +264,8 @@ def _from_ratings(record: Mapping[str, Any], binarize: str) -> list[Pair | Rejec
             raise Reject("missing_field", f"{where} has none of {COMPLETION_TEXT_KEYS}")
         if isinstance(rating, bool) or not isinstance(rating, int | float):
             raise Reject("missing_field", f"{where} has no numeric rating ({RATING_KEYS})")
+        if not math.isfinite(rating):
+            raise Reject("missing_field", f"{where} has rating {rating}, not a finite number")
         rated.append((require_content(text, where), float(rating)))
     if binarize == "best_vs_worst" and rated:
         best = max(range(len(rated)), key=lambda i: rated[i][1])
@@ -452,11 +455,24 @@ def _kind(value: Any) -> str:
 
 def parse_json(text: str) -> Any:
     """orjson's fast parse; the standard library's for what orjson refuses (integers beyond 64
-    bits) and for its error messages."""
+    bits) and for its error messages. What is not JSON text (NaN, Infinity, a lone surrogate)
+    is a ``ValueError``, nesting deeper than the parsers hold a ``json.JSONDecodeError``."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        try:
+            value = json.loads(text, parse_constant=_not_a_json_number)
+        except RecursionError:
+            raise json.JSONDecodeError("nested too deep", text, 0) from None
+    try:  # orjson refuses a lone surrogate escape (\ud800); the standard library does not
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string holds a lone surrogate (such as \\ud800): not text") from None
+    return value
+
+
+def _not_a_json_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def iter_items(
@@ -467,5 +483,8 @@ def iter_items(
         record = parse_json(record_text)
     except json.JSONDecodeError as exc:
         yield Rejection(0, "malformed_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")
+        return
+    except ValueError as exc:  # NaN or Infinity
+        yield Rejection(0, "malformed_json", str(exc))
         return
     yield from convert(record, fmt, limits, **options)

@@ -209,6 +209,12 @@ def normalise_batch(
                 iter_items(record, formats[source_file], limits, mapping=mapping, binarize=binarize)
             )
         for item in items:
+            pair = None
+            if isinstance(item, Pair):
+                try:
+                    pair = _pair_columns(item, source_kind, now)
+                except RecursionError:  # the JSON encoder's depth, below the parser's
+                    item = Rejection(item.item, "malformed_json", "a field nests too deep to store")
             common = position | {
                 "source_item": item.item,
                 "row_id": row_id(source, source_file, source_row, item.item),
@@ -227,7 +233,7 @@ def normalise_batch(
                     }
                 )
             else:
-                rows.append(common | _pair_columns(item, source_kind, now))
+                rows.append(common | pair)
     return pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
 
 
@@ -255,7 +261,7 @@ def detect_file_format(path: str, fs: pafs.FileSystem) -> str:
     seen: Counter[str] = Counter()
     for _, text, error in file_records(path, fs):
         if error is None:
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(ValueError):  # malformed, NaN: the job quarantines it
                 seen[detect_format(parse_json(text)) or "unknown"] += 1
         if sum(seen.values()) >= DETECTION_SAMPLE:
             break
@@ -293,6 +299,7 @@ def ingest(
 
     staging = f"{lake.root}/_staging/ingest-{run_id}"
     lake_fs = filesystem_for(lake.root, lake.storage_options)
+    _remove_dead_staging(lake_fs, f"{lake.root}/_staging")
     raw = ray.data.read_datasource(
         RecordFileDatasource(
             [fs_path(f.path) for f in files],
@@ -315,9 +322,9 @@ def ingest(
             "binarize": config.binarize,
         },
     )
-    staged.write_parquet(fs_path(staging), filesystem=lake_fs, partition_cols=["kind"])
-    log.info(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
     try:
+        staged.write_parquet(fs_path(staging), filesystem=lake_fs, partition_cols=["kind"])
+        log.info(f"[ingest] normalised and staged in {time.perf_counter() - started:.1f}s")
         if lake_fs.get_file_info(fs_path(staging)).type == pafs.FileType.NotFound:
             staged_rows = pads.dataset(STAGED_SCHEMA.empty_table())  # the inputs held no record
         else:
@@ -329,6 +336,23 @@ def ingest(
     summary.seconds = time.perf_counter() - started
     log.info(f"[ingest] committed in {summary.seconds:.1f}s")
     return summary
+
+
+def _remove_dead_staging(lake_fs: pafs.FileSystem, root: str) -> None:
+    """Staging left by ingests that ended without cleaning up (SIGKILL: a handled failure
+    removes its own) goes, once their MLflow run is no longer RUNNING: an ingest that is
+    still running keeps its own."""
+    selector = pafs.FileSelector(fs_path(root), allow_not_found=True)
+    client = mlflow.MlflowClient()
+    for folder in lake_fs.get_file_info(selector):
+        run_id = folder.base_name.removeprefix("ingest-")
+        try:
+            running = client.get_run(run_id).info.status == "RUNNING"
+        except mlflow.exceptions.MlflowException:
+            continue  # not a run of this tracking store: not ours to remove
+        if not running:
+            lake_fs.delete_dir(folder.path)
+            log.info(f"[ingest] removed the staging of ended run {run_id}")
 
 
 def _commit(staged: pads.Dataset, lake: Lake, summary: IngestSummary, run_id: str) -> None:

@@ -14,31 +14,58 @@ gets its own 422 and never fails the others of its batch.
 
 # No ``from __future__ import annotations``: FastAPI (inside Serve's ingress) must see the
 # request model classes, not strings, to read them from the request body.
+import hmac
+import ipaddress
+import os
 from dataclasses import dataclass
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.core.config import ScoringConfig, ServingConfig
+from pipelines.core.errors import ConfigError
 from pipelines.rm.model import model_version, pair_conversations, sigmoid
 from pipelines.rm.scoring import load_model
 
-Text = Annotated[str, StringConstraints(min_length=1)]
+
+def _text(value: str) -> str:
+    """The rules ingest applies to a turn: not blank, and Unicode that UTF-8 can encode (a lone
+    surrogate such as ``\\ud800`` is valid JSON but no text)."""
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
+
+class _Strict(BaseModel):
+    """A field the API does not know is an error, not ignored (it may be a typo)."""
+
+    model_config = ConfigDict(extra="forbid")
+
 
 APP_NAME = "synpref-rewards"
 """The Serve application of the reward API (what `serve status` and the dashboard show)."""
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: Text
 
 
-class PairIn(BaseModel):
+class PairIn(_Strict):
     prompt: list[ChatMessage] = Field(min_length=1)
     """The conversation before the two responses (ends with a user turn)."""
     chosen: Text
@@ -51,7 +78,7 @@ class PairIn(BaseModel):
         return self
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(_Strict):
     """Exactly one of ``conversations`` (each ending with the assistant response to score) and
     ``pairs``; ``model`` names the reward model when the app serves several."""
 
@@ -144,16 +171,91 @@ class RewardScorer:
         return await self.score_batch(conversations)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``app.state.max_body_bytes`` is a 413, read no
+    further: its ``Content-Length`` is checked first, a chunked body is counted as it comes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = getattr(scope["app"].state, "max_body_bytes", ServingConfig().max_body_bytes)
+        too_large = HTTPException(413, f"the request body is over {limit:,} bytes")
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": too_large.detail}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+            return message
+
+        await self.app(scope, counted, send)
+
+
 app = FastAPI(
     title="synpref reward API",
     description="Rewards of conversations and preference pairs from the served reward models.",
 )
+app.add_middleware(BodyLimit)
+
+
+async def _authorised(request: Request) -> None:
+    """With an API key, a request must carry it (compared in constant time)."""
+    key: str | None = getattr(request.app.state, "api_key", None)
+    if key is None:
+        return
+    sent = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {key}".encode()):
+        raise HTTPException(
+            401, "an API key is required: Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"}
+        )
+
+
+def api_key(serving: ServingConfig) -> str | None:
+    """The key in ``serving.api_key_env``; an API bound beyond loopback without one is refused."""
+    key = os.environ.get(serving.api_key_env) if serving.api_key_env else None
+    if not key and not _loopback(serving.host):
+        where = f"${serving.api_key_env}" if serving.api_key_env else "serving.api_key_env"
+        raise ConfigError(
+            f"serving.host {serving.host} is reachable beyond this machine: the reward API needs "
+            f"an API key there (set {where}; clients send Authorization: Bearer KEY)"
+        )
+    return key or None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Each error's place, message and type, never the input: it can be megabytes, or hold
+    what JSON cannot encode (a lone surrogate made the default handler answer 500)."""
+    errors: list[dict[str, Any]] = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 @serve.deployment
 @serve.ingress(app)
 class RewardAPI:
-    def __init__(self, scorers: dict[str, DeploymentHandle], serving: ServingConfig) -> None:
+    def __init__(
+        self, scorers: dict[str, DeploymentHandle], serving: ServingConfig, key: str | None
+    ) -> None:
+        app.state.max_body_bytes = serving.max_body_bytes
+        app.state.api_key = key
         self.scorers = scorers
         self.limits = serving
         self.default = next(iter(scorers))
@@ -163,7 +265,12 @@ class RewardAPI:
     async def healthz(self) -> dict[str, object]:
         return {"status": "ok", "models": sorted(self.scorers)}
 
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        response_model_exclude_none=True,
+        dependencies=[Depends(_authorised)],
+    )
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         name = request.model or self.default
         if name not in self.scorers:
@@ -219,7 +326,8 @@ class RewardAPI:
 def reward_app(
     models: dict[str, str], scoring: ScoringConfig, serving: ServingConfig
 ) -> serve.Application:
-    """The application: a scorer deployment per ``name -> model path`` and the API in front."""
+    """The application: a scorer deployment per ``name -> model path`` and the API in front.
+    The API key, read here from the environment, goes to the API replica as an argument."""
     if not models:
         raise ValueError("serve at least one model (NAME=PATH)")
     scaling = (
@@ -239,4 +347,4 @@ def reward_app(
     }
     return RewardAPI.options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=serving.max_ongoing_requests
-    ).bind(scorers, serving)
+    ).bind(scorers, serving, api_key(serving))

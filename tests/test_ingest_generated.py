@@ -1,0 +1,212 @@
+"""Generated bad input for ingest's reading and normalisation (the two steps every Ray task of
+an ingest runs): files of every supported format with bad rows mixed in. Whatever the rows,
+nothing raises, every record read is a pair or a quarantine row with a known reason, and a
+file cut short keeps what came before the cut and reports the rest with the file's name.
+
+The job itself (Ray, Delta commits, re-runs) is tested on such files in test_ingest.py; this
+is where the cases are many."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipelines.ingest.formats import Limits
+from pipelines.ingest.job import normalise_batch
+from pipelines.ingest.record_files import file_records, records_table
+from storage_schemas import QUARANTINE_REASONS
+
+LIMITS = Limits(max_chars=2_000, max_turns=8)
+text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=30).filter(str.strip)
+
+
+def good_row(draw: st.DrawFn) -> dict:
+    return {"prompt": draw(text), "chosen": draw(text), "rejected": draw(text)}
+
+
+@st.composite
+def json_row(draw: st.DrawFn) -> bytes:
+    """One JSON-lines record: a good pair, or one of the ways a record goes wrong."""
+    row = good_row(draw)
+    kind = draw(
+        st.sampled_from(
+            [
+                "good",
+                "wrong_type",
+                "missing",
+                "wrong_role",
+                "blank_turn",
+                "identical",
+                "oversize",
+                "deep",
+                "invalid_utf8",
+                "lone_surrogate",
+                "nan",
+                "duplicate_key",
+                "not_an_object",
+                "malformed",
+            ]
+        )
+    )
+    if kind == "wrong_type":
+        row["chosen"] = draw(st.one_of(st.integers(), st.booleans(), st.lists(st.integers())))
+    elif kind == "missing":
+        del row[draw(st.sampled_from(sorted(row)))]
+    elif kind == "wrong_role":
+        row["prompt"] = [{"role": draw(st.sampled_from(["robot", "", "USER"])), "content": "hi"}]
+    elif kind == "blank_turn":
+        row[draw(st.sampled_from(sorted(row)))] = draw(st.sampled_from(["", " ", "\n\t"]))
+    elif kind == "identical":
+        row["rejected"] = row["chosen"]
+    elif kind == "oversize":
+        row["chosen"] = "x" * (LIMITS.max_chars + 1)
+    data = json.dumps(row, ensure_ascii=False).encode()
+    if kind == "deep":
+        levels = draw(st.sampled_from([100, 1_000, 5_000]))
+        data = data[:-1] + b', "extra": ' + b'{"x": ' * levels + b"1" + b"}" * levels + b"}"
+    elif kind == "invalid_utf8":
+        data = data[:-1] + b', "extra": "\xff\xfe"}'
+    elif kind == "lone_surrogate":
+        data = data[:-1] + b', "extra": "' + draw(st.sampled_from([b"\\ud800", b"\\udfff"])) + b'"}'
+    elif kind == "nan":
+        data = data[:-1] + b', "score": ' + draw(st.sampled_from([b"NaN", b"Infinity"])) + b"}"
+    elif kind == "duplicate_key":
+        data = data[:-1] + b', "chosen": "again"}'
+    elif kind == "not_an_object":
+        data = draw(st.sampled_from([b"[1, 2]", b'"text"', b"null", b"3"]))
+    elif kind == "malformed":
+        data = data[: draw(st.integers(1, max(1, len(data) - 1)))]
+    return data
+
+
+@st.composite
+def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, int]:
+    """(name, bytes, records written) of a JSON-lines file, maybe gzipped, with a BOM, CRLF
+    line ends, blank lines and a last line without its newline."""
+    rows = draw(st.lists(json_row(), min_size=1, max_size=12))
+    ending = draw(st.sampled_from([b"\n", b"\r\n"]))
+    lines = []
+    for row in rows:
+        lines.append(row)
+        if draw(st.integers(0, 5)) == 0:
+            lines.append(b"")  # a blank line: no record
+    data = ending.join(lines) + draw(st.sampled_from([ending, b""]))
+    if draw(st.booleans()):
+        data = b"\xef\xbb\xbf" + data
+    if draw(st.booleans()):
+        return "records.jsonl.gz", gzip.compress(data), len(rows)
+    return "records.jsonl", data, len(rows)
+
+
+def staged(path: Path) -> tuple[list[tuple[int, str, str | None]], pa.Table]:
+    records = list(file_records(str(path), pafs.LocalFileSystem()))
+    rows = normalise_batch(
+        records_table(str(path), records),
+        source="gen",
+        source_kind="corpus",
+        formats={str(path): "prompt"},
+        limits=LIMITS,
+        run_id="run",
+    )
+    return records, rows
+
+
+def assert_accounted(records: list[tuple[int, str, str | None]], rows: pa.Table) -> None:
+    """Every record read is at least one staged row, and every staged row is a pair or has a
+    known reason and a detail."""
+    assert {r[0] for r in records} == set(rows["source_row"].to_pylist())
+    for row in rows.to_pylist():
+        if row["kind"] == "pair":
+            assert row["pair_id"] and row["chosen"].strip() and row["rejected"].strip()
+            if row["source_meta"] is not None:
+                json.loads(row["source_meta"], parse_constant=lambda name: 1 / 0)
+        else:
+            assert row["kind"] == "quarantine" and row["reason"] in QUARANTINE_REASONS
+            assert row["detail"]
+
+
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@FUZZ
+@given(file=jsonl_file())
+def test_every_jsonl_record_is_a_pair_or_quarantined_with_a_reason(tmp_path, file):
+    name, data, written = file
+    path = tmp_path / name
+    path.write_bytes(data)
+    records, rows = staged(path)
+    assert len(records) == written, "one record per non-blank line, the BOM is no record"
+    assert_accounted(records, rows)
+
+
+@FUZZ
+@given(file=jsonl_file(), cut=st.floats(0.05, 0.95))
+def test_a_file_cut_short_keeps_what_came_before_and_names_itself(tmp_path, file, cut):
+    name, data, _ = file
+    if not name.endswith(".gz"):
+        name, data = f"{name}.gz", gzip.compress(data)
+    path = tmp_path / name
+    path.write_bytes(data[: max(1, int(len(data) * cut))])
+    records, rows = staged(path)
+    *before, last = records
+    assert last[2] is not None and str(path) in last[2], "the cut is reported with the file"
+    assert [r[0] for r in before] == sorted(r[0] for r in before) and last[0] >= len(before)
+    assert_accounted(records, rows)
+
+
+@FUZZ
+@given(rows=st.lists(json_row(), min_size=1, max_size=12), bom=st.booleans())
+def test_every_element_of_a_json_array_is_a_pair_or_quarantined(tmp_path, rows, bom):
+    parseable = [r for r in rows if _parses(r)]
+    data = b"[" + b", ".join(parseable) + b"]"
+    path = tmp_path / "records.json"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
+    records, staged_rows = staged(path)
+    file_error = len(records) == 1 and records[0][2] is not None
+    assert len(records) == len(parseable) or file_error, "the elements, or one file error"
+    assert_accounted(records, staged_rows)
+
+
+@FUZZ
+@given(
+    values=st.lists(
+        st.one_of(text, st.sampled_from(["", " ", "\n"]), st.binary(min_size=1, max_size=8)),
+        min_size=3,
+        max_size=30,
+    )
+)
+def test_every_parquet_row_is_a_pair_or_quarantined(tmp_path, values):
+    """String columns with blank text and bytes that are not UTF-8 (Parquet does not check)."""
+    cells = [v.encode() if isinstance(v, str) else v for v in values]
+    columns = [cells[i::3] for i in range(3)]
+    size = min(len(c) for c in columns)
+    table = pa.table(
+        {
+            name: pa.array(column[:size], pa.binary()).view(pa.string())
+            for name, column in zip(("prompt", "chosen", "rejected"), columns, strict=True)
+        }
+    )
+    path = tmp_path / "records.parquet"
+    pq.write_table(table, path)
+    records, rows = staged(path)
+    assert len(records) == size
+    assert_accounted(records, rows)
+
+
+def _parses(record: bytes) -> bool:
+    """Whether one record is a JSON value the standard library reads (a JSON array of the
+    generated records holds those: a malformed one would make the whole file malformed)."""
+    try:
+        json.loads(record.decode("utf-8", errors="surrogateescape"))
+    except (ValueError, RecursionError):
+        return False
+    return True
