@@ -30,6 +30,9 @@ JUDGEBENCH = (
 )
 
 
+JUDGE_KEY_ENV = "SYNPREF_TEST_JUDGE_KEY"
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now."""
     with socket.socket() as probe:
@@ -80,6 +83,9 @@ def ray_cluster():
     # Ray Train's controller looks at its workers every 2 s, so a training of a few steps
     # waits about that long to be seen finished; every process of the cluster inherits this.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # A judge API key the workers inherit: an actor reads its key from its own environment,
+    # as on a cluster whose nodes have it (test_secrets.py searches everything for it).
+    os.environ.setdefault(JUDGE_KEY_ENV, "sk-judge-b7d24e61")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

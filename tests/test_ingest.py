@@ -192,14 +192,15 @@ def test_files_a_reader_chokes_on_leave_a_reason_and_every_other_row_lands(confi
     lines = [json.dumps(_record(i)).encode() for i in range(20_000)]
     whole = gzip.compress(b"\n".join(lines) + b"\n")
     (tmp_path / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    other = [json.dumps(_record(i)).encode() for i in range(100_000, 100_002)]  # not in the gzip
     bom = b"\xef\xbb\xbf"
-    (tmp_path / "bom.jsonl").write_bytes(bom + b"\n".join(lines[:2]) + b"\n")
-    (tmp_path / "bom.json").write_bytes(bom + json.dumps([_record(2), _record(3)]).encode())
-    utf8 = json.dumps([_record(4), _record(5, chosen="CHOSEN")]).encode()
+    (tmp_path / "bom.jsonl").write_bytes(bom + b"\n".join(other) + b"\n")
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([_record(-2), _record(-3)]).encode())
+    utf8 = json.dumps([_record(-4), _record(-5, chosen="CHOSEN")]).encode()
     (tmp_path / "utf8.json").write_bytes(utf8.replace(b"CHOSEN", b"bad \xff byte"))
     binary = pa.array([b"good 6", b"bad \xff byte"]).view(pa.string())
     table = pa.table(
-        {"prompt": ["question 6", "question 7"], "chosen": binary, "rejected": ["x", "y"]}
+        {"prompt": ["question -6", "question -7"], "chosen": binary, "rejected": ["x", "y"]}
     )
     pq.write_table(table, tmp_path / "utf8.parquet")
     ratings = [
@@ -211,12 +212,12 @@ def test_files_a_reader_chokes_on_leave_a_reason_and_every_other_row_lands(confi
     infinite = json.dumps(ratings[0]).replace("3}", "1e999}")
     (tmp_path / "ratings.jsonl").write_text(json.dumps(ratings[0]) + "\n" + infinite + "\n")
     deep = [
-        json.dumps(_record(9))[:-1] + f', "extra": {_nested(levels)}}}'
+        json.dumps(_record(-9))[:-1] + f', "extra": {_nested(levels)}}}'
         for levels in (1_000, 100_000)
     ]
-    nan_meta = json.dumps(_record(10))[:-1] + ', "score": NaN}'
+    nan_meta = json.dumps(_record(-10))[:-1] + ', "score": NaN}'
     (tmp_path / "deep.jsonl").write_text(
-        "\n".join([*deep, nan_meta, json.dumps(_record(11))]) + "\n"
+        "\n".join([*deep, nan_meta, json.dumps(_record(-11))]) + "\n"
     )
 
     result = ingest(config, [tmp_path], "probed")

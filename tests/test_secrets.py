@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,20 +23,20 @@ from pipelines.core.config import JudgeConfig
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
+from tests.conftest import JUDGE_KEY_ENV
 
 pytestmark = pytest.mark.slow
 
 S3_SECRET = "s3-secret-5e1f0c9a"
-API_KEY = "sk-judge-b7d24e61"
 PASSWORD = "url-pass-93ac"
 
 
 def test_no_secret_reaches_mlflow_logs_or_tables(
-    config, s3_endpoint, scripted_server_url, ray_cluster, tmp_path, monkeypatch, caplog
+    config, s3_endpoint, scripted_server_url, ray_cluster, tmp_path, caplog
 ):
     client, options = s3_endpoint
     client.create_bucket(Bucket="lake-secrets")
-    monkeypatch.setenv("SYNPREF_TEST_JUDGE_KEY", API_KEY)
+    api_key = os.environ[JUDGE_KEY_ENV]  # the session's workers have it (conftest)
     config.lake.root = "s3://lake-secrets/lake"
     config.lake.storage_options = options | {"AWS_SECRET_ACCESS_KEY": S3_SECRET}
     url = scripted_server_url.replace("://", f"://judge:{PASSWORD}@")
@@ -45,7 +46,7 @@ def test_no_secret_reaches_mlflow_logs_or_tables(
             backend="openai",
             base_url=f"{url}/v1",
             model="scripted",
-            api_key_env="SYNPREF_TEST_JUDGE_KEY",
+            api_key_env=JUDGE_KEY_ENV,
             num_cpus=0.5,
             max_retries=0,
             http_retries=0,
@@ -55,14 +56,14 @@ def test_no_secret_reaches_mlflow_logs_or_tables(
     caplog.set_level(logging.INFO)
     corpus = write_corpus(CorpusSpec(pairs=20, seed=3), tmp_path / "corpus")
     jobs.ingest(config, IngestRequest(paths=[str(p) for p in corpus], source="c"))
-    httpx.post(f"{scripted_server_url}/auth", json={"api_key": API_KEY})
+    httpx.post(f"{scripted_server_url}/auth", json={"api_key": api_key})
     try:
         judged = jobs.judge(config, limit=4).summary
     finally:
         httpx.post(f"{scripted_server_url}/auth", json={"api_key": None})
     assert judged.judges[0].invalid == judged.judges[0].judged == 4 * 2, "every request refused"
 
-    secrets = [S3_SECRET, API_KEY, PASSWORD, base64.b64encode(f"judge:{PASSWORD}".encode())]
+    secrets = [S3_SECRET, api_key, PASSWORD, base64.b64encode(f"judge:{PASSWORD}".encode())]
     found = {
         "mlflow": _mlflow_text(config.tracking.uri, tmp_path / "artifacts"),
         "driver log": caplog.text,

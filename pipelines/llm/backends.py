@@ -203,7 +203,9 @@ class OpenAIBackend:
             if not api_key:
                 raise ConfigError(
                     f"the openai backend reads its API key from ${config.api_key_env}, which is "
-                    "not set (set api_key_env: null for a server without authentication)"
+                    "not set where the judge runs (every Ray worker reads it from its own "
+                    "environment: on a cluster, set it on the nodes or in the job's runtime_env; "
+                    "api_key_env: null for a server without authentication)"
                 )
         self.config = config
         self.api_key = api_key
