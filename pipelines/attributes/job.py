@@ -137,20 +137,6 @@ def parse_attributes(generation: Generation) -> Attributes:
         raise ValueError(f"schema: {problems}"[:500]) from None
 
 
-def attributes_text(attributes: dict[str, Any] | None) -> str:
-    """The attributes as prompt lines for a judge ('' when there are none)."""
-    if not attributes:
-        return ""
-    return (
-        "[Attributes]\n"
-        f"Task category: {attributes['task_category']}\n"
-        f"Objectivity: {attributes['objectivity']}\n"
-        f"Controversiality: {attributes['controversiality']}\n"
-        f"Desired attributes: {', '.join(attributes['desired_attributes'])}\n"
-        f"Guideline: {attributes['guideline']}\n\n"
-    )
-
-
 def valid_attributes(lake: Lake, key: str) -> list[dict[str, Any]]:
     """(source, pair_id and the five fields) of every valid row of annotator ``key``."""
     if not lake.exists(ATTRIBUTES.name):

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.attributes.job import attributes_text
 from pipelines.core.text import prompt_text
 from pipelines.judging.identity import JudgeIdentity
 from pipelines.judging.templates import PREFILL, Template
@@ -128,3 +127,17 @@ def preference(ordering: str, choice: Choice) -> tuple[str, float]:
     if choice.p_a is not None:
         return pref, choice.p_a if ordering == "AB" else 1 - choice.p_a
     return pref, {"chosen": 1.0, "rejected": 0.0, "tie": 0.5}[pref]
+
+
+def attributes_text(attributes: dict[str, Any] | None) -> str:
+    """The attributes as prompt lines for a judge ('' when there are none)."""
+    if not attributes:
+        return ""
+    return (
+        "[Attributes]\n"
+        f"Task category: {attributes['task_category']}\n"
+        f"Objectivity: {attributes['objectivity']}\n"
+        f"Controversiality: {attributes['controversiality']}\n"
+        f"Desired attributes: {', '.join(attributes['desired_attributes'])}\n"
+        f"Guideline: {attributes['guideline']}\n\n"
+    )

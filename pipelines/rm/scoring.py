@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import ClassVar
 
 import numpy as np
@@ -29,37 +28,11 @@ from pipelines.core.lake import Lake
 from pipelines.core.selection import select_pair_keys
 from pipelines.core.sql import literal
 from pipelines.core.text import Message
-from pipelines.rm.model import RewardModel, model_version, pair_conversations, sigmoid
+from pipelines.rm.model import model_version
+from pipelines.rm.scorers import ConversationScorer, PairScorer
 from storage_schemas import PAIRS, RM_SCORES
 
 log = logging.getLogger(__name__)
-
-
-def load_model(model: str, config: ScoringConfig) -> RewardModel:
-    return RewardModel(
-        model,
-        max_length=config.max_length,
-        batch_tokens=config.batch_tokens,
-        device="cuda" if config.num_gpus > 0 else "cpu",
-    )
-
-
-class ConversationScorer:
-    """Ray Data actor: loads the model once, scores the ``conversation`` column of a batch."""
-
-    def __init__(self, model: str, config: ScoringConfig) -> None:
-        self.model = load_model(model, config)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        scores = self.model.score(batch["conversation"].to_pylist())
-        return pa.table(
-            {
-                "index": batch["index"],
-                "reward": pa.array(scores.rewards, pa.float64()),
-                "tokens": pa.array(scores.tokens, pa.int64()),
-                "truncated": pa.array(scores.truncated, pa.bool_()),
-            }
-        )
 
 
 @dataclass(frozen=True)
@@ -100,38 +73,6 @@ def score_conversations(
         f"({run.per_second:,.1f}/s, {run.tokens:,} tokens, {run.truncated:,} truncated)"
     )
     return run
-
-
-class PairScorer:
-    """Ray Data actor: pairs (history, chosen, rejected) -> ``rm_scores`` rows."""
-
-    def __init__(self, model: str, name: str, version: str, config: ScoringConfig, run_id: str):
-        self.model = load_model(model, config)
-        self.name, self.version, self.run_id = name, version, run_id
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        conversations = pair_conversations(
-            batch["history"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist()
-        )
-        scores = self.model.score(conversations)
-        n = batch.num_rows
-        chosen, rejected = scores.rewards[:n], scores.rewards[n:]
-        return pa.table(
-            {
-                "model_name": pa.array([self.name] * n, pa.string()),
-                "model_version": pa.array([self.version] * n, pa.string()),
-                "source": batch["source"],
-                "pair_id": batch["pair_id"],
-                "r_chosen": pa.array(chosen, pa.float64()),
-                "r_rejected": pa.array(rejected, pa.float64()),
-                "p": pa.array(sigmoid(chosen - rejected), pa.float64()),
-                "tokens": pa.array(scores.tokens[:n] + scores.tokens[n:], pa.int64()),
-                "truncated": pa.array(scores.truncated[:n] | scores.truncated[n:], pa.bool_()),
-                "score_run_id": pa.array([self.run_id] * n, pa.string()),
-                "scored_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
-            },
-            schema=RM_SCORES.schema,
-        )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines.core.config import ScoringConfig, ServingConfig
 from pipelines.core.errors import ConfigError
 from pipelines.rm.model import model_version, pair_conversations, sigmoid
-from pipelines.rm.scoring import load_model
+from pipelines.rm.scorers import load_model
 
 
 def _text(value: str) -> str:
