@@ -58,12 +58,13 @@ def test_a_failed_job_records_its_error_on_the_run(config):
     assert "Traceback" in trace and "the lake is on fire" in trace
 
 
-def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_job(tmp_path: Path):
+def _killed_job(tmp_path: Path, name: str) -> str:
+    """The run id of a job whose process was SIGKILLed while its run was open."""
     script = START_A_JOB.replace(
         "print(run.info.run_id)", "print(run.info.run_id, flush=True)\n    time.sleep(600)"
     )
     job = subprocess.Popen(
-        [sys.executable, "-c", "import time\n" + script, str(tmp_path), "killed"],
+        [sys.executable, "-c", "import time\n" + script, str(tmp_path), name],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -71,6 +72,11 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_job(tmp_pat
     run_id = job.stdout.readline().strip()
     job.kill()
     job.wait()
+    return run_id
+
+
+def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_job(tmp_path: Path):
+    killed, reopened = _killed_job(tmp_path, "killed"), _killed_job(tmp_path, "resumed")
     config = load_config(
         None,
         {
@@ -79,14 +85,16 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_job(tmp_pat
         },
     )
     mlflow.set_tracking_uri(config.tracking.uri)
-    assert mlflow.get_run(run_id).info.status == "RUNNING", "nothing ended it"
-    with job_run(config, "next") as alive:
+    assert mlflow.get_run(killed).info.status == "RUNNING", "nothing ended it"
+    with job_run(config, "resumed", resume_run_id=reopened) as alive:  # as a resumed loop
         with job_run(config, "nested"):
             pass
         assert mlflow.get_run(alive.info.run_id).info.status == "RUNNING", "a live run stays"
-    killed = mlflow.get_run(run_id)
-    assert killed.info.status == "KILLED"
-    assert killed.data.tags["synpref.error"].startswith("killed: its process (pid")
+    run = mlflow.get_run(killed)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["synpref.error"].startswith("killed: its process (pid")
+    run = mlflow.get_run(reopened)
+    assert run.info.status == "FINISHED" and "synpref.error" not in run.data.tags
 
 
 @pytest.mark.parametrize(

@@ -125,17 +125,13 @@ def close_dead_runs(experiment_id: str, reopening: str | None = None) -> None:
     host = socket.gethostname()
     running = f"attributes.status = 'RUNNING' and tags.synpref.host = {literal(host)}"
     for run in client.search_runs([experiment_id], running, max_results=1000):
-        tags = run.data.tags
-        if "synpref.pid" not in tags or _alive(
-            int(tags["synpref.pid"]), tags["synpref.pid_started"]
-        ):
+        pid, started = run.data.tags.get("synpref.pid"), run.data.tags.get("synpref.pid_started")
+        if pid is None or run.info.run_id == reopening or _alive(int(pid), started):
             continue
-        reason = f"its process (pid {tags['synpref.pid']} on {host}) ended without ending it"
+        reason = f"its process (pid {pid} on {host}) ended without ending it"
         client.set_tag(run.info.run_id, "synpref.error", f"killed: {reason}")
         client.set_terminated(run.info.run_id, "KILLED")
-        log.warning(
-            f"[tracking] run {run.info.run_name} ({run.info.run_id}) marked KILLED: {reason}"
-        )
+        log.warning(f"[tracking] run {run.info.run_name} marked KILLED: {reason}")
 
 
 def _alive(pid: int, started: str | None) -> bool:
