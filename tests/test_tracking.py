@@ -85,14 +85,14 @@ def test_a_run_whose_process_was_killed_is_marked_killed_by_the_next_job(tmp_pat
         },
     )
     mlflow.set_tracking_uri(config.tracking.uri)
-    assert mlflow.get_run(killed).info.status == "RUNNING", "nothing ended it"
+    run = mlflow.get_run(killed)  # ended by the next job's start: the second killed one
+    assert run.info.status == "KILLED"
+    assert run.data.tags["synpref.error"].startswith("killed: its process (pid")
+    assert mlflow.get_run(reopened).info.status == "RUNNING", "nothing ended it yet"
     with job_run(config, "resumed", resume_run_id=reopened) as alive:  # as a resumed loop
         with job_run(config, "nested"):
             pass
         assert mlflow.get_run(alive.info.run_id).info.status == "RUNNING", "a live run stays"
-    run = mlflow.get_run(killed)
-    assert run.info.status == "KILLED"
-    assert run.data.tags["synpref.error"].startswith("killed: its process (pid")
     run = mlflow.get_run(reopened)
     assert run.info.status == "FINISHED" and "synpref.error" not in run.data.tags
 
