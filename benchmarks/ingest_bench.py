@@ -35,6 +35,7 @@ from deltalake import write_deltalake
 
 from pipelines.core.config import IngestConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import set_local_cluster_env
 from pipelines.ingest.formats import Limits
 from pipelines.ingest.job import IngestRequest, detect_file_format, ingest, normalise_batch
 from pipelines.ingest.record_files import read_records, records_table
@@ -66,7 +67,8 @@ def show_progress() -> None:
 
 def job_bench_config(name: str, **sections: dict[str, Any]) -> SynprefConfig:
     """What a job benchmark starts from: an empty ``OUT/name`` holding its own lake and sqlite
-    MLflow store (plus ``sections`` of config), and a local 2-CPU Ray without progress bars."""
+    MLflow store (plus ``sections`` of config), and a local 2-CPU Ray (the platform's settings for
+    one machine) without progress bars."""
     show_progress()
     work = OUT / name
     shutil.rmtree(work, ignore_errors=True)
@@ -74,6 +76,7 @@ def job_bench_config(name: str, **sections: dict[str, Any]) -> SynprefConfig:
     config = load_config(
         None, {"lake": {"root": str(work / "lake")}, "tracking": tracking} | sections
     )
+    set_local_cluster_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return config

@@ -17,6 +17,7 @@ import ray
 
 from pipelines.core.config import SynprefConfig, load_config
 from pipelines.core.lake import Lake
+from pipelines.core.ray_cluster import set_local_cluster_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -80,13 +81,11 @@ def first_items(path: Path, folder: Path, items: int) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (2 cores here: never one per test)."""
-    # Ray Train's controller looks at its workers every 2 s, so a training of a few steps
-    # waits about that long to be seen finished; every process of the cluster inherits this.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # A judge API key the workers inherit: an actor reads its key from its own environment,
     # as on a cluster whose nodes have it (test_secrets.py searches everything for it).
     os.environ.setdefault(JUDGE_KEY_ENV, "sk-judge-b7d24e61")
     if not ray.is_initialized():
+        set_local_cluster_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
