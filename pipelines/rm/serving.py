@@ -29,7 +29,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.core.config import ScoringConfig, ServingConfig
+from pipelines.core.config import ScoringConfig, ServingConfig, load_config
 from pipelines.core.errors import ConfigError
 from pipelines.rm.model import model_version, pair_conversations, sigmoid
 from pipelines.rm.scorers import load_model
@@ -348,3 +348,22 @@ def reward_app(
     return RewardAPI.options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=serving.max_ongoing_requests
     ).bind(scorers, serving, api_key(serving))
+
+
+class RewardAppArgs(_Strict):
+    """The arguments of ``build_app``: what a Serve config file or a RayService's
+    ``serveConfigV2`` gives under ``args`` (cluster/rayservice.yaml)."""
+
+    models: dict[str, str] = Field(min_length=1)
+    """Name -> model folder (or HF id) each scorer deployment loads."""
+    config: str | None = None
+    """A synpref config file for the ``scoring`` and ``serving`` sections (default: the
+    embedded defaults); ``SYNPREF_*`` environment variables apply as everywhere."""
+
+
+def build_app(args: RewardAppArgs) -> serve.Application:
+    """The reward API as a Serve application builder, for ``serve run``, ``serve deploy`` and
+    KubeRay's RayService (``import_path: pipelines.rm.serving:build_app``); Serve validates
+    ``args`` against ``RewardAppArgs`` before the call."""
+    config = load_config(args.config)
+    return reward_app(args.models, config.scoring, config.serving)
