@@ -22,6 +22,7 @@ from ray_jobs import (
     score,
     serve,
     show_config,
+    submit,
     train,
 )
 from ray_jobs.job import configure_logging, global_options, json_option, take_over_ray_logging
@@ -60,6 +61,8 @@ cli.add_command(train.command)
 cli.add_command(demo.command)
 cli.add_command(loop.command)
 cli.add_command(show_config.command)
+cli.add_command(submit.submit_command)
+cli.add_command(submit.jobs_group)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import mlflow
 
 from pipelines.core.config import SynprefConfig
 from pipelines.core.lake import Lake
-from pipelines.core.ray_cluster import connect
+from pipelines.core.ray_cluster import check_paths_outlive_the_job, connect
 from pipelines.core.tracking import job_run, log_delta_table, log_input_file, run_location
 from storage_schemas import PAIRS, TableSpec
 
@@ -131,6 +131,7 @@ def run_job(
 ) -> JobResult[Summary]:
     """Run ``work`` as the MLflow run of ``job`` (or in run ``resume_run_id`` again) and record
     its summary."""
+    check_paths_outlive_the_job(config, job)
     lake = Lake(config.lake.root, config.lake.storage_options)
     dashboard = connect(config.ray) if uses_ray else None
     with job_run(config, job, params, run_name, resume_run_id) as run:

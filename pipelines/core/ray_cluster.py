@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
 
-from pipelines.core.config import RayConfig
+from pipelines.core.config import RayConfig, SynprefConfig
+from pipelines.core.errors import ConfigError
+
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the driver of a submitted job (Ray's constant of that name)."""
 
 LOCAL_CLUSTER_ENV = {
     # One machine is not preempted, and Ray Train's preemption watcher is one more process per
@@ -44,3 +49,28 @@ def connect(config: RayConfig) -> str | None:
     )
     url = context.dashboard_url
     return f"http://{url}" if url and "://" not in url else url or None
+
+
+def check_paths_outlive_the_job(config: SynprefConfig, job: str) -> None:
+    """A submitted job runs in a copy of its working directory that Ray replaces at the next
+    submission: a relative lake, sqlite store or checkpoint folder would be written there and
+    lost. Refused with the fields to set (``s3://`` or an absolute shared path)."""
+    if SUBMITTED_JOB_ENV not in os.environ:
+        return
+    paths = {"lake.root": config.lake.root}
+    if config.tracking.uri.startswith("sqlite:"):
+        paths["tracking.uri"] = config.tracking.uri.removeprefix("sqlite:///")
+        paths["tracking.artifact_location"] = config.tracking.artifact_location
+    if job in ("train", "loop"):
+        paths["training.storage_path"] = config.training.storage_path
+    relative = [
+        f"{key} = {path}"
+        for key, path in paths.items()
+        if "://" not in path and not Path(path).is_absolute()
+    ]
+    if relative:
+        raise ConfigError(
+            f"a submitted {job} job runs in a copy of the working directory that Ray replaces: "
+            f"{'; '.join(relative)} would be lost with it. Use s3:// or an absolute path on "
+            "storage every node shares (configs/cluster.yaml, or --lake/--tracking-uri)."
+        )
