@@ -62,7 +62,8 @@ class TrackingConfig(_Section):
     experiment: str = "synpref"
     """The experiment every job run goes to."""
     artifact_location: str = "./mlartifacts"
-    """Used only when the experiment is created; a remote server decides its own otherwise."""
+    """Where a local store (sqlite) puts artifacts, set when the experiment is created; a tracking
+    server (http) keeps its own (`mlflow server --artifacts-destination`)."""
 
 
 class RayConfig(_Section):

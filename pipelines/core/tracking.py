@@ -43,7 +43,8 @@ MAX_ERROR_TAG_CHARS = 4000
 
 
 def ensure_experiment(tracking: TrackingConfig) -> str:
-    """The id of the configured experiment, created (with its artifact location) if missing.
+    """The id of the configured experiment, created if missing (with the configured artifact
+    location for a local store; a tracking server's own otherwise).
 
     A new sqlite store is created under a file lock: two jobs starting at once would otherwise
     both run MLflow's schema migrations and can leave the store unusable."""
@@ -52,8 +53,10 @@ def ensure_experiment(tracking: TrackingConfig) -> str:
         experiment = mlflow.get_experiment_by_name(tracking.experiment)
         if experiment is not None:
             return experiment.experiment_id
-        location = tracking.artifact_location
-        if "://" not in location:
+        # A tracking server keeps artifacts where it is configured to (its proxied store): a
+        # location given here would send every client's artifacts to its own disk.
+        location = None if is_tracking_server(tracking.uri) else tracking.artifact_location
+        if location is not None and "://" not in location:
             location = Path(location).resolve().as_uri()
         try:
             return mlflow.create_experiment(tracking.experiment, artifact_location=location)
@@ -62,6 +65,11 @@ def ensure_experiment(tracking: TrackingConfig) -> str:
             if experiment is None:
                 raise
             return experiment.experiment_id
+
+
+def is_tracking_server(uri: str) -> bool:
+    """An MLflow server (HTTP), as opposed to a store this process writes itself."""
+    return uri.split("://", 1)[0] in ("http", "https", "databricks")
 
 
 def _store_lock(uri: str) -> AbstractContextManager[Any]:
