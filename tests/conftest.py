@@ -10,12 +10,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import ray
 
-from pipelines.core.config import SynprefConfig, load_config
+from pipelines.core.config import JudgeConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import set_local_cluster_env
 
@@ -248,6 +249,19 @@ def openai_server():
     yield url
     server.terminate()
     server.wait(timeout=10)
+
+
+def scripted_judge(url: str, **options: Any) -> JudgeConfig:
+    """A judge on the scripted server at ``url`` (``options`` override the fields)."""
+    fields = {
+        "name": "longer",
+        "backend": "openai",
+        "base_url": f"{url}/v1",
+        "model": "scripted",
+        "api_key_env": None,
+        "num_cpus": 0.5,
+    }
+    return JudgeConfig(**fields | options)
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,21 @@ import ray
 import yaml
 
 from pipelines import jobs
-from pipelines.core.config import JudgeConfig, LoopConfig, ReviewConfig, SynprefConfig, load_config
+from pipelines.core.config import LoopConfig, ReviewConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.labels.events import live_events
 from pipelines.labels.sets import SetRef, read_set
 from pipelines.loop.driver import loop_status, plan
 from pipelines.loop.steps import retrieval_k
-from tests.conftest import HH_HARMLESS, REPO, RM_BENCH, first_items, shared_data
+from tests.conftest import (
+    HH_HARMLESS,
+    REPO,
+    RM_BENCH,
+    first_items,
+    scripted_judge,
+    shared_data,
+)
 from tests.labelstudio import answer
 from tests.test_review import choice_for
 
@@ -92,19 +99,7 @@ def loop_config(folder: Path, judge_url: str) -> dict:
             "storage_path": str(folder / "checkpoints"),
         },
         "scoring": {"max_length": 64},
-        "judging": {
-            "judges": [
-                JudgeConfig(
-                    name="longer",
-                    backend="openai",
-                    base_url=f"{judge_url}/v1",
-                    model="scripted",
-                    api_key_env=None,
-                    num_cpus=0.5,
-                    few_shot=2,
-                ).model_dump()
-            ]
-        },
+        "judging": {"judges": [scripted_judge(judge_url, few_shot=2).model_dump()]},
         "loop": {
             "human_sources": ["hh-verified"],
             "seed_set": "source = 'hh-verified'",

@@ -19,11 +19,10 @@ import pytest
 import ray
 
 from pipelines import jobs
-from pipelines.core.config import JudgeConfig
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
-from tests.conftest import JUDGE_KEY_ENV
+from tests.conftest import JUDGE_KEY_ENV, scripted_judge
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +40,8 @@ def test_no_secret_reaches_mlflow_logs_or_tables(
     config.lake.storage_options = options | {"AWS_SECRET_ACCESS_KEY": S3_SECRET}
     url = scripted_server_url.replace("://", f"://judge:{PASSWORD}@")
     config.judging.judges = [
-        JudgeConfig(
-            name="scripted",
-            backend="openai",
-            base_url=f"{url}/v1",
-            model="scripted",
-            api_key_env=JUDGE_KEY_ENV,
-            num_cpus=0.5,
-            max_retries=0,
-            http_retries=0,
+        scripted_judge(
+            url, name="scripted", api_key_env=JUDGE_KEY_ENV, max_retries=0, http_retries=0
         )
     ]
     started = time.time()

@@ -23,10 +23,9 @@ import psutil
 import pytest
 import yaml
 
-from pipelines.core.config import JudgeConfig
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import LOCAL_CLUSTER_ENV
-from tests.conftest import HH_HARMLESS, REPO, free_port, shared_data
+from tests.conftest import HH_HARMLESS, REPO, free_port, scripted_judge, shared_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -95,21 +94,13 @@ def job_config(tmp_path_factory, scripted_server_url) -> Path:
     with gzip.open(shared_data(HH_HARMLESS), "rt") as hh:
         lines = hh.read().splitlines()[:60]
     (folder / "hh.jsonl").write_text("\n".join(lines) + "\n")
-    judge = JudgeConfig(
-        name="longer",
-        backend="openai",
-        base_url=f"{scripted_server_url}/v1",
-        model="scripted",
-        api_key_env=None,
-        num_cpus=0.5,
-    )
     config = {
         "lake": {"root": str(folder / "lake")},
         "tracking": {
             "uri": f"sqlite:///{folder / 'mlruns.db'}",
             "artifact_location": str(folder / "mlartifacts"),
         },
-        "judging": {"judges": [judge.model_dump()]},
+        "judging": {"judges": [scripted_judge(scripted_server_url).model_dump()]},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return folder
