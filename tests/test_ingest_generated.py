@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +25,7 @@ from pipelines.ingest.formats import Limits
 from pipelines.ingest.job import normalise_batch
 from pipelines.ingest.record_files import file_records, records_table
 from storage_schemas import QUARANTINE_REASONS
+from tests.conftest import REPO
 
 LIMITS = Limits(max_chars=2_000, max_turns=8)
 text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=30).filter(str.strip)
@@ -210,3 +214,20 @@ def _parses(record: bytes) -> bool:
     except (ValueError, RecursionError):
         return False
     return True
+
+
+def test_the_atheris_target_finds_nothing_in_a_short_run(tmp_path):
+    """tests/fuzz_records.py, coverage-guided, briefly (a longer run is documented there and in
+    docs/reliability.md): what it finds is a crash of reading or normalising, or a record that
+    is neither a pair nor a quarantine row with a reason."""
+    fuzz = ["-atheris_runs=3000", "-seed=1", f"-artifact_prefix={tmp_path}/"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_records", *fuzz],
+        cwd=REPO,
+        env=os.environ | {"TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Done 3000 runs" in result.stderr

@@ -120,6 +120,35 @@ class ScoreResponse(BaseModel):
     pairs: list[PairScore] | None = None
 
 
+class ErrorMessage(BaseModel):
+    """Why a request was refused."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidRequest(BaseModel):
+    """A request that is not valid JSON or breaks the request schema: each error's place,
+    message and type (never the input); or a message when the model could not score it."""
+
+    detail: list[FieldError] | str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorMessage, "description": "no or a wrong API key"},
+    404: {"model": ErrorMessage, "description": "an unknown model"},
+    413: {"model": ErrorMessage, "description": "too many items, characters or bytes"},
+    422: {"model": InvalidRequest, "description": "not a valid request"},
+}
+"""The error answers of ``/v1/score``, in its OpenAPI schema so clients (and schemathesis)
+know them."""
+
+
 @dataclass(frozen=True)
 class Scored:
     """A request's rewards and truncation flags, or why it could not be scored."""
@@ -270,6 +299,7 @@ class RewardAPI:
         response_model=ScoreResponse,
         response_model_exclude_none=True,
         dependencies=[Depends(_authorised)],
+        responses=ERRORS,
     )
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         name = request.model or self.default
