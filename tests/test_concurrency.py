@@ -1,0 +1,118 @@
+"""Jobs from separate processes writing one lake at the same time: two ingests of different
+sources, a dedup and a scoring, each `python -m ray_jobs.<job>` as a user starts it, all on
+the session's cluster. No commit is lost (every job ends, its committed versions are in the
+history and its rows in the tables), no row is duplicated (every table's keys are unique), and
+once dedup and scoring have run again over what the ingests added (incremental: they only do
+what is missing), every table equals that of the same jobs run one after another."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from pipelines.core.lake import Lake
+from pipelines.ingest.synthetic import CorpusSpec, write_corpus
+from storage_schemas import table_spec
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TABLES = ("pairs", "quarantine", "dedup_clusters", "conflicts", "curation_status", "rm_scores")
+VOLATILE = ("run_id", "_at", "version")
+"""Columns naming a run, a time or a table version: they differ between two runs."""
+
+
+def _config(folder: Path) -> Path:
+    folder.mkdir()
+    path = folder / "config.yaml"
+    config = {
+        "lake": {"root": str(folder / "lake")},
+        "tracking": {
+            "uri": f"sqlite:///{folder / 'mlruns.db'}",
+            "artifact_location": str(folder / "mlartifacts"),
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _start(config: Path, job: str, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", f"ray_jobs.{job}", "--config", str(config), "--json"]
+    command += ["--ray-address", ray.get_runtime_context().gcs_address, *args]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"SYNPREF_LOG_FILE": str(config.parent / f"{job}.log")},
+    )
+
+
+def _finish(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out)
+
+
+def _run(config: Path, job: str, *args: str) -> dict:
+    return _finish(_start(config, job, *args))
+
+
+def snapshot(lake: Lake) -> dict[str, list]:
+    """Every table's rows without run ids, times and versions, sorted."""
+    found = {}
+    for name in TABLES:
+        table = lake.read(name)
+        columns = [c for c in table.column_names if not any(v in c for v in VOLATILE)]
+        found[name] = sorted(
+            json.dumps(row, sort_keys=True, default=str)
+            for row in table.select(columns).to_pylist()
+        )
+    return found
+
+
+def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster):
+    corpora = {
+        source: write_corpus(CorpusSpec(pairs=1500, seed=seed), tmp_path / source, shards=2)
+        for source, seed in (("web", 11), ("forum", 12), ("base", 13))
+    }
+    jobs = {
+        "ingest-web": ("ingest", *map(str, corpora["web"]), "--source", "web"),
+        "ingest-forum": ("ingest", *map(str, corpora["forum"]), "--source", "forum"),
+        "dedup": ("dedup",),
+        "score": ("score", "--model", "heuristic:length"),
+    }
+    together, one_by_one = _config(tmp_path / "together"), _config(tmp_path / "one_by_one")
+    for config in (together, one_by_one):  # what both lakes hold before
+        _run(config, "ingest", *map(str, corpora["base"]), "--source", "base")
+
+    running = {name: _start(together, *job) for name, job in jobs.items()}
+    ended = {name: _finish(process) for name, process in running.items()}
+    lake = Lake(str(together.parent / "lake"))
+    for name in ("ingest-web", "ingest-forum"):
+        summary = ended[name]
+        assert summary["balanced"], f"{name}: every candidate accounted for"
+        assert (
+            lake.count("pairs", where=f"source = '{summary['source']}'")
+            == (summary["pairs_inserted"])
+        ), f"{name}: its committed rows are there"
+    versions = {c["version"] for c in lake.history("pairs", 100)}
+    assert {ended[n]["pairs_version"] for n in ("ingest-web", "ingest-forum")} <= versions
+    for name in TABLES:
+        keys = list(table_spec(name).keys)
+        rows = lake.read(name, columns=keys)
+        assert rows.group_by(keys).aggregate([]).num_rows == rows.num_rows, f"{name}: a key twice"
+
+    for job in jobs.values():  # the same jobs, one after another
+        _run(one_by_one, *job)
+    _run(together, "dedup")  # then what the ingests added meanwhile
+    _run(together, "score", "--model", "heuristic:length")
+    assert snapshot(lake) == snapshot(Lake(str(one_by_one.parent / "lake")))
