@@ -18,11 +18,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.ingest.formats import Limits
-from pipelines.ingest.job import normalise_batch
+from pipelines.ingest.job import blank_lines, normalise_batch
 from pipelines.ingest.record_files import file_records, records_table
 from storage_schemas import QUARANTINE_REASONS
 from tests.conftest import REPO
@@ -91,22 +92,23 @@ def json_row(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
-def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, int]:
-    """(name, bytes, records written) of a JSON-lines file, maybe gzipped, with a BOM, CRLF
-    line ends, blank lines and a last line without its newline."""
+def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, int, int]:
+    """(name, bytes, records written, blank lines between them) of a JSON-lines file, maybe
+    gzipped, with a BOM, CRLF line ends, blank lines and a last line without its newline."""
     rows = draw(st.lists(json_row(), min_size=1, max_size=12))
     ending = draw(st.sampled_from([b"\n", b"\r\n"]))
-    lines = []
-    for row in rows:
+    lines, blanks = [], 0
+    for i, row in enumerate(rows):
         lines.append(row)
         if draw(st.integers(0, 5)) == 0:
-            lines.append(b"")  # a blank line: no record
+            lines.append(draw(st.sampled_from([b"", b"  ", b"\t"])))  # a blank line: no record
+            blanks += i < len(rows) - 1
     data = ending.join(lines) + draw(st.sampled_from([ending, b""]))
     if draw(st.booleans()):
         data = b"\xef\xbb\xbf" + data
     if draw(st.booleans()):
-        return "records.jsonl.gz", gzip.compress(data), len(rows)
-    return "records.jsonl", data, len(rows)
+        return "records.jsonl.gz", gzip.compress(data), len(rows), blanks
+    return "records.jsonl", data, len(rows), blanks
 
 
 def staged(path: Path) -> tuple[list[tuple[int, str, str | None]], pa.Table]:
@@ -144,18 +146,19 @@ FUZZ = settings(
 @FUZZ
 @given(file=jsonl_file())
 def test_every_jsonl_record_is_a_pair_or_quarantined_with_a_reason(tmp_path, file):
-    name, data, written = file
+    name, data, written, blanks = file
     path = tmp_path / name
     path.write_bytes(data)
     records, rows = staged(path)
     assert len(records) == written, "one record per non-blank line, the BOM is no record"
+    assert blank_lines(records_table(str(path), records)) == blanks, "each blank line counted"
     assert_accounted(records, rows)
 
 
 @FUZZ
 @given(file=jsonl_file(), cut=st.floats(0.05, 0.95))
 def test_a_file_cut_short_keeps_what_came_before_and_names_itself(tmp_path, file, cut):
-    name, data, _ = file
+    name, data, *_ = file
     if not name.endswith(".gz"):
         name, data = f"{name}.gz", gzip.compress(data)
     path = tmp_path / name
@@ -214,6 +217,30 @@ def _parses(record: bytes) -> bool:
     except (ValueError, RecursionError):
         return False
     return True
+
+
+@pytest.mark.parametrize(
+    ("record", "key"),
+    [
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}', "chosen"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "extra": {"x": 1, "x": 2}}', "x"),
+        ('{"prompt": "say \\"a\\": 1", "chosen": "a", "rejected": "b", "n": {"k": 1}}', None),
+    ],
+)
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_a_key_twice_in_one_object_is_quarantined_naming_the_key(tmp_path, record, key, layout):
+    """Parsers keep the last of two values of a key, so which one the author meant is
+    unknown: such a record is quarantined, not read as the last value (a string that holds
+    ``":`` is no second key)."""
+    path = tmp_path / f"records.{layout}"
+    path.write_text(record + "\n" if layout == "jsonl" else f"[{record}]")
+    _, rows = staged(path)
+    (row,) = rows.to_pylist()
+    if key is None:
+        assert row["kind"] == "pair"
+    else:
+        assert (row["kind"], row["reason"]) == ("quarantine", "malformed_json")
+        assert f"the key {key!r} appears twice in one object" in row["detail"]
 
 
 def test_the_atheris_target_finds_nothing_in_a_short_run(tmp_path):

@@ -456,19 +456,76 @@ def _kind(value: Any) -> str:
 def parse_json(text: str) -> Any:
     """orjson's fast parse; the standard library's for what orjson refuses (integers beyond 64
     bits) and for its error messages. What is not JSON text (NaN, Infinity, a lone surrogate)
-    is a ``ValueError``, nesting deeper than the parsers hold a ``json.JSONDecodeError``."""
+    and an object with a key twice (which value is meant is anyone's guess: parsers keep the
+    last) are a ``ValueError``; nesting deeper than the parsers hold a ``json.JSONDecodeError``."""
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:
         try:
             value = json.loads(text, parse_constant=_not_a_json_number)
         except RecursionError:
             raise json.JSONDecodeError("nested too deep", text, 0) from None
-    try:  # orjson refuses a lone surrogate escape (\ud800); the standard library does not
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("a string holds a lone surrogate (such as \\ud800): not text") from None
+        try:  # orjson refuses a lone surrogate escape (\ud800); the standard library does not
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a string holds a lone surrogate (such as \\ud800): not text"
+            ) from None
+    duplicate = duplicate_key(text, value)
+    if duplicate is not None:
+        raise ValueError(f"the key {duplicate!r} appears twice in one object")
     return value
+
+
+_QUOTE_COLON = re.compile(r'"\s*:')
+"""A quote and a colon: every key ends so, and so can an escaped quote inside a string."""
+
+
+def duplicate_key(text: str, value: Any) -> str | None:
+    """A key that appears twice in one object of the JSON ``text`` (parsed as ``value``), or
+    None. The text has one key ending per key it holds; when the parsed objects hold as many,
+    none was dropped (a count: a few microseconds). Only when they differ is the text parsed
+    again to find the key."""
+    if _key_ends(text) <= _keys(value):
+        return None
+
+    found: list[str] = []
+
+    def first_repeat(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        found.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(pairs)
+
+    try:
+        json.loads(text, object_pairs_hook=first_repeat)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deep", text, 0) from None
+    return found[0] if found else None
+
+
+def _key_ends(text: str) -> int:
+    """How many keys the JSON ``text`` holds: quotes before a colon that end a string (after an
+    even number of backslashes; a quote inside a string is escaped)."""
+    count = 0
+    for match in _QUOTE_COLON.finditer(text):
+        start = before = match.start()
+        while before and text[before - 1] == "\\":
+            before -= 1
+        count += (start - before) % 2 == 0
+    return count
+
+
+def _keys(value: Any) -> int:
+    """How many object keys ``value`` holds, at every depth."""
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def _not_a_json_number(name: str) -> Any:

@@ -109,6 +109,9 @@ class IngestSummary(JobSummary):
     run_id: str
     inputs: list[InputSummary]
     records_read: int = 0
+    blank_lines: int = 0
+    """Lines without a record (blank or whitespace only) between the records of JSON-lines
+    files: nothing to keep, counted so that every line is accounted for."""
     candidates: int = 0
     pairs_inserted: int = 0
     pairs_already_present: int = 0
@@ -144,6 +147,7 @@ class IngestSummary(JobSummary):
     def metrics(self) -> dict[str, float]:
         return {
             "records_read": self.records_read,
+            "blank_lines": self.blank_lines,
             "candidates": self.candidates,
             "pairs_inserted": self.pairs_inserted,
             "pairs_already_present": self.pairs_already_present,
@@ -158,7 +162,8 @@ class IngestSummary(JobSummary):
         lines = [
             f"ingest {self.source} ({self.source_kind}) from {len(self.inputs)} file(s): "
             + ", ".join(f"{i.path} [{i.format}]" for i in self.inputs),
-            f"  records read      {self.records_read:>10,}",
+            f"  records read      {self.records_read:>10,}"
+            + (f" (and {self.blank_lines:,} blank lines)" if self.blank_lines else ""),
             f"  candidate pairs   {self.candidates:>10,}"
             f"  = kept {self.pairs_inserted + self.pairs_already_present:,}"
             f" + quarantined {self.quarantined:,}"
@@ -355,11 +360,26 @@ def _remove_dead_staging(lake_fs: pafs.FileSystem, root: str) -> None:
             log.info(f"[ingest] removed the staging of ended run {run_id}")
 
 
+def blank_lines(records: pa.Table) -> int:
+    """Positions a file skipped between its records (``source_file``, ``source_row`` of each
+    record): a record's position is its line, so a gap is a blank line (and a file's last
+    record ends the count: blank lines after it skip nothing)."""
+    spans = records.group_by("source_file").aggregate(
+        [("source_row", "max"), ("source_row", "count")]
+    )
+    return int(
+        pc.sum(pc.subtract(pc.add(spans["source_row_max"], 1), spans["source_row_count"])).as_py()
+        or 0
+    )
+
+
 def _commit(staged: pads.Dataset, lake: Lake, summary: IngestSummary, run_id: str) -> None:
     is_pair = pc.field("kind") == "pair"
     positions = ["source_file", "source_row", "source_item"]
     keys = staged.to_table(columns=["kind", "pair_id", "row_id", *positions])
-    summary.records_read = keys.group_by(["source_file", "source_row"]).aggregate([]).num_rows
+    records = keys.group_by(["source_file", "source_row"]).aggregate([])
+    summary.records_read = records.num_rows
+    summary.blank_lines = blank_lines(records)
     summary.candidates = keys.num_rows
 
     pair_keys = keys.filter(pc.equal(keys["kind"], "pair"))
