@@ -140,6 +140,7 @@ class InvalidRequest(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorMessage, "description": "a body that cannot be read (not UTF-8 text)"},
     401: {"model": ErrorMessage, "description": "no or a wrong API key"},
     404: {"model": ErrorMessage, "description": "an unknown model"},
     413: {"model": ErrorMessage, "description": "too many items, characters or bytes"},
