@@ -53,8 +53,9 @@ def snapshot(lake: Lake, tables: list[str]) -> dict[str, list[tuple]]:
     return found
 
 
-def disturbed(cluster: Cluster, job: Callable[[], Any], after: float) -> dict[str, Any]:
-    """Run ``job`` while a worker node is removed ``after`` seconds in; then put a node back."""
+def disturbed(cluster: Cluster, job: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``job`` and remove a worker node once every worker CPU is busy with it (its Ray
+    stage is under way on every node); then put a node back."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -66,7 +67,8 @@ def disturbed(cluster: Cluster, job: Callable[[], Any], after: float) -> dict[st
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(after)
+    while thread.is_alive() and ray.available_resources().get("CPU", 0) >= 1:
+        time.sleep(0.05)
     outcome["removed_while_running"] = thread.is_alive()
     cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
     thread.join()
@@ -112,7 +114,7 @@ def main(work: Path, model: str) -> None:
         started = time.monotonic()
         step(calm)
         seconds = time.monotonic() - started
-        outcome = disturbed(cluster, lambda s=step: s(rough), after=0.4 * seconds)
+        outcome = disturbed(cluster, lambda s=step: s(rough))
         equal = snapshot(Lake(calm.lake.root), TABLES[name]) == snapshot(
             Lake(rough.lake.root), TABLES[name]
         )

@@ -27,5 +27,5 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(encoder_rm, tmp
     outcomes = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(outcomes) == {"ingest", "dedup", "score"}
     for job, outcome in outcomes.items():
-        assert outcome["removed_while_running"], f"{job} ended before the node went: {outcome}"
-        assert outcome["equal"], f"{job}: tables differ from the undisturbed run: {outcome}"
+        assert outcome["removed_while_running"], f"{job} ended before the node went: {outcomes}"
+        assert outcome["equal"], f"{job}: tables differ from the undisturbed run: {outcomes}"
