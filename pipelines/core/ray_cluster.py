@@ -16,7 +16,7 @@ SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 LOCAL_CLUSTER_ENV = {
     # One machine is not preempted, and Ray Train's preemption watcher is one more process per
     # training; its controller looks at the workers every 2 s by default, so a run is seen
-    # finished up to 2 s late. Both cost a small training on 2 cores about 5 s of 32
+    # finished up to 2 s late. Both cost a small training on 2 cores about 4 s of 30
     # (docs/performance.md: Job start-up).
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",

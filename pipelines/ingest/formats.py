@@ -488,19 +488,38 @@ def duplicate_key(text: str, value: Any) -> str | None:
     again to find the key."""
     if _key_ends(text) <= _keys(value):
         return None
-
-    found: list[str] = []
-
-    def first_repeat(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        found.extend(k for i, k in enumerate(keys) if k in keys[:i])
-        return dict(pairs)
-
     try:
-        json.loads(text, object_pairs_hook=first_repeat)
+        return JsonObject.repeated_key(json.loads(text, object_pairs_hook=JsonObject.of))
     except RecursionError:
         raise json.JSONDecodeError("nested too deep", text, 0) from None
-    return found[0] if found else None
+
+
+class JsonObject(dict):
+    """A parsed JSON object that remembers a key it held twice (the dict keeps the last)."""
+
+    repeated: str | None = None
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> JsonObject:
+        obj = cls(pairs)
+        if len(obj) < len(pairs):
+            keys = [k for k, _ in pairs]
+            obj.repeated = next(k for i, k in enumerate(keys) if k in keys[:i])
+        return obj
+
+    @staticmethod
+    def repeated_key(value: Any) -> str | None:
+        """A key some object within ``value`` held twice, if any."""
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, JsonObject) and item.repeated is not None:
+                return item.repeated
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        return None
 
 
 def _key_ends(text: str) -> int:

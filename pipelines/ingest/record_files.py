@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from pipelines.core.errors import FormatError
+from pipelines.ingest.formats import JsonObject
 
 RECORD_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet")
 RAW_SCHEMA = pa.schema(
@@ -174,7 +175,7 @@ def _json_array_records(data: bytes) -> Iterator[tuple[int, str, str | None]]:
     # apart from those that do not (a U+FFFD replacement would be silent).
     text = data.removeprefix(UTF8_BOM).decode("utf-8", errors="surrogateescape")
     try:
-        parsed = json.loads(text, object_pairs_hook=_Object.of)
+        parsed = json.loads(text, object_pairs_hook=JsonObject.of)
     except (json.JSONDecodeError, RecursionError) as exc:
         where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deep"
@@ -187,41 +188,13 @@ def _json_array_records(data: bytes) -> Iterator[tuple[int, str, str | None]]:
         except (RecursionError, ValueError) as exc:
             yield position, "", f"unrepresentable element: {exc}"
             continue
-        repeated = _Object.repeated_key(element)
+        repeated = JsonObject.repeated_key(element)
         if repeated is not None:
             yield position, _storable(record), f"the key {repeated!r} appears twice in one object"
         elif _storable(record) != record:
             yield position, _storable(record), "invalid UTF-8 or a lone surrogate in the element"
         else:
             yield position, record, None
-
-
-class _Object(dict):
-    """A parsed JSON object that remembers a key it held twice (the dict keeps the last)."""
-
-    repeated: str | None = None
-
-    @classmethod
-    def of(cls, pairs: list[tuple[str, Any]]) -> _Object:
-        obj = cls(pairs)
-        if len(obj) < len(pairs):
-            keys = [k for k, _ in pairs]
-            obj.repeated = next(k for i, k in enumerate(keys) if k in keys[:i])
-        return obj
-
-    @staticmethod
-    def repeated_key(value: Any) -> str | None:
-        """A key some object within ``value`` held twice, if any."""
-        stack = [value]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, _Object) and item.repeated is not None:
-                return item.repeated
-            if isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, list):
-                stack.extend(item)
-        return None
 
 
 def _storable(text: str) -> str:
