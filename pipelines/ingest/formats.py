@@ -486,8 +486,9 @@ def duplicate_key(text: str, value: Any) -> str | None:
     None. The text has one key ending per key it holds; when the parsed objects hold as many,
     none was dropped (a count: a few microseconds). Only when they differ is the text parsed
     again to find the key."""
-    if _key_ends(text) <= _keys(value):
-        return None
+    keys = _keys(value)
+    if len(_QUOTE_COLON.findall(text)) <= keys or _key_ends(text) <= keys:
+        return None  # the first count is the quicker, the second exact where strings hold '":'
     try:
         return JsonObject.repeated_key(json.loads(text, object_pairs_hook=JsonObject.of))
     except RecursionError:
