@@ -11,12 +11,13 @@ from typing import Any
 
 import click
 
+from pipelines.core.submission import DEFAULT_ADDRESS
 from ray_jobs.job import emit, json_option, user_errors
 
 address_option = click.option(
     "--address",
     envvar="RAY_ADDRESS",
-    default="http://127.0.0.1:8265",
+    default=DEFAULT_ADDRESS,
     show_default=True,
     help="The cluster's dashboard (Ray's RAY_ADDRESS, as `ray job` reads it).",
 )
