@@ -417,7 +417,7 @@ def test_a_broken_manifest_is_refused_with_the_reason(case: str):
     assert any(reason in problem for problem in found), found
 
 
-def test_the_serve_builder_builds_the_reward_app_from_rayservice_args(tmp_path):
+def test_the_serve_builder_builds_the_reward_app_from_rayservice_args():
     """What Serve calls with serveConfigV2's args: the application with a scorer per model."""
     from pipelines.rm.serving import RewardAppArgs, build_app
 
