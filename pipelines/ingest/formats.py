@@ -511,16 +511,10 @@ class JsonObject(dict):
     @staticmethod
     def repeated_key(value: Any) -> str | None:
         """A key some object within ``value`` held twice, if any."""
-        stack = [value]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, JsonObject) and item.repeated is not None:
-                return item.repeated
-            if isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, list):
-                stack.extend(item)
-        return None
+        return next(
+            (o.repeated for o in _objects(value) if isinstance(o, JsonObject) and o.repeated),
+            None,
+        )
 
 
 def _key_ends(text: str) -> int:
@@ -537,15 +531,19 @@ def _key_ends(text: str) -> int:
 
 def _keys(value: Any) -> int:
     """How many object keys ``value`` holds, at every depth."""
-    stack, count = [value], 0
+    return sum(len(obj) for obj in _objects(value))
+
+
+def _objects(value: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object within ``value`` (itself included), at every depth."""
+    stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            count += len(item)
+            yield item
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return count
 
 
 def _not_a_json_number(name: str) -> Any:

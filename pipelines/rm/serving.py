@@ -272,10 +272,8 @@ def _loopback(host: str) -> bool:
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Each error's place, message and type, never the input: it can be megabytes, or hold
     what JSON cannot encode (a lone surrogate made the default handler answer 500)."""
-    errors: list[dict[str, Any]] = [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-    ]
-    return JSONResponse({"detail": errors}, status_code=422)
+    errors = [FieldError(loc=list(e["loc"]), msg=e["msg"], type=e["type"]) for e in exc.errors()]
+    return JSONResponse(InvalidRequest(detail=errors).model_dump(), status_code=422)
 
 
 @serve.deployment
