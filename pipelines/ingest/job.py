@@ -163,7 +163,11 @@ class IngestSummary(JobSummary):
             f"ingest {self.source} ({self.source_kind}) from {len(self.inputs)} file(s): "
             + ", ".join(f"{i.path} [{i.format}]" for i in self.inputs),
             f"  records read      {self.records_read:>10,}"
-            + (f" (and {self.blank_lines:,} blank lines)" if self.blank_lines else ""),
+            + (
+                f" (and {self.blank_lines:,} blank line{'s' * (self.blank_lines != 1)})"
+                if self.blank_lines
+                else ""
+            ),
             f"  candidate pairs   {self.candidates:>10,}"
             f"  = kept {self.pairs_inserted + self.pairs_already_present:,}"
             f" + quarantined {self.quarantined:,}"
