@@ -79,6 +79,22 @@ def first_items(path: Path, folder: Path, items: int) -> Path:
     return sample
 
 
+VOLATILE = ("run_id", "_at", "version", "seconds")
+"""Columns naming a run, a time, a table version or a duration: they differ between two runs."""
+
+
+def table_rows(lake: Lake) -> dict[str, list[str]]:
+    """Every table of ``lake``, its rows without the ``VOLATILE`` columns, sorted: equal for two
+    lakes that hold the same data and decisions, whatever runs wrote them."""
+    found = {}
+    for info in lake.tables():
+        table = lake.read(info.name)
+        columns = [c for c in table.column_names if not any(v in c for v in VOLATILE)]
+        rows = table.select(columns).to_pylist()
+        found[info.name] = sorted(json.dumps(row, sort_keys=True, default=str) for row in rows)
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (2 cores here: never one per test)."""
