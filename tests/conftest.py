@@ -84,13 +84,17 @@ VOLATILE = ("run_id", "_at", "version", "seconds")
 
 
 def table_rows(lake: Lake) -> dict[str, list[str]]:
-    """Every table of ``lake``, its rows without the ``VOLATILE`` columns, sorted: equal for two
+    """Every table of ``lake``, its rows without the ``VOLATILE`` columns, sorted, floats to 5
+    decimals (a model's score moves in the 7th with the padding of its batch): equal for two
     lakes that hold the same data and decisions, whatever runs wrote them."""
     found = {}
     for info in lake.tables():
         table = lake.read(info.name)
         columns = [c for c in table.column_names if not any(v in c for v in VOLATILE)]
-        rows = table.select(columns).to_pylist()
+        rows = [
+            {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+            for row in table.select(columns).to_pylist()
+        ]
         found[info.name] = sorted(json.dumps(row, sort_keys=True, default=str) for row in rows)
     return found
 

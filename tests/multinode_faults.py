@@ -1,0 +1,150 @@
+"""A worker node lost in the middle of a job, on a multi-node cluster of this machine
+(``ray.cluster_utils.Cluster``: a head with no CPUs and three 1-CPU workers with small object
+stores). Run by tests/test_multinode.py as a process of its own, since a driver joins one
+cluster only:
+
+    python -m tests.multinode_faults WORK_DIR MODEL_FOLDER JUDGE_URL
+
+Each job (ingest, dedup, scoring with a real model, judging on the scripted server) runs once
+undisturbed into one lake, then into a second lake while a worker node is removed with its
+processes killed (no graceful drain) part way through the job's Ray stage, and a fresh node
+joins, as KubeRay's autoscaler replaces a lost pod. A job that fails is run again. Prints, as
+JSON, per job: whether the node went while the job's stage ran, whether the job completed
+despite it (or the error it failed with), and whether the second lake's tables equal the first's
+(run ids, times and versions left out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import ray
+from ray._private.state import available_resources_per_node
+from ray.cluster_utils import Cluster
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+
+from pipelines import jobs
+from pipelines.core.config import SynprefConfig, load_config
+from pipelines.core.lake import Lake
+from pipelines.ingest.job import IngestRequest
+from pipelines.ingest.synthetic import CorpusSpec, write_corpus
+from tests.conftest import scripted_judge, table_rows
+
+WORKER = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
+
+
+class NodeLoss(ExecutionCallback):
+    """Removes a worker node on which a task or actor of the disturbed job holds a CPU, as soon
+    as the job's Ray stage runs: its actor pool has a task in flight or, in a job without one,
+    a task is running."""
+
+    cluster: ClassVar[Cluster]
+    armed: ClassVar[threading.Event] = threading.Event()
+    removed: ClassVar[dict[str, Any]] = {}
+
+    def before_execution_starts(self, executor: Any) -> None:
+        self.started = time.monotonic()
+
+    def on_execution_step(self, executor: Any) -> None:
+        pools = [op for op in executor._topology if isinstance(op, ActorPoolMapOperator)]
+        running = sum(op.num_active_tasks() for op in pools or executor._topology)
+        if not (self.armed.is_set() and running):
+            return
+        free = available_resources_per_node()
+        # A node whose every CPU is taken has no "CPU" entry at all.
+        busy = [n for n in self.cluster.worker_nodes if free.get(n.node_id, {}).get("CPU", 0) < 1]
+        if not busy:  # the resource view lags the scheduler: look again at the next step
+            return
+        self.armed.clear()
+        self.cluster.remove_node(busy[0], allow_graceful=False)
+        seconds = round(time.monotonic() - self.started, 1)
+        NodeLoss.removed = {"running_tasks": running, "seconds_in": seconds}
+
+
+def disturbed(job: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``job`` with a node lost in the middle of its Ray stage, on the nodes left (its
+    actor pools fit on two nodes); run it again if it failed. Then a new node joins (in this
+    thread: Ray's node start-up sets a signal handler)."""
+    NodeLoss.removed = {}
+    NodeLoss.armed.set()
+    outcome: dict[str, Any] = {}
+    try:
+        job()
+        outcome["completed"] = True
+    except Exception as exc:  # the job's failure is the result being measured
+        outcome["completed"], outcome["error"] = False, f"{type(exc).__name__}: {exc}"[:2000]
+    NodeLoss.armed.clear()
+    outcome["removed_while_running"] = bool(NodeLoss.removed)
+    outcome |= NodeLoss.removed
+    if NodeLoss.removed:
+        NodeLoss.cluster.add_node(**WORKER)
+    NodeLoss.cluster.wait_for_nodes()
+    if not outcome["completed"]:
+        job()  # a clear failure is allowed; the re-run must then complete
+    return outcome
+
+
+def config(work: Path, name: str, judge_url: str) -> SynprefConfig:
+    folder = work / name
+    judge = scripted_judge(judge_url, actors=2, num_cpus=0.5, batch_size=8)
+    return load_config(
+        None,
+        {
+            "lake": {"root": str(folder / "lake")},
+            "tracking": {
+                "uri": f"sqlite:///{folder / 'mlruns.db'}",
+                "artifact_location": str(folder / "mlartifacts"),
+            },
+            "scoring": {"actors": 2, "num_cpus": 0.5, "max_length": 64, "batch_size": 32},
+            "judging": {"judges": [judge.model_dump(mode="json")]},
+        },
+    )
+
+
+def main(work: Path, model: str, judge_url: str) -> None:
+    files = write_corpus(CorpusSpec(pairs=3000, seed=3), work / "corpus", shards=3)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(3):
+        cluster.add_node(**WORKER)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Read by the driver at each execution (a class in the DataContext would be pickled with
+    # every task).
+    os.environ["RAY_DATA_EXECUTION_CALLBACKS"] = "tests.multinode_faults.NodeLoss"
+    NodeLoss.cluster = cluster
+    request = IngestRequest(paths=[str(f) for f in files], source="web")
+    steps: dict[str, Callable[[SynprefConfig], Any]] = {
+        "ingest": lambda c: jobs.ingest(c, request),
+        "dedup": jobs.dedup,
+        "score": lambda c: jobs.score(c, model, "rm", where="pair_id < '08'"),
+        "judge": lambda c: jobs.judge(c, where="pair_id < '04'"),
+    }
+    calm, rough = config(work, "undisturbed", judge_url), config(work, "disturbed", judge_url)
+    results = {}
+    for name, step in steps.items():
+        started = time.monotonic()
+        step(calm)
+        seconds = time.monotonic() - started
+        outcome = disturbed(lambda s=step: s(rough))
+        equal = table_rows(Lake(calm.lake.root)) == table_rows(Lake(rough.lake.root))
+        results[name] = outcome | {"equal": equal, "undisturbed_seconds": round(seconds, 1)}
+        print(f"[multinode] {name}: {results[name]}", file=sys.stderr, flush=True)
+    print(json.dumps(results))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    # The callback is imported by its module name: run that module's main, not this copy's.
+    from tests.multinode_faults import main as run
+
+    run(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

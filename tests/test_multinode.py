@@ -1,0 +1,31 @@
+"""A worker node lost in the middle of ingest, dedup, scoring and judging, on a multi-node
+cluster of this machine (tests/multinode_faults.py, run as a driver of its own): each job
+completes, or fails clearly and its re-run completes, and its tables equal those of an
+undisturbed run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(
+    encoder_rm, scripted_server_url, tmp_path
+):
+    command = [sys.executable, "-m", "tests.multinode_faults", str(tmp_path), encoder_rm]
+    result = subprocess.run(
+        [*command, scripted_server_url], cwd=REPO, capture_output=True, text=True, timeout=1100
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(outcomes) == {"ingest", "dedup", "score", "judge"}
+    for job, outcome in outcomes.items():
+        assert outcome["removed_while_running"], f"{job} ended before the node went: {outcomes}"
+        assert outcome["equal"], f"{job}: tables differ from the undisturbed run: {outcomes}"
