@@ -15,10 +15,12 @@ from typing import Any
 import httpx
 import pytest
 import ray
+from click.testing import CliRunner, Result
 
 from pipelines.core.config import JudgeConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import set_local_cluster_env
+from ray_jobs.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,6 +35,18 @@ JUDGEBENCH = (
 
 
 JUDGE_KEY_ENV = "SYNPREF_TEST_JUDGE_KEY"
+
+
+def invoke_cli(*args: str, expect: int = 0) -> Result:
+    """``synpref ARGS...`` in this process (on the session's Ray), ending with ``expect``."""
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == expect, result.output + (result.stderr or "")
+    return result
+
+
+def synpref_json(*args: str) -> dict:
+    """The summary of ``synpref ARGS... --json`` run in this process."""
+    return json.loads(invoke_cli(*args, "--json").stdout)
 
 
 def free_port() -> int:
@@ -113,20 +127,30 @@ def ray_cluster():
     ray.shutdown()
 
 
+def local_stores(folder: Path) -> dict[str, dict[str, str]]:
+    """Config sections that put the lake, the sqlite MLflow store and its artifacts in
+    ``folder``."""
+    return {
+        "lake": {"root": str(folder / "lake")},
+        "tracking": {
+            "uri": f"sqlite:///{folder / 'mlruns.db'}",
+            "artifact_location": str(folder / "mlartifacts"),
+        },
+    }
+
+
 @pytest.fixture
 def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SynprefConfig:
     """The embedded defaults, with the lake and the MLflow store under ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
-    return load_config(
-        None,
-        {
-            "lake": {"root": str(tmp_path / "lake")},
-            "tracking": {
-                "uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
-                "artifact_location": str(tmp_path / "mlartifacts"),
-            },
-        },
-    )
+    return load_config(None, local_stores(tmp_path))
+
+
+@pytest.fixture
+def run(config: SynprefConfig) -> Callable[..., Result]:
+    """``invoke_cli`` on the test's lake and MLflow store."""
+    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
+    return lambda *args, expect=0: invoke_cli(*flags, *args, expect=expect)
 
 
 @pytest.fixture

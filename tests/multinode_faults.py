@@ -36,7 +36,7 @@ from pipelines.core.config import SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
-from tests.conftest import scripted_judge, table_rows
+from tests.conftest import local_stores, scripted_judge, table_rows
 
 WORKER = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
 
@@ -98,11 +98,7 @@ def config(work: Path, name: str, judge_url: str) -> SynprefConfig:
     return load_config(
         None,
         {
-            "lake": {"root": str(folder / "lake")},
-            "tracking": {
-                "uri": f"sqlite:///{folder / 'mlruns.db'}",
-                "artifact_location": str(folder / "mlartifacts"),
-            },
+            **local_stores(folder),
             "scoring": {"actors": 2, "num_cpus": 0.5, "max_length": 64, "batch_size": 32},
             "judging": {"judges": [judge.model_dump(mode="json")]},
         },

@@ -13,19 +13,6 @@ from tests.conftest import HH_HARMLESS, REPO, shared_data
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-@pytest.fixture
-def run(config):
-    """Invoke the CLI in-process (sharing the session's Ray) against the test lake and store."""
-
-    def invoke(*args: str, expect: int = 0):
-        flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
-        result = CliRunner().invoke(cli, [*flags, *args], catch_exceptions=False)
-        assert result.exit_code == expect, result.output + (result.stderr or "")
-        return result
-
-    return invoke
-
-
 def test_help_lists_the_commands():
     out = subprocess.run(
         [sys.executable, "-m", "ray_jobs.cli", "--help"],

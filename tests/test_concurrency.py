@@ -20,7 +20,7 @@ import yaml
 from pipelines.core.lake import Lake
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from storage_schemas import table_spec
-from tests.conftest import REPO, table_rows
+from tests.conftest import REPO, local_stores, synpref_json, table_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -28,14 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def _config(folder: Path) -> Path:
     folder.mkdir()
     path = folder / "config.yaml"
-    config = {
-        "lake": {"root": str(folder / "lake")},
-        "tracking": {
-            "uri": f"sqlite:///{folder / 'mlruns.db'}",
-            "artifact_location": str(folder / "mlartifacts"),
-        },
-    }
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(local_stores(folder)))
     return path
 
 
@@ -58,8 +51,10 @@ def _finish(process: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
-def _run(config: Path, job: str, *args: str) -> dict:
-    return _finish(_start(config, job, *args))
+def _run_here(config: Path, job: str, *args: str) -> dict:
+    """The same job in this process (what is compared to the concurrent run needs no process
+    of its own)."""
+    return synpref_json(job, *args, "--config", str(config))
 
 
 def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster):
@@ -75,7 +70,7 @@ def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster):
     }
     together, one_by_one = _config(tmp_path / "together"), _config(tmp_path / "one_by_one")
     for config in (together, one_by_one):  # what both lakes hold before
-        _run(config, "ingest", *map(str, corpora["base"]), "--source", "base")
+        _run_here(config, "ingest", *map(str, corpora["base"]), "--source", "base")
 
     running = {name: _start(together, *job) for name, job in jobs.items()}
     ended = {name: _finish(process) for name, process in running.items()}
@@ -95,7 +90,7 @@ def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster):
         assert rows.group_by(keys).aggregate([]).num_rows == rows.num_rows, f"{name}: a key twice"
 
     for job in jobs.values():  # the same jobs, one after another
-        _run(one_by_one, *job)
-    _run(together, "dedup")  # then what the ingests added meanwhile
-    _run(together, "score", "--model", "heuristic:length")
+        _run_here(one_by_one, *job)
+    _run_here(together, "dedup")  # then what the ingests added meanwhile
+    _run_here(together, "score", "--model", "heuristic:length")
     assert table_rows(lake) == table_rows(Lake(str(one_by_one.parent / "lake")))

@@ -17,13 +17,11 @@ import mlflow
 import pytest
 import ray
 import yaml
-from click.testing import CliRunner
 from deltalake import DeltaTable
 
 from pipelines.core.lake import Lake
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
-from ray_jobs.cli import cli
-from tests.conftest import REPO, scripted_judge, table_rows
+from tests.conftest import REPO, scripted_judge, synpref_json, table_rows
 from tests.crash_points import MARKER_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -66,7 +64,7 @@ def workspace(tmp_path_factory, scripted_server_url) -> Path:
     """A config every case copies: merges after every block (so scoring and judging commit
     several times), the scripted judge."""
     folder = tmp_path_factory.mktemp("crash-points")
-    judge = scripted_judge(scripted_server_url, batch_size=8, merge_every_s=0)
+    judge = scripted_judge(scripted_server_url, batch_size=32, merge_every_s=0)
     settings = {
         "scoring": {"batch_size": 500, "merge_every_s": 0},
         "judging": {"judges": [judge.model_dump(mode="json")]},
@@ -77,9 +75,7 @@ def workspace(tmp_path_factory, scripted_server_url) -> Path:
 
 def synpref(folder: Path, *args: str) -> dict:
     """A job in this process, as `synpref ... --json` runs it, on the lake in ``folder``."""
-    result = CliRunner().invoke(cli, [*args, *flags(folder), "--json"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return synpref_json(*args, *flags(folder))
 
 
 def flags(folder: Path) -> list[str]:

@@ -22,7 +22,7 @@ from pipelines.rm.evaluation import (
     rewardbench_metrics,
 )
 from pipelines.rm.model import RewardModel
-from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data
+from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data, synpref_json
 
 JUDGEBENCH_OUTPUTS = {  # the official sample-weighted accuracies of the committed outputs
     "Skywork_Skywork-Reward-Gemma-2-27B": 64.3,
@@ -279,9 +279,7 @@ def test_rmb_best_of_n_layout_evaluates_through_the_cli_with_field_mappings(
     flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
     mapping = [arg for spec in RMB_BON_MAP for arg in ("--map", spec)]
     args = [*flags, "eval", "bestofn", "--data", str(data), "--model", "heuristic:length", *mapping]
-    result = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    summary = synpref_json(*args)
     assert summary["items"] == 2
     # The longest answer wins: the best is longest in item 1, not in item 2.
     assert summary["metrics"]["accuracy"] == 50.0

@@ -7,7 +7,6 @@ never ran the defaults). The README's run trains on 1,500 pairs and evaluates on
 benchmarks (its numbers are measured by hand); this one trains on 500 and evaluates on the first
 items of each benchmark file, so that it costs less than half of that on every CI run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,12 +17,10 @@ import mlflow
 import pandas as pd
 import pytest
 import ray
-from click.testing import CliRunner
 from ray import serve
 
 from pipelines.core.lake import Lake
 from pipelines.rm.model import RewardModel
-from ray_jobs.cli import cli
 from tests.conftest import (
     HH_HARMLESS,
     JUDGEBENCH,
@@ -32,6 +29,7 @@ from tests.conftest import (
     first_items,
     free_port,
     shared_data,
+    synpref_json,
     wait_until_up,
 )
 
@@ -42,12 +40,10 @@ GOLD = "pair_id >= 'e8'"  # about 200 others
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster, tmp_path):
-    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri, "--json"]
+    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
 
     def synpref(*args: str) -> dict:
-        result = CliRunner().invoke(cli, [*flags, *args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)
+        return synpref_json(*flags, *args)
 
     synpref("ingest", str(shared_data(HH_HARMLESS)), "--source", "hh")
     trained = synpref("train", "--name", "journey", "--where", TRAIN, "--validation-where", GOLD)

@@ -40,6 +40,7 @@ from tests.conftest import (
     REPO,
     RM_BENCH,
     first_items,
+    local_stores,
     scripted_judge,
     shared_data,
 )
@@ -83,11 +84,7 @@ def loop_config(folder: Path, judge_url: str) -> dict:
     if not rmbench_sample.exists():
         first_items(rmbench, rmbench_sample.parent, 30)
     return {
-        "lake": {"root": str(folder / "lake")},
-        "tracking": {
-            "uri": f"sqlite:///{folder / 'mlruns.db'}",
-            "artifact_location": str(folder / "mlartifacts"),
-        },
+        **local_stores(folder),
         "training": {
             "workers": 1,  # one data-parallel worker: the same model in every run
             "cpus_per_worker": 1.5,  # two torch threads, half a CPU left for Ray Data

@@ -12,7 +12,6 @@ import httpx
 import mlflow
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 
 from pipelines import jobs
 from pipelines.core.config import ReviewConfig
@@ -29,7 +28,6 @@ from pipelines.labels.review import (
     push_pairs,
     shown_order,
 )
-from ray_jobs.cli import cli
 from storage_schemas import ATTRIBUTES, VERDICTS
 from tests.conftest import HH_HARMLESS, free_port, shared_data
 from tests.labelstudio import answer, sign_up
@@ -119,19 +117,6 @@ def review_config(config, label_studio, monkeypatch, request):
     monkeypatch.setenv(config.review.token_env, label_studio.token)
     review = ReviewConfig(url=label_studio.url, project=request.node.name[:50])  # LS: <= 50
     return config.model_copy(update={"review": review})
-
-
-@pytest.fixture
-def run(config):
-    """The CLI in-process against the test lake and store."""
-
-    def invoke(*args: str, expect: int = 0):
-        flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
-        result = CliRunner().invoke(cli, [*flags, *args], catch_exceptions=False)
-        assert result.exit_code == expect, result.output
-        return result
-
-    return invoke
 
 
 def server_tasks(server, project: int) -> dict[str, dict]:

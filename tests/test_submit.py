@@ -25,7 +25,14 @@ import yaml
 
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import LOCAL_CLUSTER_ENV
-from tests.conftest import HH_HARMLESS, REPO, free_port, scripted_judge, shared_data
+from tests.conftest import (
+    HH_HARMLESS,
+    REPO,
+    free_port,
+    local_stores,
+    scripted_judge,
+    shared_data,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -95,11 +102,7 @@ def job_config(tmp_path_factory, scripted_server_url) -> Path:
         lines = hh.read().splitlines()[:60]
     (folder / "hh.jsonl").write_text("\n".join(lines) + "\n")
     config = {
-        "lake": {"root": str(folder / "lake")},
-        "tracking": {
-            "uri": f"sqlite:///{folder / 'mlruns.db'}",
-            "artifact_location": str(folder / "mlartifacts"),
-        },
+        **local_stores(folder),
         "judging": {"judges": [scripted_judge(scripted_server_url).model_dump()]},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))

@@ -64,7 +64,11 @@ def check_cpus(pools: dict[str, ActorPoolConfig]) -> None:
 def on_pool(
     dataset: ray.data.Dataset, actor: type, actor_args: tuple[Any, ...], pool: ActorPoolConfig
 ) -> ray.data.Dataset:
-    """``dataset`` mapped through ``actor(*actor_args)`` on ``pool``'s actors (Arrow batches)."""
+    """``dataset`` mapped through ``actor(*actor_args)`` on ``pool``'s actors (Arrow batches).
+
+    An actor whose node dies is started again elsewhere and the batches it held are sent again
+    (``max_restarts``/``max_task_retries`` -1: Ray Data's defaults, stated here because the
+    node-loss test relies on them; every actor's work is idempotent)."""
     return dataset.map_batches(
         actor,
         fn_constructor_args=actor_args,
@@ -73,6 +77,8 @@ def on_pool(
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
+        max_restarts=-1,
+        max_task_retries=-1,
     )
 
 
