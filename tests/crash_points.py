@@ -4,7 +4,7 @@
 
 POINT is one of
 
-- ``stage``: while the job's first Ray Data execution runs (half a second in), before it commits;
+- ``stage``: while a Ray Data execution of the job runs, once one has run for half a second;
 - ``before:N`` / ``after:N``: just before / just after the job's N-th Delta commit (a merge or
   an append); ``after:N`` of a job that commits several tables is a kill between two of them;
 - ``inside:N``: in the N-th commit, once delta-rs has written a data file of it and before the
@@ -96,8 +96,8 @@ class CommitKiller:
 
 
 class KillDuringStage(ExecutionCallback):
-    """A Ray Data execution callback (``RAY_DATA_EXECUTION_CALLBACKS``) that kills the driver
-    while the first execution of the job runs."""
+    """A Ray Data execution callback (``RAY_DATA_EXECUTION_CALLBACKS``, read by the driver)
+    that kills the driver half a second into an execution."""
 
     def before_execution_starts(self, executor: Any) -> None:
         self.started = time.monotonic()

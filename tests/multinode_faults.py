@@ -7,8 +7,9 @@ cluster only:
 
 Each job (ingest, dedup, scoring with a real model, judging on the scripted server) runs once
 undisturbed into one lake, then into a second lake while a worker node is removed with its
-processes killed (no graceful drain) part way through the job's Ray stage, and a fresh node
-joins, as KubeRay's autoscaler replaces a lost pod. A job that fails is run again. Prints, as
+processes killed (no graceful drain) part way through the job's Ray stage; the job goes on
+with the two nodes left (a fresh node joins only after it, as KubeRay's autoscaler would
+replace the pod, for the next job). A job that fails is run again. Prints, as
 JSON, per job: whether the node went while the job's stage ran, whether the job completed
 despite it (or the error it failed with), and whether the second lake's tables equal the first's
 (run ids, times and versions left out).

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -61,8 +62,8 @@ def corpus(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, scripted_server_url) -> Path:
-    """A config every case copies: merges after every block (so scoring and judging commit
-    several times), the scripted judge."""
+    """The settings of every case: a merge after every block (so that scoring and judging
+    commit several times), the scripted judge."""
     folder = tmp_path_factory.mktemp("crash-points")
     judge = scripted_judge(scripted_server_url, batch_size=32, merge_every_s=0)
     settings = {
@@ -94,7 +95,7 @@ def before(workspace, corpus, ray_cluster) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(workspace, corpus, before) -> dict[str, dict]:
+def uninterrupted(workspace, corpus, before) -> Callable[[str], dict]:
     """Every table after each job ran once, undisturbed, on a copy of its starting lake."""
     cache: dict[str, dict] = {}
 
@@ -121,7 +122,7 @@ def test_a_job_killed_at_any_point_reruns_to_the_uninterrupted_tables(
 ):
     folder = copy_lake(before[job], workspace / f"{job}-{point.replace(':', '')}")
     lake = Lake(str(folder / "lake"))
-    versions = {t.name: t.version for t in lake.tables()} if lake.exists("pairs") else {}
+    versions = {t.name: t.version for t in lake.tables()}
     marker = folder / "reached.json"
     command = [sys.executable, "-m", "tests.crash_points", point, f"ray_jobs.{job}"]
     command += [*job_args(job, corpus)[1:], *flags(folder)]
