@@ -146,11 +146,15 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SynprefConfig:
     return load_config(None, local_stores(tmp_path))
 
 
+def store_flags(config: SynprefConfig) -> list[str]:
+    """The CLI flags that point a command at ``config``'s lake and MLflow store."""
+    return ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
+
+
 @pytest.fixture
 def run(config: SynprefConfig) -> Callable[..., Result]:
     """``invoke_cli`` on the test's lake and MLflow store."""
-    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
-    return lambda *args, expect=0: invoke_cli(*flags, *args, expect=expect)
+    return lambda *args, expect=0: invoke_cli(*store_flags(config), *args, expect=expect)
 
 
 @pytest.fixture

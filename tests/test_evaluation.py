@@ -22,7 +22,7 @@ from pipelines.rm.evaluation import (
     rewardbench_metrics,
 )
 from pipelines.rm.model import RewardModel
-from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data, synpref_json
+from tests.conftest import JUDGEBENCH, RM_BENCH, shared_data, store_flags, synpref_json
 
 JUDGEBENCH_OUTPUTS = {  # the official sample-weighted accuracies of the committed outputs
     "Skywork_Skywork-Reward-Gemma-2-27B": 64.3,
@@ -276,7 +276,7 @@ def test_rmb_best_of_n_layout_evaluates_through_the_cli_with_field_mappings(
 
     data = tmp_path / "S1.json"
     data.write_text(json.dumps(RMB_BON))
-    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
+    flags = store_flags(config)
     mapping = [arg for spec in RMB_BON_MAP for arg in ("--map", spec)]
     args = [*flags, "eval", "bestofn", "--data", str(data), "--model", "heuristic:length", *mapping]
     summary = synpref_json(*args)

@@ -29,6 +29,7 @@ from tests.conftest import (
     first_items,
     free_port,
     shared_data,
+    store_flags,
     synpref_json,
     wait_until_up,
 )
@@ -40,10 +41,8 @@ GOLD = "pair_id >= 'e8'"  # about 200 others
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster, tmp_path):
-    flags = ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
-
     def synpref(*args: str) -> dict:
-        return synpref_json(*flags, *args)
+        return synpref_json(*store_flags(config), *args)
 
     synpref("ingest", str(shared_data(HH_HARMLESS)), "--source", "hh")
     trained = synpref("train", "--name", "journey", "--where", TRAIN, "--validation-where", GOLD)
