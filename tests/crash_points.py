@@ -7,9 +7,9 @@ POINT is one of
 - ``stage``: while a Ray Data execution of the job runs, once one has run for half a second;
 - ``before:N`` / ``after:N``: just before / just after the job's N-th Delta commit (a merge or
   an append); ``after:N`` of a job that commits several tables is a kill between two of them;
-- ``inside:N``: in the N-th commit, once delta-rs has written a data file of it and before the
-  commit's log entry exists (a watcher thread sees the file; it runs at real-time priority where
-  the OS allows, since it races the commit).
+- ``inside:N``: in the N-th commit, once delta-rs has started writing its data files and before
+  the commit's log entry exists (tests/crash_watcher.py, a process of its own at real-time
+  priority where the OS allows, sees the first new file and kills the job; it races the commit).
 
 The process writes the point it reached to FILE (a JSON object) and kills itself with SIGKILL:
 no handler, no ``finally``, no atexit runs, as when a node dies or the OOM killer strikes. A job
@@ -22,8 +22,8 @@ import json
 import os
 import runpy
 import signal
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,16 +40,6 @@ STAGE_KILL_AFTER_S = 0.5
 def die(reached: dict[str, Any]) -> None:
     Path(os.environ[MARKER_ENV]).write_text(json.dumps(reached))
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def data_files(table_uri: str) -> set[str]:
-    """The Parquet files in a local table's folder and its partition folders."""
-    found = set()
-    for folder, subfolders, names in os.walk(table_uri.removeprefix("file://")):
-        if "_delta_log" in subfolders:
-            subfolders.remove("_delta_log")
-        found.update(os.path.join(folder, name) for name in names if name.endswith(".parquet"))
-    return found
 
 
 class CommitKiller:
@@ -70,29 +60,34 @@ class CommitKiller:
             reached = {"point": self.where, "commit": self.count, "table": uri, "version": version}
             if self.where == "before":
                 die(reached)
-            if self.where == "inside":
-                self._watch(reached)
+            watcher = self._watch(reached) if self.where == "inside" else None
             result = commit(*args, **kwargs)
-            # ``inside`` lands here only if the commit beat the watcher: say so.
+            if watcher:  # the commit beat the watcher: say so
+                watcher.kill()
+                watcher.wait()
             die(reached | {"point": "after"})
             return result
 
         return run
 
-    def _watch(self, reached: dict[str, Any]) -> None:
-        before = data_files(reached["table"])
-
-        def watch() -> None:
-            try:  # the commit follows its last data file within milliseconds
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-                reached["realtime"] = True
-            except PermissionError:
-                reached["realtime"] = False
-            while not data_files(reached["table"]) - before:
-                pass
-            die(reached)
-
-        threading.Thread(target=watch, daemon=True).start()
+    def _watch(self, reached: dict[str, Any]) -> subprocess.Popen:
+        """Starts tests/crash_watcher.py on the table and waits until it has listed its files."""
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.crash_watcher",
+                reached["table"].removeprefix("file://"),
+                str(reached["version"]),
+                str(os.getpid()),
+                os.environ[MARKER_ENV],
+                json.dumps(reached),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert watcher.stdout.readline() == "ready\n", "the crash watcher did not start"
+        return watcher
 
 
 class KillDuringStage(ExecutionCallback):
