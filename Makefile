@@ -29,9 +29,11 @@ $(LS_STAMP): requirements-labelstudio.lock
 
 labelstudio: $(LS_STAMP)
 
+# Two pytest workers, one per core, each with its own local Ray; whole modules to a worker, so
+# that a module's fixtures (a trained loop, a server) are built once.
 test: $(STAMP) $(LS_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

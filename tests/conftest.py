@@ -113,6 +113,14 @@ def table_rows(lake: Lake) -> dict[str, list[str]]:
     return found
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first: `make test` deals whole modules to two workers
+    (pytest-xdist, ``--dist loadfile``), so the long ones start at once and the quick ones fill
+    in the end."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (2 cores here: never one per test)."""
