@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray per test session; a fresh lake and MLflow store per test."""
+"""Shared fixtures: one local Ray per test session (per xdist worker); a fresh lake and MLflow
+store per test."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (2 cores here: never one per test)."""
+    """One local Ray for the whole session, one per pytest-xdist worker (2 cores here: never one
+    per test)."""
     # A judge API key the workers inherit: an actor reads its key from its own environment,
     # as on a cluster whose nodes have it (test_secrets.py searches everything for it).
     os.environ.setdefault(JUDGE_KEY_ENV, "sk-judge-b7d24e61")
