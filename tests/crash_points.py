@@ -62,7 +62,7 @@ class CommitKiller:
                 die(reached)
             watcher = self._watch(reached) if self.where == "inside" else None
             result = commit(*args, **kwargs)
-            if watcher:  # the commit beat the watcher: say so
+            if watcher is not None:  # the commit beat the watcher: say so
                 watcher.kill()
                 watcher.wait()
             die(reached | {"point": "after"})

@@ -5,9 +5,10 @@
 It lists the files of a local Delta table, says ``ready`` on stdout, and SIGKILLs the job as soon
 as a file appears that was not there: delta-rs has started writing the merge's data. Only then
 does it look at the log: no entry for VERSION + 1 means the kill landed inside the merge. It
-writes what it found to MARKER. A process of its own, not a thread of the job, because a thread
-needs the job's GIL and Ray's threads hold it for milliseconds, longer than delta-rs takes from
-its last data file to the commit; it runs at real-time priority where the OS allows.
+writes what it found to MARKER. A process of its own, not a thread of the job: a thread must
+first take the job's GIL, which the job's other threads (Ray's) may hold for the interpreter's
+switch interval (5 ms), and such a thread missed a judge merge in CI. It runs at real-time
+priority where the OS allows.
 
 Standard library only, so that it starts in a few tens of milliseconds.
 """
