@@ -8,8 +8,9 @@ POINT is one of
 - ``before:N`` / ``after:N``: just before / just after the job's N-th Delta commit (a merge or
   an append); ``after:N`` of a job that commits several tables is a kill between two of them;
 - ``inside:N``: in the N-th commit, once delta-rs has started writing its data files and before
-  the commit's log entry exists (tests/crash_watcher.py, a process of its own at real-time
-  priority where the OS allows, sees the first new file and kills the job; it races the commit).
+  the commit's log entry exists (tests/crash_watcher.py, a process of its own blocked on
+  inotify, at real-time priority where the OS allows, is told of the first new file and kills
+  the job; it races the commit and reports where it landed).
 
 The process writes the point it reached to FILE (a JSON object) and kills itself with SIGKILL:
 no handler, no ``finally``, no atexit runs, as when a node dies or the OOM killer strikes. A job

@@ -9,8 +9,8 @@ Each job (ingest, dedup, scoring with a real model, judging on the scripted serv
 undisturbed into one lake, then into a second lake while a worker node is removed with its
 processes killed (no graceful drain) part way through the job's Ray stage; the job goes on
 with the two nodes left (a fresh node joins only after it, as KubeRay's autoscaler would
-replace the pod, for the next job). A job that fails is run again. Prints, as
-JSON, per job: whether the node went while the job's stage ran, whether the job completed
+replace the pod, for the next job). A job that fails is run again. Writes to
+WORK_DIR/outcomes.json (stdout carries Ray's own lines too), per job: whether the node went while the job's stage ran, whether the job completed
 despite it (or the error it failed with), and whether the second lake's tables equal the first's
 (run ids, times and versions left out).
 """
@@ -135,7 +135,7 @@ def main(work: Path, model: str, judge_url: str) -> None:
         equal = table_rows(Lake(calm.lake.root)) == table_rows(Lake(rough.lake.root))
         results[name] = outcome | {"equal": equal, "undisturbed_seconds": round(seconds, 1)}
         print(f"[multinode] {name}: {results[name]}", file=sys.stderr, flush=True)
-    print(json.dumps(results))
+    (work / "outcomes.json").write_text(json.dumps(results))
     ray.shutdown()
     cluster.shutdown()
 

@@ -2,6 +2,8 @@
 (no LLM, no CLI): what counts as missing, the CPU guard, block-wise merges and a crash."""
 
 import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -14,6 +16,7 @@ from pipelines.core.errors import ResourceError
 from storage_schemas import TableSpec
 
 FIELDS = {"item": pa.int64(), "worker": pa.string(), "value": pa.int64()}
+MERGE_WAIT_S = 120
 # The stand-in actors below are defined here: Ray's workers get them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -70,30 +73,39 @@ def test_cpu_guard_counts_every_pool():
 
 
 class Doubler:
-    """A stand-in actor (the stage is what is tested): fails on item ``fail_on``."""
+    """A stand-in actor (the stage is what is tested): fails on item ``fail_on``, once the file
+    ``merged`` exists (a block has been merged: on a loaded machine the crash could otherwise
+    abort the stage before the driver merged any finished block)."""
 
-    def __init__(self, fail_on: int | None) -> None:
-        self.fail_on = fail_on
+    def __init__(self, fail_on: int | None, merged: Path) -> None:
+        self.fail_on, self.merged = fail_on, merged
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch["item"].to_pylist()
         if self.fail_on in items:
+            deadline = time.monotonic() + MERGE_WAIT_S
+            while not self.merged.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             raise RuntimeError(f"crash on item {self.fail_on}")
         return rows(items)
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake):
+def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake, tmp_path):
     pool = ActorPoolConfig(batch_size=10, num_cpus=0.5, merge_every_s=0)  # every block
     merges = []
+    merged = tmp_path / "merged"
 
     def merge(new: pa.Table) -> int:
         merges.append(new.num_rows)
-        return lake.insert_new(OUTPUT, new).version
+        version = lake.insert_new(OUTPUT, new).version
+        merged.touch()
+        return version
 
     def stage(todo: pa.Table, fail_on: int | None):
         dataset = ray.data.from_arrow(todo).repartition(len(todo) // 10)
-        return run_stage("test", dataset, Doubler, (fail_on,), pool, OUTPUT, merge, len(todo))
+        args = (fail_on, merged)
+        return run_stage("test", dataset, Doubler, args, pool, OUTPUT, merge, len(todo))
 
     everything = wanted(list(range(60)))
     with pytest.raises(Exception, match="crash on item 55"):

@@ -24,7 +24,7 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(
         [*command, scripted_server_url], cwd=REPO, capture_output=True, text=True, timeout=1100
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    outcomes = json.loads((tmp_path / "outcomes.json").read_text())
     assert set(outcomes) == {"ingest", "dedup", "score", "judge"}
     for job, outcome in outcomes.items():
         assert outcome["removed_while_running"], f"{job} ended before the node went: {outcomes}"
