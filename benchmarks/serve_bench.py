@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from pipelines.ingest.formats import Limits, Pair, convert
 from pipelines.rm.serving import reward_app
 
 MAX_LENGTH = 256
+CPUS = 2
+"""The cores of the machine the benchmark was written for; both servers get them all."""
 
 
 def free_port() -> int:
@@ -72,6 +75,9 @@ def baseline_server(model_path: str, port: int) -> None:
 
     torch.set_num_threads(2)
     model = RewardModel(model_path, max_length=MAX_LENGTH)
+    # FastAPI runs a sync endpoint on a thread pool, and a Hugging Face tokenizer is not
+    # thread-safe (a request lost its truncation to another's call and failed): one at a time.
+    one_at_a_time = threading.Lock()
     app = FastAPI()
 
     @app.post("/v1/score")
@@ -80,7 +86,8 @@ def baseline_server(model_path: str, port: int) -> None:
             *((p["prompt"], p["chosen"], p["rejected"]) for p in body["pairs"]), strict=True
         )
         conversations = pair_conversations(prompts, chosen, rejected)
-        return {"rewards": model.score(conversations).rewards.tolist()}
+        with one_at_a_time:
+            return {"rewards": model.score(conversations).rewards.tolist()}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -124,34 +131,49 @@ def wait_until_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def measure_fastapi(model: str, bodies: list[dict], concurrency: int) -> dict:
+    port = free_port()
+    server = multiprocessing.get_context("spawn").Process(
+        target=baseline_server, args=(model, port), daemon=True
+    )
+    server.start()
+    wait_until_up(f"http://127.0.0.1:{port}")
+    result = asyncio.run(load(f"http://127.0.0.1:{port}", bodies, concurrency))
+    server.terminate()
+    return result
+
+
+def measure_serve(model: str, bodies: list[dict], concurrency: int, replicas: int) -> dict:
+    """The reward app with ``replicas`` replicas sharing the CPUs (one torch thread per CPU)."""
+    port = free_port()
+    config = load_config(
+        None,
+        {
+            "scoring": {"max_length": MAX_LENGTH, "num_cpus": CPUS / replicas},
+            "serving": {"port": port, "replicas": replicas},
+        },
+    )
+    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(reward_app({"rm": model}, config.scoring, config.serving), route_prefix="/")
+    result = asyncio.run(load(f"http://127.0.0.1:{port}", bodies, concurrency))
+    serve.shutdown()
+    ray.shutdown()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--replicas", type=int, default=1, help="Serve replicas sharing the CPUs")
     args = parser.parse_args()
     model = reward_model()
     bodies = request_bodies(args.requests)
-    results = {"requests": len(bodies), "concurrency": args.concurrency}
-
-    port = free_port()
-    baseline = multiprocessing.get_context("spawn").Process(
-        target=baseline_server, args=(model, port), daemon=True
-    )
-    baseline.start()
-    wait_until_up(f"http://127.0.0.1:{port}")
-    results["fastapi"] = asyncio.run(load(f"http://127.0.0.1:{port}", bodies, args.concurrency))
-    baseline.terminate()
+    results = {"requests": len(bodies), "concurrency": args.concurrency, "replicas": args.replicas}
+    results["fastapi"] = measure_fastapi(model, bodies, args.concurrency)
     print("fastapi:", results["fastapi"])
-
-    config = load_config(
-        None, {"scoring": {"max_length": MAX_LENGTH, "num_cpus": 2}, "serving": {"port": port}}
-    )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(reward_app({"rm": model}, config.scoring, config.serving), route_prefix="/")
-    results["serve"] = asyncio.run(load(f"http://127.0.0.1:{port}", bodies, args.concurrency))
-    serve.shutdown()
-    ray.shutdown()
+    results["serve"] = measure_serve(model, bodies, args.concurrency, args.replicas)
     print("serve:", results["serve"])
     results["ratio_requests_per_s"] = (
         results["serve"]["requests_per_s"] / results["fastapi"]["requests_per_s"]

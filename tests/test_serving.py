@@ -32,14 +32,16 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def api(ray_cluster, encoder_rm):
-    """One Serve app (MiniLM RM) for the module, at a free loopback port."""
+    """One Serve app for the module, at a free loopback port: the MiniLM RM (the default) and
+    the response-length heuristic, so requests for two models share its batches."""
     port = free_port()
     serving = {"max_items": 8, "max_body_bytes": 1_000_000}
     config = load_config(None, {"serving": serving})  # the default lengths: 4096 asked
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     os.environ["SYNPREF_API_KEY"] = KEY  # read by reward_app: every request below needs it
     try:
-        app = reward_app({"minilm": encoder_rm}, config.scoring, config.serving)
+        models = {"minilm": encoder_rm, "length": "heuristic:length"}
+        app = reward_app(models, config.scoring, config.serving)
     finally:
         del os.environ["SYNPREF_API_KEY"]
     serve.run(app, name=APP_NAME, route_prefix="/")
@@ -91,7 +93,7 @@ def test_an_api_beyond_loopback_needs_a_key(monkeypatch):
 
 def test_health_and_openapi(api):
     url, _ = api
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "models": ["minilm"]}
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "models": ["length", "minilm"]}
     schema = httpx.get(f"{url}/openapi.json").json()
     assert "/v1/score" in schema["paths"] and "ScoreRequest" in schema["components"]["schemas"]
 
@@ -197,6 +199,28 @@ def test_one_over_long_request_is_truncated_and_never_fails_its_batch(api):
     assert not first["chosen"]["truncated"]
     alone = model.score([[*MESSAGES, {"role": "assistant", "content": "Paris, answer 0."}]])
     assert first["chosen"]["raw"] == pytest.approx(alone.rewards[0], abs=1e-5)
+
+
+def test_concurrent_requests_for_two_models_each_get_their_own_models_rewards(api):
+    """A batch that holds requests for both models scores each with its own."""
+    url, model = api
+    answers = [f"Paris{'!' * i}" for i in range(24)]
+    bodies = [
+        {"model": "length" if i % 2 else None, "pairs": [{**PAIR, "chosen": answer}]}
+        for i, answer in enumerate(answers)
+    ]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/score", json=b) for b in bodies))
+
+    replies = [r.json() for r in asyncio.run(run())]
+    assert [r["model"] for r in replies] == ["minilm", "length"] * 12
+    minilm = model.score([[*MESSAGES, {"role": "assistant", "content": a}] for a in answers])
+    for i, (reply, answer) in enumerate(zip(replies, answers, strict=True)):
+        chosen = reply["pairs"][0]["chosen"]["raw"]
+        expected = len(answer) if i % 2 else minilm.rewards[i]
+        assert chosen == pytest.approx(expected, abs=1e-5), (i, reply)
 
 
 @pytest.mark.slow

@@ -93,7 +93,8 @@ class RewardModel:
     """Configured tokens per conversation (``None``: no limit of our own). After loading, the
     effective length: at most the tokenizer's ``model_max_length`` (the length the model was
     trained with) and the model's position limit."""
-    batch_tokens: int = 16384
+    batch_tokens: int = 1024
+    """Padded tokens per forward pass (``ScoringConfig.batch_tokens`` says why so few)."""
     device: str = "cpu"
     reward_mean: float = 0.0
     reward_std: float = 1.0

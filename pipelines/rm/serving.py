@@ -1,11 +1,11 @@
 """The reward API on Ray Serve: ``POST /v1/score`` for conversations or pairs, ``/healthz``.
 
-One ``RewardScorer`` deployment per reward model (its replicas and autoscaling from config)
-behind one FastAPI ingress. Requests are validated before they reach a model (clear 4xx:
-malformed JSON, unknown roles, empty or oversize input, too many items, unknown model).
-``@serve.batch`` merges concurrent requests into one call of ``RewardModel.score``, which
-sorts their conversations by length and packs them into forward passes under the token budget
-(``scoring.batch_tokens``): dynamic batching by requests, then by tokens. The chat formatting
+One deployment, the FastAPI ingress, holds every served reward model in each replica (its
+replicas and autoscaling from config). Requests are validated before they reach a model (clear
+4xx: malformed JSON, unknown roles, empty or oversize input, too many items, unknown model).
+``@serve.batch`` merges concurrent requests into one call of ``RewardModel.score`` per model,
+which sorts their conversations by length and packs them into forward passes under the token
+budget (``scoring.batch_tokens``): dynamic batching by requests, then by tokens. The chat formatting
 and the length limit are the ones training and batch scoring use, so served rewards equal
 ``rm_scores``: a conversation longer than the model reads is cut from the left (its reward says
 ``truncated``). Should a merged call still fail, each request is scored alone, so one bad request
@@ -14,6 +14,7 @@ gets its own 422 and never fails the others of its batch.
 
 # No ``from __future__ import annotations``: FastAPI (inside Serve's ingress) must see the
 # request model classes, not strings, to read them from the request body.
+import asyncio
 import hmac
 import ipaddress
 import os
@@ -26,7 +27,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.core.config import ScoringConfig, ServingConfig, load_config
@@ -159,48 +159,6 @@ class Scored:
     error: str | None = None
 
 
-@serve.deployment
-class RewardScorer:
-    """One reward model; concurrent requests are batched into one scoring call."""
-
-    def __init__(self, model: str, scoring: ScoringConfig, serving: ServingConfig) -> None:
-        self.model = load_model(model, scoring)
-        self.version = model_version(model)
-        self.score_batch.set_max_batch_size(serving.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
-
-    def info(self) -> tuple[str, float, float]:
-        return self.version, self.model.reward_mean, self.model.reward_std
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score_batch(self, requests: list[list[list[dict]]]) -> list[Scored]:
-        try:
-            return self._score(requests)
-        except Exception:  # one bad request must not fail its batch: score each alone
-            return [self._score_alone(request) for request in requests]
-
-    def _score(self, requests: list[list[list[dict]]]) -> list[Scored]:
-        flat = [conversation for request in requests for conversation in request]
-        scores = self.model.score(flat)
-        result, start = [], 0
-        for request in requests:
-            end = start + len(request)
-            result.append(
-                Scored(scores.rewards[start:end].tolist(), scores.truncated[start:end].tolist())
-            )
-            start = end
-        return result
-
-    def _score_alone(self, request: list[list[dict]]) -> Scored:
-        try:
-            return self._score([request])[0]
-        except Exception as exc:
-            return Scored([], [], error=f"{type(exc).__name__}: {exc}")
-
-    async def __call__(self, conversations: list[list[dict]]) -> Scored:
-        return await self.score_batch(conversations)
-
-
 class BodyLimit:
     """ASGI middleware: a request body over ``app.state.max_body_bytes`` is a 413, read no
     further: its ``Content-Length`` is checked first, a chunked body is counted as it comes."""
@@ -279,19 +237,30 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 @serve.deployment
 @serve.ingress(app)
 class RewardAPI:
+    """The API and every served model in one replica. A separate model deployment behind the
+    ingress cost a hop per request (the request and its rewards pickled through Ray, one more
+    process on the CPUs): 0.59x a single-process FastAPI server on 2 cores
+    (docs/performance.md). Concurrent requests are batched into one scoring call per model."""
+
     def __init__(
-        self, scorers: dict[str, DeploymentHandle], serving: ServingConfig, key: str | None
+        self,
+        models: dict[str, str],
+        scoring: ScoringConfig,
+        serving: ServingConfig,
+        key: str | None,
     ) -> None:
         app.state.max_body_bytes = serving.max_body_bytes
         app.state.api_key = key
-        self.scorers = scorers
+        self.models = {name: load_model(path, scoring) for name, path in models.items()}
+        self.versions = {name: model_version(path) for name, path in models.items()}
+        self.default = next(iter(models))
         self.limits = serving
-        self.default = next(iter(scorers))
-        self.info: dict[str, tuple[str, float, float]] = {}
+        self.score_batch.set_max_batch_size(serving.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, object]:
-        return {"status": "ok", "models": sorted(self.scorers)}
+        return {"status": "ok", "models": sorted(self.models)}
 
     @app.post(
         "/v1/score",
@@ -302,23 +271,20 @@ class RewardAPI:
     )
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         name = request.model or self.default
-        if name not in self.scorers:
-            raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.scorers)}")
-        conversations = self._conversations(request)
-        handle = self.scorers[name]
-        if name not in self.info:
-            self.info[name] = await handle.info.remote()
-        version, mean, std = self.info[name]
-        scored: Scored = await handle.remote(conversations)
+        if name not in self.models:
+            raise HTTPException(404, f"unknown model {name!r}; served: {sorted(self.models)}")
+        scored = await self.score_batch((name, self._conversations(request)))
         if scored.error is not None:
             raise HTTPException(422, f"the model could not score this request: {scored.error}")
+        model = self.models[name]
         rewards = np.array(scored.rewards)
+        normalised = (rewards - model.reward_mean) / model.reward_std
         out = [
             Reward(raw=r, normalised=n, truncated=t)
-            for r, n, t in zip(rewards, (rewards - mean) / std, scored.truncated, strict=True)
+            for r, n, t in zip(rewards, normalised, scored.truncated, strict=True)
         ]
         if request.conversations is not None:
-            return ScoreResponse(model=name, model_version=version, rewards=out)
+            return ScoreResponse(model=name, model_version=self.versions[name], rewards=out)
         half = len(rewards) // 2
         pairs = [
             PairScore(
@@ -328,7 +294,40 @@ class RewardAPI:
             )
             for i in range(half)
         ]
-        return ScoreResponse(model=name, model_version=version, pairs=pairs)
+        return ScoreResponse(model=name, model_version=self.versions[name], pairs=pairs)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score_batch(self, requests: list[tuple[str, list[list[dict]]]]) -> list[Scored]:
+        """Each model's requests of the batch in one scoring call, in a thread: the event loop
+        goes on reading the requests of the next batch while torch works. Batches run one at a
+        time (``serve.batch``'s default), so no two threads share a tokenizer (not thread-safe)."""
+        return await asyncio.to_thread(self._score_by_model, requests)
+
+    def _score_by_model(self, requests: list[tuple[str, list[list[dict]]]]) -> list[Scored]:
+        scored: dict[int, Scored] = {}
+        for name in dict.fromkeys(name for name, _ in requests):
+            mine = [i for i, (n, _) in enumerate(requests) if n == name]
+            results = self._score(name, [requests[i][1] for i in mine])
+            scored |= dict(zip(mine, results, strict=True))
+        return [scored[i] for i in range(len(requests))]
+
+    def _score(self, name: str, requests: list[list[list[dict]]]) -> list[Scored]:
+        """One call for all ``requests``; should it fail, each request alone, so one bad
+        request gets its own 422 and never fails the others of its batch."""
+        try:
+            scores = self.models[name].score([c for request in requests for c in request])
+        except Exception as exc:
+            if len(requests) == 1:
+                return [Scored([], [], error=f"{type(exc).__name__}: {exc}")]
+            return [self._score(name, [request])[0] for request in requests]
+        result, start = [], 0
+        for request in requests:
+            end = start + len(request)
+            result.append(
+                Scored(scores.rewards[start:end].tolist(), scores.truncated[start:end].tolist())
+            )
+            start = end
+        return result
 
     def _conversations(self, request: ScoreRequest) -> list[list[dict]]:
         """Message dicts to score (pairs: every chosen, then every rejected), within limits."""
@@ -355,8 +354,8 @@ class RewardAPI:
 def reward_app(
     models: dict[str, str], scoring: ScoringConfig, serving: ServingConfig
 ) -> serve.Application:
-    """The application: a scorer deployment per ``name -> model path`` and the API in front.
-    The API key, read here from the environment, goes to the API replica as an argument."""
+    """The application serving ``name -> model path`` (the first name is the default). The API
+    key, read here from the environment, goes to the replicas as an argument."""
     if not models:
         raise ValueError("serve at least one model (NAME=PATH)")
     scaling = (
@@ -364,19 +363,11 @@ def reward_app(
         if serving.autoscaling
         else {"num_replicas": serving.replicas}
     )
-    resources = {"num_cpus": scoring.num_cpus, "num_gpus": scoring.num_gpus}
-    scorers = {
-        name: RewardScorer.options(
-            name=f"scorer-{name}",
-            ray_actor_options=resources,
-            max_ongoing_requests=2 * serving.max_batch_size,  # room to fill the next batch
-            **scaling,
-        ).bind(path, scoring, serving)
-        for name, path in models.items()
-    }
     return RewardAPI.options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=serving.max_ongoing_requests
-    ).bind(scorers, serving, api_key(serving))
+        ray_actor_options={"num_cpus": scoring.num_cpus, "num_gpus": scoring.num_gpus},
+        max_ongoing_requests=serving.max_ongoing_requests,
+        **scaling,
+    ).bind(models, scoring, serving, api_key(serving))
 
 
 class RewardAppArgs(_Strict):
