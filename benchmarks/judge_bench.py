@@ -51,7 +51,7 @@ def main() -> None:
     judge = JudgeConfig(actors=2, num_cpus=0.5, batch_size=args.batch_size)
     config = job_bench_config("judge-bench")
     config.judging.judges = [judge]
-    jobs.ingest(config, IngestRequest([str(JUDGEBENCH)], source="judgebench"), print).as_dict()
+    jobs.ingest(config, IngestRequest([str(JUDGEBENCH)], source="judgebench"))
 
     started = time.perf_counter()
     summary = jobs.judge(config, where=WHERE, limit=args.pairs).as_dict()

@@ -95,7 +95,7 @@ def main() -> None:
     model = reward_model()
     scoring = {"max_length": args.max_length, "actors": 2, "num_cpus": 0.5, "batch_size": 256}
     config = job_bench_config("score-bench", scoring=scoring)
-    jobs.ingest(config, IngestRequest([str(corpus(args.pairs))], source="bench"), print).as_dict()
+    jobs.ingest(config, IngestRequest([str(corpus(args.pairs))], source="bench"))
     lake = Lake(config.lake.root)
     pairs = lake.read("pairs", columns=["history", "chosen", "rejected"]).to_pylist()
 

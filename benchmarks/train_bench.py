@@ -204,7 +204,7 @@ def main() -> None:
         "register_as": None,
     }
     config = job_bench_config("train-bench", training=training)
-    jobs.ingest(config, IngestRequest([str(HH)], source="hh"), print).as_dict()
+    jobs.ingest(config, IngestRequest([str(HH)], source="hh"))
     lake = Lake(config.lake.root)
     keys = lake.read("pairs", columns=["pair_id"]).sort_by("pair_id")["pair_id"]
     last = keys[min(args.pairs, len(keys)) - 1].as_py()
