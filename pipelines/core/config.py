@@ -214,9 +214,10 @@ class ServingConfig(_Section):
     KEY`` (the key itself never goes in a config file). With a key, every score request needs
     it (401 otherwise); without one, the API serves a loopback host only."""
     max_ongoing_requests: int = Field(default=256, ge=1)
-    """Requests the API replica works on at once (Ray Serve's default of 5 starves batching)."""
+    """Requests an API replica works on at once (Ray Serve's default of 5 starves batching)."""
     replicas: int = Field(default=1, ge=1)
-    """Model replicas (ignored when ``autoscaling`` is set)."""
+    """Replicas of the API, each holding every served model (ignored when ``autoscaling`` is
+    set). On CPUs, one per core with ``scoring.num_cpus: 1`` is fastest (docs/performance.md)."""
     autoscaling: dict[str, Any] | None = None
     """Ray Serve ``autoscaling_config`` (min_replicas, max_replicas, target_ongoing_requests);
     replaces ``replicas`` when set."""
