@@ -7,10 +7,12 @@ Same model (offline all-MiniLM-L6-v2 with a one-output head, max length 256), sa
 same run, same load: ``--requests`` POSTs of one HH-RLHF pair each from ``--concurrency``
 concurrent clients over the loopback.
 
-- ``serve``: `synpref serve`'s app: FastAPI ingress, one `RewardScorer` replica (2 CPUs),
-  ``@serve.batch`` (up to 32 requests per call), length-sorted token-budget forward passes;
+- ``serve``: `synpref serve`'s app: ``--replicas`` replicas of the API (default one per
+  core, one torch thread each), each holding the model, ``@serve.batch`` (up to 32 requests
+  per call), length-sorted token-budget forward passes;
 - ``fastapi``: uvicorn + FastAPI in one process (torch on 2 threads), each request's
-  conversations scored as one fixed batch as it arrives.
+  conversations scored as one batch as it arrives, one request at a time (the tokenizer is not
+  thread-safe).
 
 Results (requests/s, p50/p95 latency) go to ``benchmarks/out/serve_bench.json``.
 """
@@ -166,7 +168,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--replicas", type=int, default=1, help="Serve replicas sharing the CPUs")
+    parser.add_argument(
+        "--replicas", type=int, default=CPUS, help="Serve replicas sharing the CPUs"
+    )
     args = parser.parse_args()
     model = reward_model()
     bodies = request_bodies(args.requests)
