@@ -264,10 +264,13 @@ def _tokenized_here(
     rows: ray.data.Dataset, tokenize: PairTokenizer, block_rows: int | None
 ) -> MaterializedDataset:
     """A small set read by Ray Data, tokenised by the driver in key order (the order blocks
-    arrive in varies from run to run) and cut into blocks: the same blocks in every run."""
+    arrive in varies from run to run) and cut into blocks: the same blocks in every run.
+
+    ``from_blocks`` keeps the blocks as cut and reads their metadata here; ``from_arrow`` ran a
+    task per block for it (2 s of a small training's start-up on 2 cores, measured)."""
     parts = [t for t in ray.get(rows.to_arrow_refs()) if t.num_rows]
     tokenized = tokenize(pa.concat_tables(parts).sort_by([(k, "ascending") for k in KEYS]))
     size = block_rows or TOKENIZE_BATCH
-    return ray.data.from_arrow(
+    return ray.data.from_blocks(
         [tokenized.slice(at, size) for at in range(0, tokenized.num_rows, size)]
     )
