@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import mlflow
@@ -37,6 +36,7 @@ from pipelines.llm.backends import (
     OpenAIBackend,
     Sampling,
     prompt_limit,
+    save_as_hf_folder,
 )
 from pipelines.llm.retrieval import SimilarityIndex
 from storage_schemas import TASK_CATEGORIES
@@ -599,7 +599,7 @@ def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    folder = smollm2_folder(tmp_path)
+    folder = save_as_hf_folder(LLMConfig().model, tmp_path)
     engine = VLLMBackend(
         LLMConfig(backend="vllm", model=folder, gpu_memory_utilization=0.4, max_model_len=2048)
     )
@@ -626,7 +626,7 @@ def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, t
         JudgeConfig(
             name="vllm-smol",
             backend="vllm",
-            model=smollm2_folder(tmp_path),
+            model=save_as_hf_folder(LLMConfig().model, tmp_path),
             gpu_memory_utilization=0.4,
             max_model_len=2048,
             max_prompt_tokens=2000,
@@ -639,24 +639,6 @@ def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, t
     assert all(r["valid"] and r["output_tokens"] == 1 for r in rows)
     again = jobs.judge(config, where=where).as_dict()
     assert again["judges"][0]["judged"] == 0
-
-
-def smollm2_folder(folder: Path) -> str:
-    """SmolLM2 as a plain HF folder (vLLM's GGUF loader is experimental): a GGUF-loaded model
-    cannot save_pretrained, so it is rebuilt from its config and given the weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipelines.llm.backends import resolve_llm
-
-    path, kwargs = resolve_llm(LLMConfig().model)
-    loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    config = loaded.config
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(folder)
-    return str(folder)
 
 
 def test_a_judge_that_always_picks_one_position_is_flagged():

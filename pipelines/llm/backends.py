@@ -83,6 +83,23 @@ def resolve_llm(model: str) -> tuple[str, dict[str, Any]]:
     return model, {}
 
 
+def save_as_hf_folder(model: str, folder: Path) -> str:
+    """``model`` (a GGUF file or the default SmolLM2) as a plain HF folder, for vLLM, whose GGUF
+    loader is experimental. A GGUF-loaded model cannot ``save_pretrained``, so it is rebuilt
+    from its config and given the weights. Kept when ``folder`` already holds a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").exists():
+        path, kwargs = resolve_llm(model)
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        loaded.config.__dict__.pop("quantization_config", None)
+        rebuilt = AutoModelForCausalLM.from_config(loaded.config)
+        rebuilt.load_state_dict(loaded.state_dict())
+        rebuilt.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(folder)
+    return str(folder)
+
+
 def top_logprobs(tokens: Iterable[tuple[str, float]]) -> dict[str, float]:
     """Token text -> logprob; distinct token ids that decode to the same text add up."""
     merged: dict[str, float] = {}
