@@ -13,6 +13,8 @@ import time
 
 import httpx
 import mlflow
+import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
@@ -20,6 +22,7 @@ from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
 from pipelines.core.config import JudgeConfig, LLMConfig
 from pipelines.ingest.job import IngestRequest
+from pipelines.judging.actor import request_rows
 from pipelines.judging.identity import JudgeIdentity, PromptInputs
 from pipelines.judging.job import position_warning
 from pipelines.judging.prompts import (
@@ -182,6 +185,29 @@ def test_verdicts_within_a_judge_need_both_orders_to_agree():
     one_order = judge_verdict([_judgment("AB", "chosen"), _judgment("BA", None, 0, valid=False)])
     assert (one_order.verdict, one_order.invalid) == ("invalid", 1)
     assert "no valid judgment in order BA" in one_order.detail
+
+
+def test_requests_of_a_pair_come_together_in_batch_order():
+    """Both orders of a pair next to each other, AB first, pairs in batch order, whatever order
+    the missing judgments arrive in: the engine's prefix cache still holds the conversation
+    when the second order comes."""
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:04d}" for i in range(500)]
+    batch = pa.table({"source": ["s"] * 500, "pair_id": list(rng.permutation(ids))})
+    wanted = [(pair, order) for pair in ids for order in ("AB", "BA")]
+    wanted = [wanted[i] for i in rng.permutation(len(wanted))]
+    missing = pa.table(
+        {
+            "source": ["s"] * len(wanted),
+            "pair_id": [pair for pair, _ in wanted],
+            "ordering": [order for _, order in wanted],
+            "sample": [0] * len(wanted),
+        }
+    )
+    rows = request_rows(batch, missing)
+    pairs = rows["pair_id"].to_pylist()
+    assert pairs[0::2] == pairs[1::2] == batch["pair_id"].to_pylist()
+    assert rows["ordering"].to_pylist() == ["AB", "BA"] * 500
 
 
 def test_panel_policies():

@@ -118,11 +118,15 @@ def judgment_rows(
 
 
 def request_rows(batch: pa.Table, missing: pa.Table) -> pa.Table:
-    """One row per missing (ordering, sample) of each pair of ``batch``."""
+    """One row per missing (ordering, sample) of each pair of ``batch``, a pair's rows next to
+    each other in batch order: the engine's prefix cache then still holds the conversation when
+    the second order of a pair comes (Arrow's join does not promise an order)."""
     keys = batch.select(["source", "pair_id"]).append_column(
         "row", pa.array(np.arange(batch.num_rows), pa.int64())
     )
-    wanted = keys.join(missing, ["source", "pair_id"], join_type="inner")
+    wanted = keys.join(missing, ["source", "pair_id"], join_type="inner").sort_by(
+        [("row", "ascending"), ("ordering", "ascending"), ("sample", "ascending")]
+    )
     rows = batch.take(wanted["row"])
     return rows.append_column("ordering", wanted["ordering"]).append_column(
         "sample", wanted["sample"]
