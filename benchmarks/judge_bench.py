@@ -52,7 +52,12 @@ from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.judging.identity import JudgeIdentity
 from pipelines.judging.prompts import judge_prompt
-from pipelines.llm.backends import TOP_LOGPROBS, HFBackend, render_prompt, save_as_hf_folder
+from pipelines.llm.backends import (
+    HFBackend,
+    prompt_token_ids,
+    save_as_hf_folder,
+    vllm_sampling,
+)
 from storage_schemas import JUDGE_ORDERS
 
 JUDGEBENCH = Path(__file__).resolve().parents[2] / "shared/data/JudgeBench/data"
@@ -171,11 +176,7 @@ def vllm_bench(n_pairs: int, batch_size: int, paths: list[str]) -> None:
         batch_size=batch_size, **VLLM_ENGINE,
     )  # fmt: skip
     summary, seconds, pairs = judge_job(judge, n_pairs, "judge-bench-vllm", "synpref" in paths)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    ids = [
-        tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
-        for p in both_orders(judge, pairs)
-    ]
+    ids = prompt_token_ids(AutoTokenizer.from_pretrained(model), both_orders(judge, pairs))
     ab, ba = ids[0::2], ids[1::2]
     n, tokens = len(pairs), sum(map(len, ids))
     shared = sum(shared_prefix(a, b) for a, b in zip(ab, ba, strict=True))
@@ -196,7 +197,8 @@ def vllm_bench(n_pairs: int, batch_size: int, paths: list[str]) -> None:
             "quality": summary["quality"],
         }
 
-    params = SamplingParams(temperature=0, top_p=1, max_tokens=1, seed=0, logprobs=TOP_LOGPROBS)
+    sampling = vllm_sampling(JudgeIdentity.of(judge).sampling(0))  # as the job samples
+    params = SamplingParams(**sampling)
 
     def timed(llm: LLM, prompts: list[list[int]]) -> float:
         llm.reset_prefix_cache()
@@ -225,7 +227,8 @@ def vllm_bench(n_pairs: int, batch_size: int, paths: list[str]) -> None:
     if "ray_data_llm" in paths:
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
-            results["ray_data_llm"] = rate(n, tokens, ray_data_llm(model, ids, batch_size))
+            seconds_data_llm = ray_data_llm(model, ids, sampling, batch_size)
+            results["ray_data_llm"] = rate(n, tokens, seconds_data_llm)
         except Exception as exc:  # reported; the other paths stand
             results["ray_data_llm"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         ray.shutdown()
@@ -250,7 +253,7 @@ def vllm_bench(n_pairs: int, batch_size: int, paths: list[str]) -> None:
     report("judge_bench", results)
 
 
-def ray_data_llm(model: str, ids: list[list[int]], batch_size: int) -> float:
+def ray_data_llm(model: str, ids: list[list[int]], sampling: dict, batch_size: int) -> float:
     """Seconds of ``ray.data.llm``'s vLLM processor on the token ids (engine start included:
     the processor starts its engine in the pipeline), on a CPU placement group."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -266,7 +269,6 @@ def ray_data_llm(model: str, ids: list[list[int]], batch_size: int) -> float:
         tokenize_stage=False,
         detokenize_stage=False,
     )
-    sampling = {"temperature": 0, "top_p": 1, "max_tokens": 1, "seed": 0, "logprobs": TOP_LOGPROBS}
     processor = build_processor(
         config,
         preprocess=lambda row: {"tokenized_prompt": row["ids"], "sampling_params": sampling},

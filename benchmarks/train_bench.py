@@ -6,22 +6,26 @@ All three train the same backbone (offline all-MiniLM-L6-v2 with a new one-outpu
 ``--backbone``) for one epoch on the same HH-RLHF pairs (../shared/data) with the same global
 batch, learning rate and max length, on this machine (2 cores):
 
-- ``synpref``: the whole `synpref train` job: selection from the lake, Ray Data tokenisation,
-  2 Ray Train workers (gloo DDP, 0.5 CPU each), length-grouped micro-batches under a token
-  budget, checkpoints and validation off the hot path (one at the end), MLflow logging;
+- ``synpref``: the whole `synpref train` job: selection from the lake, tokenisation (by the
+  driver for a set this small), 2 Ray Train workers (gloo DDP, 0.5 CPU each), length-grouped
+  micro-batches under a token budget, checkpoints and validation off the hot path (one at the
+  end), MLflow logging;
 - ``plain``: one process (torch threads = 2), fixed batches of ``--batch`` pairs in input order
   padded to their longest member, chosen and rejected in one forward pass, AdamW;
-- ``trl``: ``trl.RewardTrainer`` (1.16) with the same batch on CPU; note that it drops pairs
-  longer than ``max_length`` where the others left-truncate them.
+- ``trl``: ``trl.RewardTrainer`` (1.16) with the same batch on CPU in fp32 without gradient
+  checkpointing; note that it drops pairs longer than ``max_length`` where the others
+  left-truncate them.
 
-Each reports wall seconds for the whole call and steady pairs/s and tokens/s (real tokens, not
-padding). Padding fractions: synpref's from its step metrics; the plain loop's from its batches.
+Each reports wall seconds for the whole call (model load included), steady pairs/s and
+tokens/s (real tokens, not padding) and the fixed seconds (the call less its pairs at the steady
+rate). Padding fractions: synpref's from its step metrics; the plain loop's from its batches.
 Results go to ``benchmarks/out/train_bench.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import operator
 import sys
 import time
 from pathlib import Path
@@ -48,6 +52,7 @@ from pipelines.rm.model import (
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 LEARNING_RATE = 1e-5
+by_step = operator.attrgetter("step")
 
 
 def tokenized(backbone: str, pairs: list[dict], max_length: int) -> tuple[list, list]:
@@ -171,11 +176,9 @@ def synpref_train(config, name: str) -> dict:
     started = time.perf_counter()
     summary = jobs.train(config, name=name).as_dict()
     seconds = time.perf_counter() - started
-    client = mlflow.MlflowClient()
+    client, run = mlflow.MlflowClient(), summary["run_id"]
     history = {
-        key: np.array(
-            [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=_step)]
-        )
+        key: np.array([m.value for m in sorted(client.get_metric_history(run, key), key=by_step)])
         for key in ("batch_pairs", "pairs_per_s", "tokens_per_s", "padding_fraction")
     }
     step_seconds = history["batch_pairs"] / history["pairs_per_s"]
@@ -189,10 +192,6 @@ def synpref_train(config, name: str) -> dict:
         "padding_fraction": float(np.mean(history["padding_fraction"])),
         "pairs_truncated": summary["pairs_truncated"],
     }
-
-
-def _step(metric: mlflow.entities.Metric) -> int:
-    return metric.step
 
 
 def main() -> None:

@@ -337,18 +337,8 @@ class VLLMBackend:
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            logprobs=TOP_LOGPROBS if sampling.logprobs else None,
-            **_vllm_structured(sampling.json_schema),
-        )
-        encoded = [
-            self.tokenizer(render_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"]
-            for p in prompts
-        ]
+        params = SamplingParams(**vllm_sampling(sampling))
+        encoded = prompt_token_ids(self.tokenizer, prompts)
         limit = prompt_limit(self.max_prompt_tokens, self.context, sampling.max_tokens)
         fits = [i for i, ids in enumerate(encoded) if len(ids) <= limit]
         results = [too_long(len(ids), limit) for ids in encoded]
@@ -369,6 +359,26 @@ class VLLMBackend:
                 output_tokens=len(completion.token_ids),
             )
         return results
+
+
+def vllm_sampling(sampling: Sampling) -> dict[str, Any]:
+    """vLLM's ``SamplingParams`` arguments for ``sampling`` (``ray.data.llm`` takes them as a
+    dict too)."""
+    return {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "seed": sampling.seed,
+        "logprobs": TOP_LOGPROBS if sampling.logprobs else None,
+    } | _vllm_structured(sampling.json_schema)
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Prompts) -> list[list[int]]:
+    """The prompts as a vLLM engine receives them: chat template rendered, then tokenised."""
+    return [
+        tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
 
 
 def _vllm_structured(schema: dict[str, Any] | None) -> dict[str, Any]:
