@@ -83,6 +83,9 @@ class Reject(Exception):
         self.detail = detail
 
 
+END_OF_HISTORY = "\x00end-of-history"
+
+
 def pair_id(history: list[Message], chosen: str, rejected: str) -> str:
     """Stable content hash of a canonical pair: 128-bit BLAKE2b, 32 hex characters.
 
@@ -91,7 +94,7 @@ def pair_id(history: list[Message], chosen: str, rejected: str) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for text in (
         *itertools.chain.from_iterable((m["role"], m["content"]) for m in history),
-        "\x00end-of-history",
+        END_OF_HISTORY,
         chosen,
         rejected,
     ):
@@ -223,7 +226,9 @@ def _from_prompt(record: Mapping[str, Any], prompt: Any, prompt_field: str) -> P
     )
 
 
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")
+HH_TURN_PATTERN = r"(?:^|\n\n)(Human|Assistant): ?"
+"""Where a turn of an HH transcript starts, and its speaker."""
+_HH_TURN = re.compile(HH_TURN_PATTERN)
 
 
 def _from_hh(record: Mapping[str, Any]) -> Pair:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import mlflow
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -34,6 +35,7 @@ from pipelines.core.config import IngestConfig
 from pipelines.core.jobs import InputFile, JobSummary, TableVersion, versions
 from pipelines.core.lake import Lake
 from pipelines.core.sql import literal
+from pipelines.ingest.columnar import COLUMNAR_FORMATS, columnar_pairs
 from pipelines.ingest.formats import (
     BENCHMARK_FORMATS,
     FormatError,
@@ -199,24 +201,95 @@ def normalise_batch(
     run_id: str,
     mapping: dict[str, str] | None = None,
     binarize: str = "all_pairs",
+    columnar: bool = True,
 ) -> pa.Table:
-    """Raw records (``record_files.RAW_SCHEMA``) -> staged rows (``STAGED_SCHEMA``)."""
+    """Raw records (``record_files.RAW_SCHEMA``) -> staged rows (``STAGED_SCHEMA``). Clean
+    records of the common layouts take the columnar path and come first; every other record is
+    converted one by one (``columnar=False``: all of them, to compare the paths)."""
     now = datetime.now(UTC)
+    tables = []
+    files = pc.unique(batch["source_file"])
+    for source_file in files.to_pylist():
+        records = batch if len(files) == 1 else batch.filter(pc.field("source_file") == source_file)
+        fmt = formats[source_file]
+        taken = np.empty(0, dtype=np.int64)
+        if columnar and fmt in COLUMNAR_FORMATS:
+            texts = records["record"]
+            if records["read_error"].null_count < records.num_rows:  # some were unreadable
+                texts = pc.if_else(pc.is_null(records["read_error"]), texts, None)
+            taken, columns = columnar_pairs(texts.combine_chunks(), fmt, limits)
+            position = records.select(["source_file", "source_row"]).take(taken)
+            tables.append(_columnar_rows(position, columns, source, source_kind, run_id, now))
+        rest = records.filter(pa.array(~np.isin(np.arange(records.num_rows), taken)))
+        options = {"mapping": mapping, "binarize": binarize}
+        tables.append(_record_rows(rest, source, source_kind, fmt, limits, run_id, now, options))
+    return pa.concat_tables(tables) if tables else STAGED_SCHEMA.empty_table()
+
+
+def _columnar_rows(
+    position: pa.Table,
+    columns: dict[str, pa.Array],
+    source: str,
+    source_kind: str,
+    run_id: str,
+    now: datetime,
+) -> pa.Table:
+    """Staged rows of the pairs ``columnar.columnar_pairs`` took (``position``: their files
+    and rows)."""
+    rows = position.num_rows
+    files, numbers = position["source_file"].to_pylist(), position["source_row"].to_pylist()
+    constants = {
+        "kind": "pair",
+        "source": source,
+        "source_kind": source_kind,
+        "source_item": 0,
+        "ingest_run_id": run_id,
+        "ingested_at": now,
+    }
+    given = columns | {
+        "source_file": position["source_file"],
+        "source_row": position["source_row"],
+        "row_id": pa.array(
+            [row_id(source, f, n, 0) for f, n in zip(files, numbers, strict=True)], pa.string()
+        ),
+    }
+    return pa.table(
+        [
+            given[f.name]
+            if f.name in given
+            else pa.array([constants[f.name]] * rows, f.type)
+            if f.name in constants
+            else pa.nulls(rows, f.type)
+            for f in STAGED_SCHEMA
+        ],
+        schema=STAGED_SCHEMA,
+    )
+
+
+def _record_rows(
+    records: pa.Table,
+    source: str,
+    source_kind: str,
+    fmt: str,
+    limits: Limits,
+    run_id: str,
+    now: datetime,
+    options: dict[str, Any],
+) -> pa.Table:
+    """Staged rows of ``records`` converted one by one (``formats.iter_items``)."""
     rows: list[dict[str, Any]] = []
     for source_file, source_row, record, read_error in zip(
-        batch["source_file"].to_pylist(),
-        batch["source_row"].to_pylist(),
-        batch["record"].to_pylist(),
-        batch["read_error"].to_pylist(),
+        records["source_file"].to_pylist(),
+        records["source_row"].to_pylist(),
+        records["record"].to_pylist(),
+        records["read_error"].to_pylist(),
         strict=True,
     ):
         position = {"source": source, "source_file": source_file, "source_row": source_row}
         if read_error is not None:
             items: list[Pair | Rejection] = [Rejection(0, "malformed_json", read_error)]
         else:
-            items = list(
-                iter_items(record, formats[source_file], limits, mapping=mapping, binarize=binarize)
-            )
+            items = list(iter_items(record, fmt, limits, **options))
         for item in items:
             pair = None
             if isinstance(item, Pair):
@@ -329,6 +402,7 @@ def ingest(
             "run_id": run_id,
             "mapping": request.mapping,
             "binarize": config.binarize,
+            "columnar": config.columnar,
         },
     )
     try:
