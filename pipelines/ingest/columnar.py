@@ -51,7 +51,6 @@ PYTHON_WHITESPACE = (
 """What ``str.strip()`` removes (``str.isspace``); Arrow's own whitespace set differs."""
 KEY_END = r'"[ \t\n\r]*:'
 """A quote before a colon: at least one per key of a JSON text (a string may hold more)."""
-LOOSE_CONVERSATION = pa.list_(pa.struct([(f.name, f.type) for f in MESSAGE]))
 
 
 @dataclass(frozen=True)
@@ -83,12 +82,12 @@ def columnar_pairs(
     rows = len(records)
     meta: list[str | None] = [None] * rows
     keys = np.full(rows, -1, dtype=np.int64)
-    fields: dict[str, list[Any]] = {name: [None] * rows for name in consumed}
+    fields = {name: _Field(rows) for name in consumed}
     with _no_cycle_collection():  # parsed JSON holds no cycles; collecting them costs half
         for i, record in enumerate(_parsed(records.to_pylist())):
             if record is None:
                 continue
-            counted = _layout_fields(record, fmt, consumed, fields, i)
+            counted = _layout_fields(record, fmt, fields, i)
             if counted is None:
                 continue
             rest = {k: v for k, v in record.items() if k not in consumed}
@@ -99,10 +98,10 @@ def columnar_pairs(
             keys[i] = counted + len(record) + _keys(list(rest.values()))
         if fmt == "hh":
             prefix = None
-            chosen, rejected = (_hh_conversations(fields[n]) for n in ("chosen", "rejected"))
+            chosen, rejected = (_hh_conversations(fields[n].texts) for n in ("chosen", "rejected"))
         else:
-            prefix = _message_conversations(fields["prompt"]) if fmt == "prompt" else None
-            chosen, rejected = (_message_conversations(fields[n]) for n in ("chosen", "rejected"))
+            prefix = fields["prompt"].conversations() if fmt == "prompt" else None
+            chosen, rejected = (fields[n].conversations() for n in ("chosen", "rejected"))
     key_ends = pc.count_substring_regex(records, KEY_END)
     fit = keys == np.asarray(key_ends.fill_null(-2), dtype=np.int64)  # no key given twice
     taken, columns = _pairs(prefix, chosen, rejected, fit, limits)
@@ -130,32 +129,57 @@ def _parsed(texts: list[str | None]) -> Iterator[dict[str, Any] | None]:
         yield value if type(value) is dict else None
 
 
+class _Field:
+    """One layout field of a block as the kernels take it: the rows' transcripts (``hh``), or
+    the roles and contents of their messages end to end with each row's message count."""
+
+    def __init__(self, rows: int) -> None:
+        self.texts: list[str | None] = [None] * rows
+        self.lengths = np.zeros(rows, dtype=np.int64)
+        self.roles: list[Any] = []
+        self.contents: list[Any] = []
+
+    def add_messages(self, row: int, messages: list[dict[str, Any]]) -> int | None:
+        """The messages of ``row``; their key count, or None when one is not an object."""
+        keys, start = 0, len(self.roles)
+        for message in messages:
+            if type(message) is not dict:
+                del self.roles[start:], self.contents[start:]
+                return None
+            keys += len(message)
+            self.roles.append(message.get("role"))
+            self.contents.append(message.get("content"))
+        self.lengths[row] = len(messages)
+        return keys
+
+    def conversations(self) -> Conversations:
+        offsets = _offsets(self.lengths)
+        ok = np.ones(len(self.lengths), dtype=bool)  # a bad message is caught by its values
+        roles, contents = (_to_arrow(v, pa.string()) for v in (self.roles, self.contents))
+        return Conversations(offsets, roles, contents, ok)
+
+
 def _layout_fields(
-    record: dict[str, Any],
-    fmt: str,
-    consumed: tuple[str, ...],
-    fields: dict[str, list[Any]],
-    row: int,
+    record: dict[str, Any], fmt: str, fields: dict[str, _Field], row: int
 ) -> int | None:
-    """Put the record's layout fields in ``fields[...][row]`` as the converters take them
-    (strings for ``hh``, message lists otherwise); their key count, or None for a record this
-    path does not take."""
+    """Put the record's layout fields into ``fields`` at ``row``; their key count, or None for a
+    record this path does not take (the rows a field filled are then never taken)."""
     counted = 0
-    for name in consumed:
+    for name, field in fields.items():
         value = record.get(name)
         if fmt == "hh":
             if type(value) is not str:
                 return None
-        elif type(value) is str and fmt == "prompt":
+            field.texts[row] = value
+            continue
+        if type(value) is str and fmt == "prompt":
             value = [{"role": "user" if name == "prompt" else "assistant", "content": value}]
-        elif type(value) is list:
-            for message in value:
-                if type(message) is not dict:
-                    return None
-                counted += len(message)
-        else:
+        elif type(value) is not list:
             return None
-        fields[name][row] = value
+        keys = field.add_messages(row, value)
+        if keys is None:
+            return None
+        counted += keys
     return counted
 
 
@@ -170,18 +194,6 @@ def _keys(values: list[Any]) -> int:
         elif type(value) is list:
             stack.extend(value)
     return count
-
-
-def _message_conversations(values: list[list[dict[str, Any]] | None]) -> Conversations:
-    lists = _to_arrow(values, LOOSE_CONVERSATION)
-    lengths = np.asarray(pc.list_value_length(lists).fill_null(0), dtype=np.int64)
-    messages = pc.list_flatten(lists)
-    ok = np.asarray(lists.is_valid(), dtype=bool)
-    message_ok = np.asarray(messages.is_valid(), dtype=bool)
-    ok &= ~_any_per_row(~message_ok, _offsets(lengths))
-    return Conversations(
-        _offsets(lengths), pc.struct_field(messages, 0), pc.struct_field(messages, 1), ok
-    )
 
 
 def _to_arrow(values: list[Any], type_: pa.DataType) -> pa.Array:
