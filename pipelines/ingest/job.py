@@ -1,7 +1,9 @@
 """Ingest preference files into the lake: read -> normalise/validate -> stage -> commit.
 
 Ray Data reads records (one task per file), converts and validates them in ``map_batches`` with
-``normalise_batch`` (a pure Arrow function), and stages the result as Parquet next to the lake.
+``normalise_batch`` (a pure Arrow function: clean records of the common layouts a block at a time
+in ``columnar``, the others one by one in ``formats``), and stages the result as Parquet next to
+the lake.
 The driver then commits in two idempotent merges: new pairs into ``pairs``, bad rows into
 ``quarantine``. Nothing is dropped silently: every candidate row ends up kept, quarantined with
 a reason, or counted as already present from an earlier ingest.
