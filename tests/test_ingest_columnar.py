@@ -241,6 +241,40 @@ def test_the_fast_path_takes_the_clean_rows_of_a_corpus_and_stages_them_alike(tm
     assert len(taken) == pairs.num_rows > 500
 
 
+CLEAN = {
+    "prompt": [
+        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "id": 1},
+        {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": "Yes.", "rejected": "No."},
+        {
+            "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q"}],
+            "chosen": [{"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "assistant", "content": "B"}],
+            "meta": {"rating": [1, 2.5], "ok": True},
+        },
+    ],
+    "messages": [
+        {
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "B"}],
+            "source": "x",
+        }
+    ],
+    "hh": [{"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CLEAN))
+def test_clean_records_of_every_layout_are_all_taken_by_the_fast_path(tmp_path, layout):
+    """Strings and message lists, with metadata: nothing clean is left to the slow path."""
+    path = tmp_path / f"{layout}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in CLEAN[layout]) + "\n")
+    staged = assert_same_rows(path, layout)
+    raw = records_table(str(path), list(file_records(str(path), pafs.LocalFileSystem())))
+    taken, _ = columnar.columnar_pairs(raw["record"].combine_chunks(), layout, LIMITS)
+    assert len(taken) == staged.num_rows == len(CLEAN[layout])
+    assert set(staged["kind"].to_pylist()) == {"pair"}
+
+
 def test_real_hh_pair_ids_are_unchanged():
     """The real HH transcripts: the fast path takes nearly all, with the ids ingest gave them
     before it existed (a digest of all of them, pinned)."""

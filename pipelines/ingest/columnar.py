@@ -51,6 +51,8 @@ PYTHON_WHITESPACE = (
 """What ``str.strip()`` removes (``str.isspace``); Arrow's own whitespace set differs."""
 KEY_END = r'"[ \t\n\r]*:'
 """A quote before a colon: at least one per key of a JSON text (a string may hold more)."""
+_STRING_ROLES = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}
+"""Who says a ``prompt`` layout's field given as a string (``formats._from_prompt``)."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,10 @@ def _layout_fields(
                 return None
             field.texts[row] = value
             continue
-        if type(value) is str and fmt == "prompt":
-            value = [{"role": "user" if name == "prompt" else "assistant", "content": value}]
-        elif type(value) is not list:
+        if type(value) is str and fmt == "prompt":  # one message, and no key in the text
+            field.add_messages(row, [{"role": _STRING_ROLES[name], "content": value}])
+            continue
+        if type(value) is not list:
             return None
         keys = field.add_messages(row, value)
         if keys is None:
