@@ -18,14 +18,10 @@ import tempfile
 from pathlib import Path
 
 import atheris
-import pyarrow.fs as pafs
 
 with atheris.instrument_imports(include=["pipelines.ingest"]):  # not Ray, Arrow, ...
     from pipelines.ingest.formats import FORMATS
-    from pipelines.ingest.job import normalise_batch
-    from pipelines.ingest.record_files import file_records, records_table
-
-from tests.test_ingest_generated import LIMITS, assert_accounted
+    from tests.test_ingest_generated import assert_accounted, staged
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 LAYOUTS = [f for f in FORMATS if f != "mapping"]  # a mapping needs its field paths
@@ -39,16 +35,7 @@ def one_input(data: bytes) -> None:
     body = provider.ConsumeBytes(provider.remaining_bytes())
     path = FOLDER / f"records{suffix}"
     path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
-    records = list(file_records(str(path), pafs.LocalFileSystem()))
-    rows = normalise_batch(
-        records_table(str(path), records),
-        source="fuzz",
-        source_kind="corpus",
-        formats={str(path): layout},
-        limits=LIMITS,
-        run_id="run",
-    )
-    assert_accounted(records, rows)
+    assert_accounted(*staged(path, layout))
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.ingest import columnar
 from pipelines.ingest.formats import Limits
-from pipelines.ingest.job import normalise_batch
-from pipelines.ingest.record_files import file_records, records_table
 from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from tests.conftest import HH_HARMLESS
+from tests.test_ingest_generated import read_raw, staged
 
 LIMITS = Limits(max_chars=40, max_turns=4)
 TRICKY = ' \t\n\r\x0b\x0c\x1c\x85\xa0\u2028\u3000\x00"\\:{}[],'
@@ -171,16 +169,7 @@ def record_line(draw: st.DrawFn, layout: str) -> bytes:
 
 
 def stage(path: Path, layout: str, limits: Limits, columnar_path: bool) -> pa.Table:
-    records = list(file_records(str(path), pafs.LocalFileSystem()))
-    rows = normalise_batch(
-        records_table(str(path), records),
-        source="gen",
-        source_kind="corpus",
-        formats={str(path): layout},
-        limits=limits,
-        run_id="run",
-        columnar=columnar_path,
-    )
+    _, rows = staged(path, layout, limits, columnar_path)
     order = [(c, "ascending") for c in ("source_file", "source_row", "source_item")]
     return rows.drop_columns(["ingested_at", "quarantined_at"]).sort_by(order)
 
@@ -231,10 +220,10 @@ def test_the_fast_path_takes_the_clean_rows_of_a_corpus_and_stages_them_alike(tm
     """On the synthetic corpus (messages with metadata, 6% planted bad rows), the fast path
     takes every row that becomes a pair: nothing clean is left to the slow path."""
     (path,) = write_corpus(CorpusSpec(pairs=600, bad_row_rate=0.06, seed=3), tmp_path)
-    staged = assert_same_rows(path, "messages", Limits())
-    raw = records_table(str(path), list(file_records(str(path), pafs.LocalFileSystem())))
+    rows = assert_same_rows(path, "messages", Limits())
+    _, raw = read_raw(path)
     taken, _ = columnar.columnar_pairs(raw["record"].combine_chunks(), "messages", Limits())
-    pairs = staged.filter(pc.equal(staged["kind"], "pair"))
+    pairs = rows.filter(pc.equal(rows["kind"], "pair"))
     assert len(taken) == pairs.num_rows > 500
 
 
@@ -265,11 +254,11 @@ def test_clean_records_of_every_layout_are_all_taken_by_the_fast_path(tmp_path, 
     """Strings and message lists, with metadata: nothing clean is left to the slow path."""
     path = tmp_path / f"{layout}.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in CLEAN[layout]) + "\n")
-    staged = assert_same_rows(path, layout)
-    raw = records_table(str(path), list(file_records(str(path), pafs.LocalFileSystem())))
+    rows = assert_same_rows(path, layout)
+    _, raw = read_raw(path)
     taken, _ = columnar.columnar_pairs(raw["record"].combine_chunks(), layout, LIMITS)
-    assert len(taken) == staged.num_rows == len(CLEAN[layout])
-    assert set(staged["kind"].to_pylist()) == {"pair"}
+    assert len(taken) == rows.num_rows == len(CLEAN[layout])
+    assert set(rows["kind"].to_pylist()) == {"pair"}
 
 
 def test_real_hh_pair_ids_are_unchanged():
@@ -278,11 +267,11 @@ def test_real_hh_pair_ids_are_unchanged():
     path = HH_HARMLESS
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data holds the real datasets)")
-    staged = assert_same_rows(path, "hh", Limits())
-    raw = records_table(str(path), list(file_records(str(path), pafs.LocalFileSystem())))
+    rows = assert_same_rows(path, "hh", Limits())
+    _, raw = read_raw(path)
     taken, _ = columnar.columnar_pairs(raw["record"].combine_chunks(), "hh", Limits())
     assert len(taken) >= 0.99 * raw.num_rows
-    ids = sorted(p for p in staged["pair_id"].to_pylist() if p)
+    ids = sorted(p for p in rows["pair_id"].to_pylist() if p)
     digest = hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest()
     assert digest == "a177ae938c20521fbf31944f05b030a4"
 

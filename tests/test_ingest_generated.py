@@ -112,20 +112,33 @@ def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, int, int]:
     return "records.jsonl", data, len(rows), blanks
 
 
-def staged(path: Path) -> tuple[list[tuple[int, str, str | None]], pa.Table]:
+Records = list[tuple[int, str, str | None]]
+
+
+def read_raw(path: Path) -> tuple[Records, pa.Table]:
+    """The records of ``path`` as ingest reads them, and the table a Ray task gets of them."""
     records = list(file_records(str(path), pafs.LocalFileSystem()))
+    return records, records_table(str(path), records)
+
+
+def staged(
+    path: Path, layout: str = "prompt", limits: Limits = LIMITS, columnar: bool = True
+) -> tuple[Records, pa.Table]:
+    """The records of ``path`` and the rows ingest stages from them."""
+    records, raw = read_raw(path)
     rows = normalise_batch(
-        records_table(str(path), records),
+        raw,
         source="gen",
         source_kind="corpus",
-        formats={str(path): "prompt"},
-        limits=LIMITS,
+        formats={str(path): layout},
+        limits=limits,
         run_id="run",
+        columnar=columnar,
     )
     return records, rows
 
 
-def assert_accounted(records: list[tuple[int, str, str | None]], rows: pa.Table) -> None:
+def assert_accounted(records: Records, rows: pa.Table) -> None:
     """Every record read is at least one staged row, and every staged row is a pair or has a
     known reason and a detail."""
     assert {r[0] for r in records} == set(rows["source_row"].to_pylist())
