@@ -401,7 +401,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _sum_per_row(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    totals = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    totals = _offsets(values)
     return totals[offsets[1:]] - totals[offsets[:-1]]
 
 
