@@ -44,7 +44,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, job_bench_config, report
+from ingest_bench import job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.config import JudgeConfig
@@ -55,7 +55,7 @@ from pipelines.judging.prompts import judge_prompt
 from pipelines.llm.backends import (
     HFBackend,
     prompt_token_ids,
-    save_as_hf_folder,
+    resolve_llm,
     vllm_sampling,
 )
 from storage_schemas import JUDGE_ORDERS
@@ -170,7 +170,7 @@ def vllm_bench(n_pairs: int, batch_size: int, paths: list[str]) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    model = save_as_hf_folder(JudgeConfig().model, OUT / "smollm2-hf")
+    model = resolve_llm(JudgeConfig().model)  # a plain HF folder: vLLM and the tokenizer
     judge = JudgeConfig(
         name="vllm-smol", backend="vllm", model=model, actors=1, num_cpus=1,
         batch_size=batch_size, **VLLM_ENGINE,

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -20,7 +21,8 @@ import ray
 
 from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
-from pipelines.core.config import JudgeConfig, LLMConfig
+from pipelines.core.config import DEFAULT_JUDGE_MODEL, JudgeConfig, LLMConfig
+from pipelines.core.errors import ConfigError
 from pipelines.ingest.job import IngestRequest
 from pipelines.judging.actor import request_rows
 from pipelines.judging.identity import JudgeIdentity, PromptInputs
@@ -39,7 +41,7 @@ from pipelines.llm.backends import (
     OpenAIBackend,
     Sampling,
     prompt_limit,
-    save_as_hf_folder,
+    resolve_llm,
 )
 from pipelines.llm.retrieval import SimilarityIndex
 from storage_schemas import TASK_CATEGORIES
@@ -48,6 +50,7 @@ from tests.conftest import (
     JUDGEBENCH,
     REPO,
     shared_data,
+    smollm2_gguf,
 )
 
 SHORT = "history_chars + chosen_chars + rejected_chars < {n}"
@@ -234,6 +237,43 @@ def test_gold_retrieval_ranks_by_similarity_and_never_returns_the_pair_itself():
 
 
 # ------------------------------------------------------------------ hf backend, whole job
+
+
+@pytest.mark.slow
+def test_a_gguf_is_dequantized_once_into_a_folder_that_loads_the_same_model(tmp_path):
+    """A GGUF (the default SmolLM2's) is converted once; the folder gives the logits and the
+    chat prompts transformers gets from the GGUF itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    folder = Path(resolve_llm(str(gguf), cache=tmp_path))
+    weights = folder / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert resolve_llm(DEFAULT_JUDGE_MODEL, cache=tmp_path) == str(folder)
+    assert weights.stat().st_mtime_ns == written, "converted once"
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name], "no staging folder left"
+
+    source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
+    ids = torch.tensor([[1, 504, 3717, 314, 260, 1492, 30]])
+    with torch.no_grad():
+        direct = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)(ids).logits
+        copy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+    assert torch.equal(direct, copy)
+    chat = [{"role": "user", "content": "Which answer is better, A or B?"}]
+    rendered = [
+        AutoTokenizer.from_pretrained(**where).apply_chat_template(
+            chat, tokenize=True, add_generation_prompt=True
+        )
+        for where in (source, {"pretrained_model_name_or_path": folder})
+    ]
+    assert rendered[0] == rendered[1]
+
+    with pytest.raises(ConfigError, match="no such GGUF file"):
+        resolve_llm(str(tmp_path / "missing.gguf"), cache=tmp_path)
+    assert (
+        resolve_llm("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    )
 
 
 @pytest.mark.slow
@@ -615,7 +655,7 @@ def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
 
 
 @pytest.mark.slow
-def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
+def test_vllm_backend_matches_hf(request, monkeypatch):
     pytest.importorskip(
         "vllm",
         reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
@@ -625,10 +665,7 @@ def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    folder = save_as_hf_folder(LLMConfig().model, tmp_path)
-    engine = VLLMBackend(
-        LLMConfig(backend="vllm", model=folder, gpu_memory_utilization=0.4, max_model_len=2048)
-    )
+    engine = VLLMBackend(LLMConfig(backend="vllm", gpu_memory_utilization=0.4, max_model_len=2048))
     identity = JudgeIdentity.of(JudgeConfig())
     prompts = [
         judge_prompt(identity, [{"role": "user", "content": "What is 2 + 2?"}], "4", "5", order)
@@ -642,7 +679,7 @@ def test_vllm_backend_matches_hf(request, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, tmp_path):
+def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster):
     pytest.importorskip(
         "vllm",
         reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
@@ -651,8 +688,7 @@ def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster, t
     config.judging.judges = [
         JudgeConfig(
             name="vllm-smol",
-            backend="vllm",
-            model=save_as_hf_folder(LLMConfig().model, tmp_path),
+            backend="vllm",  # the default SmolLM2, from its dequantized copy
             gpu_memory_utilization=0.4,
             max_model_len=2048,
             max_prompt_tokens=2000,

