@@ -23,6 +23,10 @@ from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import set_local_cluster_env
 from ray_jobs.cli import cli
 
+# The local cluster's settings (OpenMP threads that sleep when idle, among others) for this
+# process and all it starts (Ray, model servers), set before anything loads torch.
+set_local_cluster_env()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -130,7 +134,6 @@ def ray_cluster():
     # as on a cluster whose nodes have it (test_secrets.py searches everything for it).
     os.environ.setdefault(JUDGE_KEY_ENV, "sk-judge-b7d24e61")
     if not ray.is_initialized():
-        set_local_cluster_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
