@@ -49,7 +49,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, show_progress
+from ingest_bench import HH, OUT, SHARED, show_progress
 
 from pipelines import jobs
 from pipelines.core import reporting
@@ -63,8 +63,6 @@ from pipelines.labels.sets import write_set
 from pipelines.loop.state import LoopState
 from storage_schemas import CURATION_STATUS, PAIRS, RM_SCORES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-HH = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 RMBENCH_CHAT = SHARED / "RM-Bench" / "data" / "chat_filtered.json"
 FLIPPED = "source_meta LIKE '%injected_flip%'"
 KEYS = ["source", "pair_id"]

@@ -168,47 +168,33 @@ def run_datatrove(documents: Path, workdir: Path, shards: int) -> tuple[float, f
         hashes_per_bucket=4,
         hash_config=HashConfig(precision=64, hash_fc="xxhash"),
     )
-    logs = str(workdir / "logs")
+
+    def stage(name: str, pipeline: list, tasks: int, workers: int = 2) -> LocalPipelineExecutor:
+        logs = str(workdir / "logs" / name)
+        return LocalPipelineExecutor(
+            pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=logs
+        )
+
+    signatures, buckets, remove = (str(workdir / d) for d in ("signatures", "buckets", "remove"))
+    removed, kept = JsonlWriter(str(workdir / "removed")), JsonlWriter(str(workdir / "kept"))
     stages = [
-        LocalPipelineExecutor(
-            pipeline=[
+        stage(
+            "signatures",
+            [JsonlReader(str(documents)), MinhashDedupSignature(signatures, config=config)],
+            shards,
+        ),
+        stage(
+            "buckets", [MinhashDedupBuckets(signatures, buckets, config=config)], config.num_buckets
+        ),
+        stage("clusters", [MinhashDedupCluster(buckets, remove, config=config)], 1, workers=1),
+        stage(
+            "filter",
+            [
                 JsonlReader(str(documents)),
-                MinhashDedupSignature(str(workdir / "signatures"), config=config),
+                MinhashDedupFilter(remove, exclusion_writer=removed),
+                kept,
             ],
-            tasks=shards,
-            workers=2,
-            logging_dir=f"{logs}/signatures",
-        ),
-        LocalPipelineExecutor(
-            pipeline=[
-                MinhashDedupBuckets(
-                    str(workdir / "signatures"), str(workdir / "buckets"), config=config
-                )
-            ],
-            tasks=config.num_buckets,
-            workers=2,
-            logging_dir=f"{logs}/buckets",
-        ),
-        LocalPipelineExecutor(
-            pipeline=[
-                MinhashDedupCluster(
-                    str(workdir / "buckets"), str(workdir / "remove"), config=config
-                )
-            ],
-            tasks=1,
-            logging_dir=f"{logs}/clusters",
-        ),
-        LocalPipelineExecutor(
-            pipeline=[
-                JsonlReader(str(documents)),
-                MinhashDedupFilter(
-                    str(workdir / "remove"), exclusion_writer=JsonlWriter(str(workdir / "removed"))
-                ),
-                JsonlWriter(str(workdir / "kept")),
-            ],
-            tasks=shards,
-            workers=2,
-            logging_dir=f"{logs}/filter",
+            shards,
         ),
     ]
     with PeakMemory() as memory:

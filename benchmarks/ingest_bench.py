@@ -46,6 +46,9 @@ from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from storage_schemas import PAIRS
 
 OUT = Path(__file__).resolve().parent / "out"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+"""The workplace's real data (../shared/data beside the clone)."""
+HH = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def report(name: str, summary: dict, columns: dict[str, str] | None = None) -> None:

@@ -44,7 +44,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import job_bench_config, report
+from ingest_bench import SHARED, job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.config import JudgeConfig
@@ -52,15 +52,10 @@ from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.judging.identity import JudgeIdentity
 from pipelines.judging.prompts import judge_prompt
-from pipelines.llm.backends import (
-    HFBackend,
-    prompt_token_ids,
-    resolve_llm,
-    vllm_sampling,
-)
+from pipelines.llm.backends import HFBackend, prompt_token_ids, resolve_llm, vllm_sampling
 from storage_schemas import JUDGE_ORDERS
 
-JUDGEBENCH = Path(__file__).resolve().parents[2] / "shared/data/JudgeBench/data"
+JUDGEBENCH = SHARED / "JudgeBench" / "data"
 WHERE = "source = 'judgebench'"
 VLLM_ENGINE = {"gpu_memory_utilization": 0.4, "max_model_len": 8192, "seed": 0}
 """The engine settings of every vLLM path (CPU: the memory share sizes host memory)."""

@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest_bench import HH
 
 from pipelines.core.batching import length_batches
 from pipelines.core.model_paths import resolve_model
@@ -32,7 +36,6 @@ from pipelines.rm.model import (
     pair_conversations,
 )
 
-HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
 

@@ -28,14 +28,12 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, job_bench_config, report
+from ingest_bench import HH, OUT, job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
 from pipelines.rm.model import format_conversation, init_reward_model, pair_conversations
-
-HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
 def reward_model() -> str:

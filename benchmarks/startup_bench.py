@@ -21,13 +21,11 @@ import os
 import time
 from pathlib import Path
 
-from ingest_bench import job_bench_config, report
+from ingest_bench import HH, job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.ray_cluster import LOCAL_CLUSTER_ENV
 from pipelines.ingest.job import IngestRequest
-
-HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_bench import OUT, job_bench_config, report
+from ingest_bench import HH, OUT, job_bench_config, report
 
 from pipelines import jobs
 from pipelines.core.lake import Lake
@@ -50,7 +50,6 @@ from pipelines.rm.model import (
     pair_conversations,
 )
 
-HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 LEARNING_RATE = 1e-5
 by_step = operator.attrgetter("step")
 
