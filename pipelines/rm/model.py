@@ -28,6 +28,7 @@ import numpy as np
 
 from pipelines.core.batching import length_batches
 from pipelines.core.errors import ConfigError
+from pipelines.core.model_paths import dequantized
 from pipelines.core.text import Message
 
 HEURISTIC_PREFIX = "heuristic:"
@@ -189,10 +190,21 @@ def encode(
     return ids, full
 
 
+def hf_source(name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``name`` and its ``from_pretrained`` ``kwargs``, a local GGUF backbone (``gguf_file``)
+    replaced by the folder it is dequantized into once per machine (``dequantized``): the
+    driver, the tokenizing actors and every training worker load it."""
+    gguf = kwargs.get("gguf_file")
+    if gguf is None or not (Path(name) / gguf).is_file():
+        return name, kwargs  # a GGUF in a hub repository: transformers downloads it
+    return dequantized(Path(name) / gguf), {k: v for k, v in kwargs.items() if k != "gguf_file"}
+
+
 def load_tokenizer(name: str, **kwargs: Any) -> Any:
     """A reward model's tokenizer: truncation from the left, EOS as padding when it has none."""
     from transformers import AutoTokenizer
 
+    name, kwargs = hf_source(name, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
@@ -205,8 +217,9 @@ def backbone_max_length(backbone: str, configured: int | None, **kwargs: Any) ->
     config (``kwargs`` such as ``gguf_file`` go to ``from_pretrained``)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(backbone, **kwargs)
-    return effective_max_length(configured, load_tokenizer(backbone, **kwargs), config)
+    source, options = hf_source(backbone, kwargs)
+    config = AutoConfig.from_pretrained(source, **options)
+    return effective_max_length(configured, load_tokenizer(source, **options), config)
 
 
 def load_backbone(backbone: str, seed: int = 0, **kwargs: Any) -> Any:
@@ -214,6 +227,7 @@ def load_backbone(backbone: str, seed: int = 0, **kwargs: Any) -> Any:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    backbone, kwargs = hf_source(backbone, kwargs)
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(
         backbone, num_labels=1, dtype=torch.float32, **kwargs
