@@ -100,7 +100,15 @@ def config(work: Path, name: str, judge_url: str) -> SynprefConfig:
         None,
         {
             **local_stores(folder),
-            "scoring": {"actors": 2, "num_cpus": 0.5, "max_length": 64, "batch_size": 32},
+            # on_driver_max 0: the actor pool (what a node loss disturbs) scores even this
+            # small set.
+            "scoring": {
+                "actors": 2,
+                "num_cpus": 0.5,
+                "max_length": 64,
+                "batch_size": 32,
+                "on_driver_max": 0,
+            },
             "judging": {"judges": [judge.model_dump(mode="json")]},
         },
     )

@@ -1,13 +1,15 @@
 """Batch scoring of lake pairs into `rm_scores`: incremental, idempotent, same scores as the
 model in process, and clear errors."""
 
+import logging
+
 import mlflow
 import numpy as np
 import pytest
 
 from pipelines import jobs
 from pipelines.ingest.job import IngestRequest
-from pipelines.rm.model import RewardModel, encode, sigmoid
+from pipelines.rm.model import RewardModel, encode, pair_conversations, sigmoid
 from tests.conftest import HH_HARMLESS, shared_data
 
 FEW = "pair_id < '18'"  # about 1/16 of the pairs (ids are hex digests)
@@ -15,38 +17,42 @@ MORE = "pair_id < '30'"
 
 
 def test_scoring_is_incremental_idempotent_and_matches_the_model(
-    config, lake, ray_cluster, encoder_rm
+    config, lake, ray_cluster, encoder_rm, caplog
 ):
+    """A set scored on the actor pool, then the rest of a wider one in this process (a small
+    set): every score is the model's own."""
+    caplog.set_level(logging.INFO, logger="pipelines.rm.scoring")
     hh = shared_data(HH_HARMLESS)
     jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
     config.scoring.max_length = 128
+    config.scoring.on_driver_max = 0  # the actor pool
     first = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
     selected = lake.count("pairs", where=FEW)
     assert first["scored"] == first["selected"] == selected > 50
     assert lake.count("rm_scores") == selected
+    assert "scored in this process" not in caplog.text
 
     again = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
     assert (again["scored"], again["already_scored"]) == (0, selected)
     assert again["rm_scores_version"] is None, "nothing new: no commit"
 
+    config.scoring.on_driver_max = 1024
     wider = jobs.score(config, encoder_rm, model_name="minilm-rm", where=MORE).as_dict()
+    assert "scored in this process" in caplog.text
     assert wider["already_scored"] == selected
     assert lake.count("rm_scores") == wider["selected"] == selected + wider["scored"]
 
-    rows = lake.read("rm_scores").to_pylist()
+    rows = lake.read("rm_scores").sort_by("pair_id").to_pylist()
     assert {r["model_version"] for r in rows} == {first["model_version"]}
     r_c = np.array([r["r_chosen"] for r in rows])
     r_r = np.array([r["r_rejected"] for r in rows])
     assert np.allclose([r["p"] for r in rows], sigmoid(r_c - r_r))
-    sample = rows[0]
-    pair = lake.read("pairs", where=f"pair_id = '{sample['pair_id']}'").to_pylist()[0]
+    pairs = lake.read("pairs", where=MORE).sort_by("pair_id")
     direct = RewardModel(encoder_rm, max_length=128).score(
-        [
-            [*pair["history"], {"role": "assistant", "content": pair["chosen"]}],
-            [*pair["history"], {"role": "assistant", "content": pair["rejected"]}],
-        ]
+        pair_conversations(*(pairs[c].to_pylist() for c in ("history", "chosen", "rejected")))
     )
-    assert [sample["r_chosen"], sample["r_rejected"]] == pytest.approx(direct.rewards, abs=1e-5)
+    assert [r["pair_id"] for r in rows] == pairs["pair_id"].to_pylist()
+    assert np.allclose(np.concatenate([r_c, r_r]), direct.rewards, atol=1e-5)
 
     run = mlflow.get_run(first["run_id"])
     assert run.data.metrics["pairs_scored"] == selected

@@ -193,6 +193,11 @@ class ScoringConfig(ActorPoolConfig):
     thread (docs/performance.md). A GPU wants large passes (configs/cluster.yaml: 65536)."""
     batch_size: int = Field(default=256, ge=1)
     """Conversations per Ray Data batch handed to an actor."""
+    on_driver_max: int = Field(default=512, ge=0)
+    """Sets of at most this many conversations (a pair is two) are scored in the job's own
+    process, not on the actor pool: an actor's start (process, imports, model) takes about
+    10 s, longer than scoring a few hundred conversations (a loop's gold set, a benchmark
+    sample). Never with ``num_gpus`` (the driver may have no GPU); 0: always the pool."""
 
 
 class ServingConfig(_Section):

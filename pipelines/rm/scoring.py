@@ -24,7 +24,7 @@ from pipelines.core import reporting
 from pipelines.core.actor_pool import check_cpus, missing_rows, on_pool, run_stage
 from pipelines.core.config import ScoringConfig
 from pipelines.core.jobs import PairsSummary, TableVersion, versions
-from pipelines.core.lake import Lake
+from pipelines.core.lake import Lake, pair_keys
 from pipelines.core.selection import select_pair_keys
 from pipelines.core.sql import literal
 from pipelines.core.text import Message
@@ -57,9 +57,12 @@ def score_conversations(
     table = pa.table(
         {"index": np.arange(len(conversations)), "conversation": [list(c) for c in conversations]}
     )
-    check_cpus({"scoring": config})
-    scored = on_pool(ray.data.from_arrow(table), ConversationScorer, (model, config), config)
-    result = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by("index")
+    if on_driver(config, len(conversations)):
+        result = ConversationScorer(model, config)(table)
+    else:
+        check_cpus({"scoring": config})
+        scored = on_pool(ray.data.from_arrow(table), ConversationScorer, (model, config), config)
+        result = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by("index")
     if result.num_rows != len(conversations):
         raise RuntimeError(f"scored {result.num_rows} of {len(conversations)} conversations")
     run = ScoringRun(
@@ -133,6 +136,21 @@ class ScoreSummary(PairsSummary):
         return {"score_margins.png": reporting.margins(margins)}
 
 
+PAIR_TEXT_COLUMNS = ["source", "pair_id", "history", "chosen", "rejected"]
+
+
+def on_driver(config: ScoringConfig, conversations: int) -> bool:
+    """Whether a set is small enough to score in this process (``on_driver_max``)."""
+    return config.num_gpus == 0 and conversations <= config.on_driver_max
+
+
+def _pair_texts(lake: Lake, version: int, keys: pa.Table) -> pa.Table:
+    """The texts of the pairs ``keys`` (a small set: its ids go into the query)."""
+    ids = ", ".join(literal(p) for p in pc.unique(keys["pair_id"]).to_pylist())
+    rows = lake.read(PAIRS.name, version, PAIR_TEXT_COLUMNS, f"pair_id IN ({ids})")
+    return rows.filter(pc.is_in(pair_keys(rows), value_set=pair_keys(keys).combine_chunks()))
+
+
 def score_pairs(
     lake: Lake,
     model: str,
@@ -153,18 +171,23 @@ def score_pairs(
         f"from {name} ({version})"
     )
     new, version_written = RM_SCORES.schema.empty_table(), None
-    if missing.num_rows:
+    scorer_args = (model, name, version, config, run_id)
+    if missing.num_rows and on_driver(config, 2 * missing.num_rows):
+        log.info("[score] a small set: scored in this process (scoring.on_driver_max)")
+        new = PairScorer(*scorer_args)(_pair_texts(lake, pairs_version, missing))
+        version_written = lake.insert_new(RM_SCORES, new).version
+    elif missing.num_rows:
         check_cpus({"scoring": config})
         stage = run_stage(
             "score",
             lake.dataset(
                 PAIRS.name,
                 pairs_version,
-                ["source", "pair_id", "history", "chosen", "rejected"],
+                PAIR_TEXT_COLUMNS,
                 keys=None if where is None and missing.num_rows == selected.num_rows else missing,
             ),
             PairScorer,
-            (model, name, version, config, run_id),
+            scorer_args,
             config,
             RM_SCORES,
             lambda rows: lake.insert_new(RM_SCORES, rows).version,
