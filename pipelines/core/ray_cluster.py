@@ -22,8 +22,9 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # torch's OpenMP threads spin on a core while they wait for work. Here the training,
     # Ray Data and model actors share the cores, and a spinning thread holds one that its
-    # neighbour needs: two 2-thread MiniLM trainings side by side stepped at 679 tokens/s
-    # each spinning, 1,291 passive; alone 2,549 and 2,558 (docs/performance.md).
+    # neighbour needs: two 2-thread MiniLM trainings side by side stepped at 590-711
+    # tokens/s each spinning, 1,419-1,533 passive; alone passive costs about 10%
+    # (benchmarks/thread_wait_bench.py, docs/performance.md).
     "OMP_WAIT_POLICY": "PASSIVE",
 }
 

@@ -295,5 +295,8 @@ def model_version(name: str) -> str:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """p(chosen beats rejected) from r_chosen - r_rejected, stable for large |x|."""
-    return np.where(x >= 0, 1 / (1 + np.exp(-x)), np.exp(x) / (1 + np.exp(x)))
+    """p(chosen beats rejected) from r_chosen - r_rejected, stable for large |x| (the
+    two-branch numpy form computes both branches and warns of overflow)."""
+    from scipy.special import expit
+
+    return expit(x)
