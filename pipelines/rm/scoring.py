@@ -1,4 +1,5 @@
-"""Reward-model scoring on Ray Data: one model per actor, conversations in, rewards out.
+"""Reward-model scoring on Ray Data: one model per actor, conversations in, rewards out; a
+small set is scored in the job's own process by the same scorer (``on_driver``).
 
 The same ``RewardModel`` (and so the same chat formatting) as training and serving. Used by
 ``synpref eval --model`` for benchmark conversations and by ``synpref score`` for lake pairs,
@@ -52,7 +53,8 @@ def score_conversations(
     model: str,
     config: ScoringConfig,
 ) -> ScoringRun:
-    """Rewards of ``conversations`` (in order) from ``config.actors`` Ray Data actors."""
+    """Rewards of ``conversations`` (in order) from ``config.actors`` Ray Data actors, or from
+    this process for a small set (``on_driver``)."""
     started = time.perf_counter()
     table = pa.table(
         {"index": np.arange(len(conversations)), "conversation": [list(c) for c in conversations]}
