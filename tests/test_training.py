@@ -36,7 +36,7 @@ from pipelines.rm.model import (
     scored_conversation,
     without_dropout,
 )
-from pipelines.rm.training import SEEN_FILE, TrainState, length_grouped_steps
+from pipelines.rm.training import OPTIMIZER_FILE, SEEN_FILE, TrainState, length_grouped_steps
 from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf
 
 FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
@@ -303,6 +303,12 @@ def test_killed_worker_resumes_from_checkpoint_without_training_a_pair_twice_an_
     assert state.pairs == trained and state.epoch == 2
     run = mlflow.get_run(result["run_id"])
     assert run.data.metrics["tokens_trained"] > trained * 2 * 16, "both sides of every pair"
+
+    # The final checkpoint keeps the model only: asking that run for more epochs is an error.
+    assert not (Path(result["checkpoint"]) / OPTIMIZER_FILE).exists()
+    training.epochs, training.max_failures = 3, 0
+    with pytest.raises(Exception, match="finished after 2 epoch.*train under a new name"):
+        jobs.train(config, name="hh-killed")
 
 
 @pytest.mark.slow

@@ -265,6 +265,15 @@ class _Worker:
 
         with checkpoint.as_directory() as directory:
             folder = Path(directory)
+            state = TrainState.load(folder)
+            if not (folder / OPTIMIZER_FILE).exists():  # the final checkpoint: nothing to train
+                if state.epoch < self.config.epochs:
+                    raise RuntimeError(
+                        f"this run finished after {state.epoch} epoch(s) and its final "
+                        "checkpoint keeps no optimizer state: train under a new name to train "
+                        f"{self.config.epochs} epochs"
+                    )
+                return state
             weights: dict[str, torch.Tensor] = {}
             for file in sorted((folder / MODEL_DIR).glob("*.safetensors")):
                 weights |= load_file(file)
@@ -273,10 +282,12 @@ class _Worker:
             optimizer = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
             set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=full)
             self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
-            return TrainState.load(folder)
+            return state
 
-    def save(self, state: TrainState, metrics: dict[str, float]) -> None:
-        """Report a checkpoint (every worker calls this; rank 0 writes it)."""
+    def save(self, state: TrainState, metrics: dict[str, float], final: bool = False) -> None:
+        """Report a checkpoint (every worker calls this; rank 0 writes it). The ``final`` one
+        holds no optimizer state: nothing resumes from it, and AdamW's moments are twice the
+        model's size (a third of the write and of the copy into storage)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -285,7 +296,9 @@ class _Worker:
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.model, options=full)
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        optimizer_state = None
+        if not final:
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=full)
         if self.rank != 0:
             ray.train.report(metrics)
             return
@@ -302,8 +315,9 @@ class _Worker:
                 normalisation,
                 self.config.max_length,
             )
-            torch.save(optimizer_state, folder / OPTIMIZER_FILE)
-            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+            if optimizer_state is not None:
+                torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+                torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
             state.save(folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -386,7 +400,7 @@ def train_worker(setup: WorkerSetup) -> None:
         }
         _validate(worker, state, final)
         worker.log(final, state.step)
-        worker.save(state, final | {"final": 1.0})
+        worker.save(state, final | {"final": 1.0}, final=state.epoch == config.epochs)
 
 
 def length_grouped_steps(
