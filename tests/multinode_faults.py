@@ -95,7 +95,7 @@ def disturbed(job: Callable[[], Any]) -> dict[str, Any]:
 
 def config(work: Path, name: str, judge_url: str) -> SynprefConfig:
     folder = work / name
-    judge = scripted_judge(judge_url, actors=2, num_cpus=0.5, batch_size=8)
+    judge = scripted_judge(judge_url, actors=2, num_cpus=0.5, batch_size=8, on_driver_max=0)
     return load_config(
         None,
         {

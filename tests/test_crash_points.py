@@ -65,7 +65,8 @@ def workspace(tmp_path_factory, scripted_server_url) -> Path:
     """The settings of every case: a merge after every block (so that scoring and judging
     commit several times), the scripted judge."""
     folder = tmp_path_factory.mktemp("crash-points")
-    judge = scripted_judge(scripted_server_url, batch_size=32, merge_every_s=0)
+    # on the actor pool (on_driver_max 0), whose blocks are merged as they finish
+    judge = scripted_judge(scripted_server_url, batch_size=32, merge_every_s=0, on_driver_max=0)
     settings = {
         "scoring": {"batch_size": 500, "merge_every_s": 0},
         "judging": {"judges": [judge.model_dump(mode="json")]},

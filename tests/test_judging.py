@@ -4,6 +4,7 @@ backend against a real server on the loopback (429, 500 and timeouts injected)."
 
 import base64
 import json
+import logging
 import math
 import os
 import signal
@@ -98,6 +99,15 @@ def ingest_real(config) -> None:
 
 
 # ------------------------------------------------------------------ pure rules
+
+
+def test_small_sets_are_judged_in_the_jobs_process_only_where_no_model_loads_there():
+    api = JudgeConfig(backend="openai", base_url="http://127.0.0.1:1/v1")
+    assert api.in_process(256) and not api.in_process(257)
+    assert not api.model_copy(update={"on_driver_max": 0}).in_process(1), "0: the pool"
+    assert not JudgeConfig(backend="hf").in_process(1), "its model would run on the driver"
+    assert JudgeConfig(backend="hf", on_driver_max=4).in_process(4), "unless asked to"
+    assert not JudgeConfig(backend="hf", on_driver_max=4, num_gpus=1).in_process(1)
 
 
 def test_structured_answers_are_parsed_or_rejected_with_a_reason():
@@ -489,11 +499,12 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
 @pytest.mark.slow
 def test_verdicts_of_a_panel_match_what_its_judges_said(config, lake, ray_cluster, scripted):
     """Scripted judges prefer the longer response, so every verdict is known in advance: agree
-    where chosen is longer, disagree where shorter, inconsistent (position) where equal."""
+    where chosen is longer, disagree where shorter, inconsistent (position) where equal. One
+    judge asks from the job's process (a small set), the other from the actor pool."""
     ingest_real(config)
     config.judging.judges = [
         _served_judge(scripted, "longer-lp"),
-        _served_judge(scripted, "longer-json", verdict="structured"),
+        _served_judge(scripted, "longer-json", verdict="structured", on_driver_max=0),
     ]
     where = "source = 'hh' AND pair_id < '08'"
     first = jobs.judge(config, where=where).summary
@@ -535,7 +546,8 @@ def test_a_killed_judge_job_keeps_what_it_merged_and_the_rerun_adds_only_the_res
     """`synpref judge` killed (SIGKILL) mid-run: the blocks it merged stay, the re-run judges
     only what is missing, and no judgment is there twice."""
     ingest_real(config)
-    judge = _served_judge(scripted, "slow", concurrency=1, batch_size=4, merge_every_s=0)
+    slow = {"concurrency": 1, "batch_size": 4, "merge_every_s": 0, "on_driver_max": 0}
+    judge = _served_judge(scripted, "slow", **slow)  # on the pool, merging every block
     settings = tmp_path / "judge.yaml"
     settings.write_text(json.dumps({"judging": {"judges": [judge.model_dump(mode="json")]}}))
     faults(scripted, *[{"delay_s": 0.5}] * 40)  # 40 requests, one at a time: 20 s of judging
@@ -649,6 +661,25 @@ def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     again = jobs.annotate(config, where=where).as_dict()
     assert (again["annotated"], again["cached"]) == (0, first["selected"])
     assert lake.version("attributes") == version
+
+
+@pytest.mark.slow
+def test_an_api_annotator_annotates_a_small_set_from_the_jobs_process(
+    config, lake, ray_cluster, scripted, caplog
+):
+    """The annotate job's small-set path (the HF annotator above runs on the actor pool). The
+    scripted server does not annotate: every answer is recorded unparseable, once."""
+    ingest_real(config)
+    served = {"backend": "openai", "base_url": f"{scripted}/v1", "model": "scripted"}
+    config.judging.annotator = LLMConfig(**served, api_key_env=None, max_retries=0)
+    caplog.set_level(logging.INFO)
+    first = jobs.annotate(config, where=HH_SHORT, limit=3).as_dict()
+    assert "[annotate] a small set: computed in this process" in caplog.text
+    rows = lake.read("attributes").to_pylist()
+    assert first["annotated"] == len(rows) == stats(scripted)["requests"] == 3
+    assert all(r["invalid_reason"].startswith("unparseable") for r in rows)
+    again = jobs.annotate(config, where=HH_SHORT, limit=3).as_dict()
+    assert (again["annotated"], again["cached"]) == (0, 3), "an answer, even unparseable"
 
 
 # ------------------------------------------------------------------ vllm backend

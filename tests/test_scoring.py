@@ -21,7 +21,7 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
 ):
     """A set scored on the actor pool, then the rest of a wider one in this process (a small
     set): every score is the model's own."""
-    caplog.set_level(logging.INFO, logger="pipelines.rm.scoring")
+    caplog.set_level(logging.INFO, logger="pipelines")
     hh = shared_data(HH_HARMLESS)
     jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
     config.scoring.max_length = 128
@@ -30,7 +30,7 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
     selected = lake.count("pairs", where=FEW)
     assert first["scored"] == first["selected"] == selected > 50
     assert lake.count("rm_scores") == selected
-    assert "scored in this process" not in caplog.text
+    assert "computed in this process" not in caplog.text
 
     again = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
     assert (again["scored"], again["already_scored"]) == (0, selected)
@@ -38,7 +38,7 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
 
     config.scoring.on_driver_max = 1024
     wider = jobs.score(config, encoder_rm, model_name="minilm-rm", where=MORE).as_dict()
-    assert "scored in this process" in caplog.text
+    assert "[score] a small set: computed in this process" in caplog.text
     assert wider["already_scored"] == selected
     assert lake.count("rm_scores") == wider["selected"] == selected + wider["scored"]
 

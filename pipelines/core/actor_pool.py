@@ -146,6 +146,26 @@ def run_stage(
             merge_pending()
     merge_pending()
     rows = pa.concat_tables(done) if done else output.schema.empty_table()
+    _check_count(name, rows, expected_rows)
+    return StageResult(rows, version)
+
+
+def run_in_process(
+    name: str,
+    rows: pa.Table,
+    actor: type,
+    actor_args: tuple[Any, ...],
+    merge: Callable[[pa.Table], int],
+    expected_rows: int,
+) -> StageResult:
+    """``run_stage`` for a small set (``ActorPoolConfig.in_process``): the same actor class,
+    built and called in this process on all of ``rows``, merged once."""
+    log.info(f"[{name}] a small set: computed in this process (on_driver_max)")
+    new = actor(*actor_args)(rows)
+    _check_count(name, new, expected_rows)
+    return StageResult(new, merge(new))
+
+
+def _check_count(name: str, rows: pa.Table, expected_rows: int) -> None:
     if rows.num_rows != expected_rows:
         raise RuntimeError(f"{name}: {rows.num_rows} output rows for {expected_rows} requests")
-    return StageResult(rows, version)

@@ -24,6 +24,7 @@ from deltalake import CommitProperties, DeltaTable, QueryBuilder, write_deltalak
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from pipelines.core.errors import SelectionError
+from pipelines.core.sql import literal
 from storage_schemas import SCHEMA_VERSION, TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,15 @@ class Lake:
         return dataset.map_batches(
             _only_keys, batch_format="pyarrow", fn_kwargs={"wanted": wanted}, num_cpus=read_cpus
         )
+
+    def read_pairs(
+        self, name: str, version: int | None, columns: list[str], keys: pa.Table
+    ) -> pa.Table:
+        """``columns`` of the rows of the pairs ``keys`` (source, pair_id) in table ``name``:
+        ``dataset(keys=...)`` for a small set, read in this process (its ids in the query)."""
+        ids = ", ".join(literal(p) for p in pc.unique(keys["pair_id"]).to_pylist()) or "NULL"
+        rows = self.read(name, version, columns, f"pair_id IN ({ids})")
+        return rows.filter(pc.is_in(pair_keys(rows), value_set=pair_keys(keys).combine_chunks()))
 
     def count(self, name: str, version: int | None = None, where: str | None = None) -> int:
         """Number of rows of table ``name`` (matching the SQL predicate ``where``)."""

@@ -43,7 +43,13 @@ from matplotlib.figure import Figure
 
 from pipelines.attributes.job import annotator_key, valid_attributes
 from pipelines.core import reporting
-from pipelines.core.actor_pool import StageResult, check_cpus, missing_rows, run_stage
+from pipelines.core.actor_pool import (
+    StageResult,
+    check_cpus,
+    missing_rows,
+    run_in_process,
+    run_stage,
+)
 from pipelines.core.config import ActorPoolConfig, GoldConfig, JudgingConfig
 from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import PairsSummary, TableVersion, versions
@@ -359,17 +365,30 @@ def _judge(
     config: JudgingConfig,
 ) -> StageResult:
     judge = identity.judge
-    pools = {f"judge {judge.name}": judge}
+    name = f"judge {judge.name}"
+    pairs = missing.group_by(["source", "pair_id"]).aggregate([]).select(["source", "pair_id"])
+    columns = ["source", "pair_id", "history", "chosen", "rejected"]
+
+    def merge(rows: pa.Table) -> int:
+        # Failed requests of an earlier run are answered again: their rows are replaced.
+        return lake.upsert(JUDGMENTS, rows).version
+
+    if judge.in_process(missing.num_rows):
+        requests = request_rows(lake.read_pairs(PAIRS.name, pairs_version, columns, pairs), missing)
+        if judge.show_attributes:
+            requests = attach_attributes(requests, attributes)
+        if judge.few_shot:
+            requests = NearestGold(index, config.gold.embedder, judge.few_shot)(requests)
+        return run_in_process(
+            name, requests, PairJudge, (identity, run_id), merge, missing.num_rows
+        )
+    pools = {name: judge}
     if judge.few_shot:
         pools["gold retrieval"] = RETRIEVAL_POOL
     check_cpus(pools)
-    pairs = missing.group_by(["source", "pair_id"]).aggregate([]).select(["source", "pair_id"])
-    dataset = lake.dataset(
-        PAIRS.name,
-        pairs_version,
-        ["source", "pair_id", "history", "chosen", "rejected"],
-        keys=pairs,
-    ).map_batches(request_rows, batch_format="pyarrow", fn_kwargs={"missing": missing})
+    dataset = lake.dataset(PAIRS.name, pairs_version, columns, keys=pairs).map_batches(
+        request_rows, batch_format="pyarrow", fn_kwargs={"missing": missing}
+    )
     if judge.show_attributes:
         dataset = dataset.map_batches(
             attach_attributes, batch_format="pyarrow", fn_kwargs={"values": attributes}
@@ -387,15 +406,7 @@ def _judge(
             num_cpus=RETRIEVAL_POOL.num_cpus,
         )
     return run_stage(
-        f"judge {judge.name}",
-        dataset,
-        PairJudge,
-        (identity, run_id),
-        judge,
-        JUDGMENTS,
-        # Failed requests of an earlier run are answered again: their rows are replaced.
-        lambda rows: lake.upsert(JUDGMENTS, rows).version,
-        missing.num_rows,
+        name, dataset, PairJudge, (identity, run_id), judge, JUDGMENTS, merge, missing.num_rows
     )
 
 

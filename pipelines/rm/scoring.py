@@ -1,5 +1,5 @@
 """Reward-model scoring on Ray Data: one model per actor, conversations in, rewards out; a
-small set is scored in the job's own process by the same scorer (``on_driver``).
+small set is scored in the job's own process by the same scorer (``on_driver_max``).
 
 The same ``RewardModel`` (and so the same chat formatting) as training and serving. Used by
 ``synpref eval --model`` for benchmark conversations and by ``synpref score`` for lake pairs,
@@ -22,10 +22,16 @@ import ray
 from matplotlib.figure import Figure
 
 from pipelines.core import reporting
-from pipelines.core.actor_pool import check_cpus, missing_rows, on_pool, run_stage
+from pipelines.core.actor_pool import (
+    check_cpus,
+    missing_rows,
+    on_pool,
+    run_in_process,
+    run_stage,
+)
 from pipelines.core.config import ScoringConfig
 from pipelines.core.jobs import PairsSummary, TableVersion, versions
-from pipelines.core.lake import Lake, pair_keys
+from pipelines.core.lake import Lake
 from pipelines.core.selection import select_pair_keys
 from pipelines.core.sql import literal
 from pipelines.core.text import Message
@@ -54,12 +60,12 @@ def score_conversations(
     config: ScoringConfig,
 ) -> ScoringRun:
     """Rewards of ``conversations`` (in order) from ``config.actors`` Ray Data actors, or from
-    this process for a small set (``on_driver``)."""
+    this process for a small set (``on_driver_max``)."""
     started = time.perf_counter()
     table = pa.table(
         {"index": np.arange(len(conversations)), "conversation": [list(c) for c in conversations]}
     )
-    if on_driver(config, len(conversations)):
+    if config.in_process(len(conversations)):
         result = ConversationScorer(model, config)(table)
     else:
         check_cpus({"scoring": config})
@@ -141,18 +147,6 @@ class ScoreSummary(PairsSummary):
 PAIR_TEXT_COLUMNS = ["source", "pair_id", "history", "chosen", "rejected"]
 
 
-def on_driver(config: ScoringConfig, conversations: int) -> bool:
-    """Whether a set is small enough to score in this process (``on_driver_max``)."""
-    return config.num_gpus == 0 and conversations <= config.on_driver_max
-
-
-def _pair_texts(lake: Lake, version: int, keys: pa.Table) -> pa.Table:
-    """The texts of the pairs ``keys`` (a small set: its ids go into the query)."""
-    ids = ", ".join(literal(p) for p in pc.unique(keys["pair_id"]).to_pylist())
-    rows = lake.read(PAIRS.name, version, PAIR_TEXT_COLUMNS, f"pair_id IN ({ids})")
-    return rows.filter(pc.is_in(pair_keys(rows), value_set=pair_keys(keys).combine_chunks()))
-
-
 def score_pairs(
     lake: Lake,
     model: str,
@@ -174,10 +168,14 @@ def score_pairs(
     )
     new, version_written = RM_SCORES.schema.empty_table(), None
     scorer_args = (model, name, version, config, run_id)
-    if missing.num_rows and on_driver(config, 2 * missing.num_rows):
-        log.info("[score] a small set: scored in this process (scoring.on_driver_max)")
-        new = PairScorer(*scorer_args)(_pair_texts(lake, pairs_version, missing))
-        version_written = lake.insert_new(RM_SCORES, new).version
+
+    def merge(rows: pa.Table) -> int:
+        return lake.insert_new(RM_SCORES, rows).version
+
+    stage = None
+    if missing.num_rows and config.in_process(2 * missing.num_rows):
+        texts = lake.read_pairs(PAIRS.name, pairs_version, PAIR_TEXT_COLUMNS, missing)
+        stage = run_in_process("score", texts, PairScorer, scorer_args, merge, missing.num_rows)
     elif missing.num_rows:
         check_cpus({"scoring": config})
         stage = run_stage(
@@ -192,9 +190,10 @@ def score_pairs(
             scorer_args,
             config,
             RM_SCORES,
-            lambda rows: lake.insert_new(RM_SCORES, rows).version,
+            merge,
             missing.num_rows,
         )
+    if stage is not None:
         new, version_written = stage.rows, stage.version
     seconds = time.perf_counter() - started
     log.info(f"[score] {new.num_rows:,} pairs scored and written in {seconds:.1f}s")
