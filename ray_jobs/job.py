@@ -182,7 +182,8 @@ def configure_logging(take_over_ray: bool = True) -> Path:
     to_console.setFormatter(_ConsoleFormatter())
     to_console.addFilter(_for_people)
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_console], force=True)
-    for chatty in ("mlflow", "alembic", "urllib3", "filelock", "httpx", "transformers"):
+    chatty_loggers = ("mlflow", "alembic", "urllib3", "filelock", "httpx", "httpx2", "transformers")
+    for chatty in chatty_loggers:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if take_over_ray:
         take_over_ray_logging()

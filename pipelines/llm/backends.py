@@ -210,10 +210,14 @@ class OpenAIBackend:
         self.api_key = api_key
         url = urlsplit(config.base_url)
         user, password = unquote(url.username or ""), unquote(url.password or "")
-        userinfo = f"{user}:{password}"  # httpx sends it as a Basic header
+        # The URL's credentials go in a Basic header, as httpx would send them, but the client
+        # never sees them in the URL: its request log lines (INFO) would show them.
+        self.base_url = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
+        self.auth = (user, password) if user or password else None
+        userinfo = f"{user}:{password}"
         basic = base64.b64encode(userinfo.encode()).decode()
         secrets = [api_key if config.api_key_env else ""]
-        if user or password:
+        if self.auth:
             secrets += [basic, userinfo, password]
         self.secrets = [secret for secret in secrets if secret]
 
@@ -236,10 +240,11 @@ class OpenAIBackend:
         import openai
 
         client = openai.AsyncOpenAI(
-            base_url=self.config.base_url,
+            base_url=self.base_url,
             api_key=self.api_key,
             timeout=self.config.timeout_s,
             max_retries=self.config.http_retries,
+            http_client=openai.DefaultAsyncHttpx2Client(auth=self.auth) if self.auth else None,
         )
         gate = asyncio.Semaphore(self.config.concurrency)
 
