@@ -2,6 +2,7 @@
 judgment cache, invalid answers, verdicts, gold few-shot examples, and the OpenAI-compatible
 backend against a real server on the loopback (429, 500 and timeouts injected)."""
 
+import asyncio
 import base64
 import json
 import logging
@@ -384,6 +385,17 @@ def test_openai_backend_answers_like_the_engine_it_serves(server, hf_backend):
     assert served.text == direct.text
     best = max(direct.first_logprobs, key=direct.first_logprobs.get)
     assert served.first_logprobs[best] == pytest.approx(direct.first_logprobs[best], abs=1e-3)
+
+
+def test_openai_backend_answers_from_inside_a_running_event_loop(scripted):
+    """A notebook runs jobs inside an event loop, and a small set is judged in its process."""
+    prompt = [{"role": "user", "content": "Say hello."}]
+
+    async def in_a_notebook() -> list:
+        return _openai(scripted).generate([prompt, prompt], Sampling(max_tokens=4))
+
+    answers = asyncio.run(in_a_notebook())
+    assert [a.text for a in answers] == ["I am a scripted judge."] * 2
 
 
 def test_openai_backend_retries_429_500_and_timeouts_with_backoff(server, monkeypatch):

@@ -23,6 +23,7 @@ import base64
 import importlib.util
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -222,7 +223,15 @@ class OpenAIBackend:
         self.secrets = [secret for secret in secrets if secret]
 
     def generate(self, prompts: Prompts, sampling: Sampling) -> list[Generation]:
-        return asyncio.run(self._generate_all(prompts, sampling))
+        requests = self._generate_all(prompts, sampling)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: an actor, a job's process
+            return asyncio.run(requests)
+        # Called from a running event loop (a job run in a notebook judges a small set in
+        # its own process), where asyncio.run refuses: the requests get a loop of their own.
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            return thread.submit(asyncio.run, requests).result()
 
     def _failed(self, detail: str, rejected: bool = False) -> Generation:
         """A failed request (``request_failed``, asked again by the next run) or one the server
