@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.core.actor_pool import check_cpus, missing_rows, run_in_process, run_stage
+from pipelines.core.actor_pool import missing_rows, run_on_pairs
 from pipelines.core.config import JudgingConfig, LLMConfig
 from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import PairsSummary, TableVersion, versions
@@ -265,22 +265,20 @@ def annotate_pairs(
         f"attributes from {annotator.model}"
     )
     new, version_written = ATTRIBUTES.schema.empty_table(), None
-    columns, args = ["source", "pair_id", "history"], (annotator, template, run_id)
-
-    def merge(rows: pa.Table) -> int:
-        return lake.upsert(ATTRIBUTES, rows).version
-
-    stage = None
-    if missing.num_rows and annotator.in_process(missing.num_rows):
-        histories = lake.read_pairs(PAIRS.name, pairs_version, columns, missing)
-        stage = run_in_process("annotate", histories, PairAnnotator, args, merge, missing.num_rows)
-    elif missing.num_rows:
-        check_cpus({"annotator": annotator})
-        dataset = lake.dataset(PAIRS.name, pairs_version, columns, keys=missing)
-        stage = run_stage(
-            "annotate", dataset, PairAnnotator, args, annotator, ATTRIBUTES, merge, missing.num_rows
+    if missing.num_rows:
+        stage = run_on_pairs(
+            "annotate",
+            lake,
+            pairs_version,
+            ["source", "pair_id", "history"],
+            missing,
+            PairAnnotator,
+            (annotator, template, run_id),
+            ("annotator", annotator),
+            ATTRIBUTES,
+            lambda rows: lake.upsert(ATTRIBUTES, rows).version,
+            in_process=annotator.in_process(missing.num_rows),
         )
-    if stage is not None:
         new, version_written = stage.rows, stage.version
     reasons = [r.split(":")[0] for r in new["invalid_reason"].to_pylist() if r]
     seconds = time.perf_counter() - started

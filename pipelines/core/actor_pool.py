@@ -19,7 +19,7 @@ from ray.data._internal.logical.interfaces import LogicalPlan
 from pipelines.core.config import ActorPoolConfig
 from pipelines.core.errors import ResourceError
 from pipelines.core.lake import Lake
-from storage_schemas import TableSpec
+from storage_schemas import PAIRS, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,32 @@ def run_stage(
     rows = pa.concat_tables(done) if done else output.schema.empty_table()
     _check_count(name, rows, expected_rows)
     return StageResult(rows, version)
+
+
+def run_on_pairs(
+    name: str,
+    lake: Lake,
+    version: int,
+    columns: list[str],
+    keys: pa.Table,
+    actor: type,
+    actor_args: tuple[Any, ...],
+    pool: tuple[str, ActorPoolConfig],
+    output: TableSpec,
+    merge: Callable[[pa.Table], int],
+    in_process: bool,
+    every_pair: bool = False,
+) -> StageResult:
+    """The stage over the pairs ``keys``, one output row each: ``columns`` of ``pairs`` at
+    ``version`` through ``actor``, in this process for a small set (``in_process``), else on
+    the named pool (``every_pair``: all pairs are wanted, so the read filters no keys)."""
+    if in_process:
+        rows = lake.read_pairs(PAIRS.name, version, columns, keys)
+        return run_in_process(name, rows, actor, actor_args, merge, keys.num_rows)
+    pool_name, config = pool
+    check_cpus({pool_name: config})
+    dataset = lake.dataset(PAIRS.name, version, columns, keys=None if every_pair else keys)
+    return run_stage(name, dataset, actor, actor_args, config, output, merge, keys.num_rows)
 
 
 def run_in_process(

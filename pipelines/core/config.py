@@ -49,7 +49,10 @@ class ActorPoolConfig(_Section):
 
     def in_process(self, rows: int) -> bool:
         """Whether ``rows`` are few enough to compute in the job's process (``on_driver_max``)."""
-        return self.num_gpus == 0 and rows <= self.on_driver_max
+        return self.num_gpus == 0 and rows <= self.driver_limit()
+
+    def driver_limit(self) -> int:
+        return self.on_driver_max
 
 
 class LakeConfig(_Section):
@@ -416,11 +419,10 @@ class LLMConfig(ActorPoolConfig):
     ``openai`` (the process only waits on HTTP), 0 for ``hf``/``vllm``, whose model would
     load and run on the driver (a cluster's head node). 0: always the pool."""
 
-    def in_process(self, rows: int) -> bool:
-        limit = self.on_driver_max
-        if limit is None:
-            limit = API_ON_DRIVER_MAX if self.backend == "openai" else 0
-        return self.num_gpus == 0 and rows <= limit
+    def driver_limit(self) -> int:
+        if self.on_driver_max is not None:
+            return self.on_driver_max
+        return API_ON_DRIVER_MAX if self.backend == "openai" else 0
 
 
 class JudgeConfig(LLMConfig):

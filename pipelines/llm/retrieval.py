@@ -10,6 +10,7 @@ by cosine, never the query pair itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +29,7 @@ class Embedder:
     """A sentence-transformers model (offline MiniLM by default), normalised embeddings."""
 
     def __init__(self, model: str, batch_size: int = 64) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(resolve_model(model), device="cpu")
+        self.model = _sentence_transformer(resolve_model(model))
         self.batch_size = batch_size
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -40,6 +39,15 @@ class Embedder:
             normalize_embeddings=True,
             show_progress_bar=False,
         ).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_transformer(path: str) -> Any:
+    """Loaded once per process: a judge job builds its gold index and, for a small set, finds
+    each pair's examples in the same process, and the loop's driver judges every iteration."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
 
 
 @dataclass(frozen=True)

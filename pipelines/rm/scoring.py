@@ -22,13 +22,7 @@ import ray
 from matplotlib.figure import Figure
 
 from pipelines.core import reporting
-from pipelines.core.actor_pool import (
-    check_cpus,
-    missing_rows,
-    on_pool,
-    run_in_process,
-    run_stage,
-)
+from pipelines.core.actor_pool import check_cpus, missing_rows, on_pool, run_on_pairs
 from pipelines.core.config import ScoringConfig
 from pipelines.core.jobs import PairsSummary, TableVersion, versions
 from pipelines.core.lake import Lake
@@ -167,33 +161,21 @@ def score_pairs(
         f"from {name} ({version})"
     )
     new, version_written = RM_SCORES.schema.empty_table(), None
-    scorer_args = (model, name, version, config, run_id)
-
-    def merge(rows: pa.Table) -> int:
-        return lake.insert_new(RM_SCORES, rows).version
-
-    stage = None
-    if missing.num_rows and config.in_process(2 * missing.num_rows):
-        texts = lake.read_pairs(PAIRS.name, pairs_version, PAIR_TEXT_COLUMNS, missing)
-        stage = run_in_process("score", texts, PairScorer, scorer_args, merge, missing.num_rows)
-    elif missing.num_rows:
-        check_cpus({"scoring": config})
-        stage = run_stage(
+    if missing.num_rows:
+        stage = run_on_pairs(
             "score",
-            lake.dataset(
-                PAIRS.name,
-                pairs_version,
-                PAIR_TEXT_COLUMNS,
-                keys=None if where is None and missing.num_rows == selected.num_rows else missing,
-            ),
+            lake,
+            pairs_version,
+            PAIR_TEXT_COLUMNS,
+            missing,
             PairScorer,
-            scorer_args,
-            config,
+            (model, name, version, config, run_id),
+            ("scoring", config),
             RM_SCORES,
-            merge,
-            missing.num_rows,
+            lambda rows: lake.insert_new(RM_SCORES, rows).version,
+            in_process=config.in_process(2 * missing.num_rows),  # a pair is two conversations
+            every_pair=where is None and missing.num_rows == selected.num_rows,
         )
-    if stage is not None:
         new, version_written = stage.rows, stage.version
     seconds = time.perf_counter() - started
     log.info(f"[score] {new.num_rows:,} pairs scored and written in {seconds:.1f}s")
