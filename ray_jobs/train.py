@@ -22,7 +22,9 @@ from ray_jobs.job import (
 @click.option("--validation-where", help="SQL predicate selecting the validation (gold) pairs.")
 @click.option("--set", "set_", help="Curated set NAME[@VERSION] to train on (training.data.set).")
 @click.option("--validation-set", help="Curated set NAME[@VERSION] of validation (gold) pairs.")
-@click.option("--workers", type=int, help="Ray Train workers (training.workers).")
+@click.option(
+    "--workers", type=int, help="Ray Train workers (training.workers; 0: in this process)."
+)
 def command(
     ctx: click.Context,
     name: str | None,
@@ -51,7 +53,7 @@ def command(
     training = training.model_copy(
         update={
             "backbone": backbone or training.backbone,
-            "workers": workers or training.workers,
+            "workers": training.workers if workers is None else workers,
             "data": data,
         }
     )

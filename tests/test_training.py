@@ -27,6 +27,7 @@ from pipelines.core.config import ConfigError, load_config
 from pipelines.core.model_paths import dequantized
 from pipelines.ingest.job import IngestRequest
 from pipelines.rm import data
+from pipelines.rm import training as training_module
 from pipelines.rm.data import row_keys, tokenized_pairs, training_selection
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
@@ -341,3 +342,64 @@ def test_smollm2_backbone_from_gguf_trains_and_registers(config, hh_lake, tmp_pa
 def test_fsdp_without_gpus_is_a_config_error():
     with pytest.raises(ConfigError, match="fsdp needs use_gpu"):
         load_config(None, {"training": {"strategy": "fsdp"}})
+    for local in ({"use_gpu": True}, {"storage_path": "s3://bucket/checkpoints"}):
+        with pytest.raises(ConfigError, match="workers 0 trains in the job's process"):
+            load_config(None, {"training": {"workers": 0} | local})
+
+
+def test_local_mode_trains_what_one_worker_trains_keeps_checkpoints_alike_and_resumes(
+    config, hh_lake, encoder_rm, tmp_path, monkeypatch
+):
+    """``workers: 0`` (Ray Train's local mode, in this process) gives the model one Ray Train
+    worker with as many threads gives; its checkpoints are kept and pruned alike; a run that
+    failed mid-way resumes from its last checkpoint, and a finished one trains nothing."""
+    training = _train_config(config, encoder_rm, tmp_path)
+    training.data.where = "pair_id < '04'"  # about 35 pairs: 4 steps of 8
+    training.max_length, training.global_batch = 64, 8
+    training.checkpoint_every = training.validate_every = 2
+    training.keep_checkpoints, training.register_as = 1, None
+    training.workers, training.cpus_per_worker = 1, 1.5
+    on_ray = jobs.train(config, name="one-worker").summary
+    training.workers = 0
+    here = jobs.train(config, name="local").summary
+    assert here.steps == on_ray.steps >= 4 and here.selected_step == on_ray.selected_step
+    learned = [
+        {k: v for k, v in s.selected_metrics.items() if not k.endswith("_per_s")}
+        for s in (on_ray, here)
+    ]
+    assert learned[1] == pytest.approx(learned[0], abs=1e-4), "all but the speed"
+    chosen, rejected = _validation_conversations(hh_lake, training)
+    scores = [
+        RewardModel(s.model_folder, max_length=64).score(chosen + rejected).rewards
+        for s in (on_ray, here)
+    ]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-4)
+    storage = Path(training.storage_path)
+    kept = [
+        sum(f.is_dir() for f in (storage / n).glob("checkpoint_*")) for n in ("one-worker", "local")
+    ]
+    assert kept[0] == kept[1] <= 2, "the best and the latest"
+
+    again = jobs.train(config, name="local").summary
+    assert again.checkpoint == here.checkpoint
+    assert "loss" not in mlflow.get_run(again.run_id).data.metrics, "nothing trained again"
+
+    # A run that fails after its third step resumes from the checkpoint of its second.
+    real_step = training_module._Worker.train_step
+    steps = []
+
+    def failing_step(self, rows, weight_total):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("injected failure")
+        return real_step(self, rows, weight_total)
+
+    monkeypatch.setattr(training_module._Worker, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        jobs.train(config, name="failing")
+    assert len(list((storage / "failing").glob("checkpoint_*"))) == 1
+    resumed = jobs.train(config, name="failing").summary
+    history = mlflow.MlflowClient().get_metric_history(resumed.run_id, "restored_from_step")
+    assert [m.value for m in history] == [2]
+    assert resumed.pairs_trained == resumed.train_pairs == here.train_pairs, "each pair once"
+    assert resumed.steps == here.steps

@@ -323,8 +323,11 @@ class TrainingConfig(_Section):
     """Passes over the training selection."""
     seed: int = 0
     """Seed of initialisation, data order and length grouping (the same on every worker)."""
-    workers: int = Field(default=2, ge=1)
-    """Ray Train workers (data-parallel)."""
+    workers: int = Field(default=2, ge=0)
+    """Ray Train workers (data-parallel). 0: Ray Train's local mode, the job's own process
+    trains with ``ceil(cpus_per_worker)`` threads: no worker processes to start (a small
+    training costs about a third), but no restarts, and checkpoints on this machine's disk.
+    For small sets and debugging (docs/training.md)."""
     use_gpu: bool = False
     """GPU workers with NCCL; CPU workers use gloo."""
     cpus_per_worker: float = Field(default=0.5, gt=0)
@@ -355,6 +358,16 @@ class TrainingConfig(_Section):
     def _fsdp_needs_gpus(self) -> TrainingConfig:
         if self.strategy == "fsdp" and not self.use_gpu:
             raise ValueError("strategy fsdp needs use_gpu: true (Ray Train shards over GPUs)")
+        return self
+
+    @model_validator(mode="after")
+    def _local_mode_is_one_process(self) -> TrainingConfig:
+        if self.workers == 0 and (self.use_gpu or "://" in self.storage_path):
+            raise ValueError(
+                "workers 0 trains in the job's process (Ray Train's local mode), for which Ray "
+                "reserves no GPU and which keeps its checkpoints on its own disk: it takes "
+                "neither use_gpu nor a storage_path URI"
+            )
         return self
 
 

@@ -8,14 +8,17 @@ seconds of CPU before the first step, on a machine where the workers were loadin
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import ray.data
 import ray.train
+from ray.data import ExecutionOptions
 from ray.data.dataset import MaterializedDataset
 
 from pipelines.core.config import TrainingConfig
+from pipelines.rm.local_checkpoints import LocalCheckpoints
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class WorkerSetup:
     tracking_uri: str
     run_id: str
     has_validation: bool
+    local_checkpoints: LocalCheckpoints | None = None
+    """Where the run keeps its checkpoints in Ray Train's local mode (``workers: 0``)."""
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -54,13 +59,18 @@ class EveryRowDataConfig(ray.train.DataConfig):
             if isinstance(dataset, MaterializedDataset):
                 splits = [part.iterator() for part in dataset.split(world_size)]
             else:
-                dataset = dataset.copy(dataset)
-                options = self._resolve_execution_options(name)
-                # Blocks in read order: one worker then sees the same rows in the same order
-                # in every run (several workers get blocks as they ask for them).
-                options.preserve_order = True
-                dataset.context.execution_options = options
+                dataset = in_read_order(dataset, self._resolve_execution_options(name))
                 splits = dataset.streaming_split(world_size, equal=False)
             for rank, split in enumerate(splits):
                 output[rank][name] = split
         return output
+
+
+def in_read_order(dataset: ray.data.Dataset, options: ExecutionOptions) -> ray.data.Dataset:
+    """``dataset`` yielding its blocks in read order: one worker then sees the same rows in the
+    same order in every run (several workers get blocks as they ask for them)."""
+    dataset = dataset.copy(dataset)
+    options = copy.copy(options)
+    options.preserve_order = True
+    dataset.context.execution_options = options
+    return dataset

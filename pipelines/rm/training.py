@@ -53,7 +53,8 @@ from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
 from pipelines.rm.data import tokenized_pairs, training_selection
-from pipelines.rm.launch import EveryRowDataConfig, WorkerSetup, train_loop
+from pipelines.rm.launch import EveryRowDataConfig, WorkerSetup, in_read_order, train_loop
+from pipelines.rm.local_checkpoints import LocalCheckpoints
 from pipelines.rm.losses import pairwise_loss
 from pipelines.rm.model import (
     backbone_max_length,
@@ -252,7 +253,8 @@ class _Worker:
     # --- checkpoints -------------------------------------------------------------------------
 
     def restore(self) -> TrainState:
-        checkpoint = ray.train.get_checkpoint()
+        local = self.setup.local_checkpoints
+        checkpoint = local.latest() if local else ray.train.get_checkpoint()
         if checkpoint is None:
             return TrainState()
         # Imported where used: 0.8 s that the driver, which imports this module, never needs.
@@ -302,24 +304,39 @@ class _Worker:
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        local = self.setup.local_checkpoints
+        if local:
+            with local.new(metrics) as folder:
+                self.write(folder, state, model_state, optimizer_state)
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as directory:
-            folder = Path(directory)
-            normalisation = None
-            if state.validation:
-                normalisation = (state.validation["reward_mean"], state.validation["reward_std"])
-            save_reward_model(
-                self.base,
-                self.tokenizer,
-                folder / MODEL_DIR,
-                model_state,
-                normalisation,
-                self.config.max_length,
-            )
-            if optimizer_state is not None:
-                torch.save(optimizer_state, folder / OPTIMIZER_FILE)
-                torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
-            state.save(folder)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self.write(Path(directory), state, model_state, optimizer_state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def write(
+        self,
+        folder: Path,
+        state: TrainState,
+        model_state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any] | None,
+    ) -> None:
+        """A checkpoint's files: the model (HF format), optimizer, scheduler and ``state``."""
+        normalisation = None
+        if state.validation:
+            normalisation = (state.validation["reward_mean"], state.validation["reward_std"])
+        save_reward_model(
+            self.base,
+            self.tokenizer,
+            folder / MODEL_DIR,
+            model_state,
+            normalisation,
+            self.config.max_length,
+        )
+        if optimizer_state is not None:
+            torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+        state.save(folder)
 
     def gather_keys(self, keys: list[np.ndarray]) -> np.ndarray:
         """Every worker's trained keys since the last checkpoint."""
@@ -665,22 +682,29 @@ def train_reward_model(
     selection = training_selection(lake, training.data)
     n_train, n_val = selection.train.num_rows, selection.validation.num_rows
     steps = training.epochs * math.ceil(n_train / training.global_batch)
+    where = f"on {training.workers} worker(s)" if training.workers else "in this process"
     log.info(
         f"[train] {name}: {n_train:,} training and {n_val:,} validation pairs from "
         f"{selection.table} v{selection.version}; {steps} steps of {training.global_batch} pairs "
-        f"on {training.workers} worker(s)"
+        f"{where}"
     )
-    local_batch = math.ceil(training.global_batch / training.workers)
+    local_batch = math.ceil(training.global_batch / max(training.workers, 1))
     datasets = {"train": tokenized_pairs(lake, selection, selection.train, training, local_batch)}
     if n_val:
         # Gold sets are small and read at every validation: tokenise them once.
         validation = tokenized_pairs(lake, selection, selection.validation, training)
         datasets["validation"] = validation.materialize()
-    setup = WorkerSetup(training, steps, tracking_uri, run_id, has_validation=bool(n_val))
     storage = training.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     by_accuracy = bool(n_val) and training.select == "best"
+    score = "val_accuracy" if by_accuracy else "step"
+    local = None
+    if not training.workers:  # local mode: no data config splits the training set
+        local = LocalCheckpoints(Path(storage, name), training.keep_checkpoints, score)
+        train = datasets["train"]
+        datasets["train"] = in_read_order(train, train.context.execution_options)
+    setup = WorkerSetup(training, steps, tracking_uri, run_id, bool(n_val), local)
     resources = {"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {})
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
@@ -697,18 +721,26 @@ def train_reward_model(
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=training.keep_checkpoints,
                 # Kept: the best by validation accuracy, or the latest for ``select: last``.
-                checkpoint_score_attribute="val_accuracy" if by_accuracy else "step",
+                checkpoint_score_attribute=score,
                 checkpoint_score_order="max",
             ),
         ),
         datasets=datasets,
         dataset_config=EveryRowDataConfig(),
     )
+    threads = torch.get_num_threads()  # local mode sets this process's threads
     with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            torch.set_num_threads(threads)
     if result.error is not None:
         raise result.error
-    checkpoint, metrics = _select(result, training.select, bool(n_val))
+    if local:
+        reported, last = local.reported(), local.latest()
+    else:
+        reported, last = result.best_checkpoints, result.checkpoint
+    checkpoint, metrics = _select(reported, last, training.select, bool(n_val))
     state_folder = Path(checkpoint.path)
     final = result.metrics or {}
     log.info(
@@ -789,12 +821,14 @@ class _ProgressLines:
 
 
 def _select(
-    result: ray.train.Result, select: str, has_validation: bool
+    reported: list[tuple[ray.train.Checkpoint, dict[str, Any]]],
+    last: ray.train.Checkpoint,
+    select: str,
+    has_validation: bool,
 ) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
-    """The checkpoint to keep: the last, or the best validation accuracy (later wins a tie)."""
+    """The checkpoint to keep of those ``reported`` (in report order, with their metrics): the
+    ``last``, or the best validation accuracy (the later wins a tie)."""
     if select == "last" or not has_validation:
-        last = result.checkpoint
-        metrics = next(m for c, m in result.best_checkpoints if c.path == last.path)
-        return last, metrics
-    ranked = enumerate(result.best_checkpoints)  # in report order: the later wins a tie
+        return last, next(m for c, m in reported if c.path == last.path)
+    ranked = enumerate(reported)
     return max(ranked, key=lambda icm: (icm[1][1]["val_accuracy"], icm[0]))[1]
