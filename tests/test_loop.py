@@ -86,8 +86,10 @@ def loop_config(folder: Path, judge_url: str) -> dict:
     return {
         **local_stores(folder),
         "training": {
-            "workers": 1,  # one data-parallel worker: the same model in every run
-            "cpus_per_worker": 1.5,  # two torch threads, half a CPU left for Ray Data
+            # Ray Train's local mode (its workers: test_training.py, test_journey.py): no
+            # worker processes to start, the same model in every run, two torch threads.
+            "workers": 0,
+            "cpus_per_worker": 1.5,
             "max_length": 64,
             "global_batch": 16,
             "learning_rate": 1e-3,
