@@ -117,14 +117,14 @@ def tracking_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def _config(folder: Path, tracking: dict) -> SynprefConfig:
+def _config(folder: Path, tracking: dict, workers: int) -> SynprefConfig:
     return load_config(
         None,
         {
             "lake": {"root": str(folder / "lake")},
             "tracking": tracking,
             "training": {
-                "workers": 1,
+                "workers": workers,
                 "cpus_per_worker": 1.5,
                 "max_length": 32,
                 "global_batch": 16,
@@ -183,12 +183,13 @@ def test_jobs_log_to_a_tracking_server_as_they_do_to_sqlite(
     hh.write_text("\n".join(hh_lines) + "\n")
     rmbench = first_items(shared_data(RM_BENCH / "chat_filtered.json"), tmp_path / "rmb", 10)
 
-    served = _config(tmp_path / "server", {"uri": tracking_server})
+    # A Ray Train worker logs its steps to the server over HTTP; the sqlite run trains in
+    # local mode (workers 0), whose run must read back the same too.
+    served = _config(tmp_path / "server", {"uri": tracking_server}, workers=1)
     server_runs, trained = _run_jobs(served, hh, rmbench)
     sqlite_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    local = _config(
-        tmp_path / "sqlite", {"uri": sqlite_uri, "artifact_location": str(tmp_path / "art")}
-    )
+    sqlite = {"uri": sqlite_uri, "artifact_location": str(tmp_path / "art")}
+    local = _config(tmp_path / "sqlite", sqlite, workers=0)
     sqlite_runs, _ = _run_jobs(local, hh, rmbench)
 
     on_server, on_sqlite = _record(tracking_server, server_runs), _record(sqlite_uri, sqlite_runs)
