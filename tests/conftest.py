@@ -120,12 +120,41 @@ def table_rows(lake: Lake) -> dict[str, list[str]]:
     return found
 
 
+SHARED_SERVER_MODULES = {
+    "tests/test_loop.py": "label_studio",
+    "tests/test_review.py": "label_studio",
+}
+"""Test modules using a session fixture slow to start (Label Studio: 25 s), by fixture: `make
+test` gives the modules of one fixture to one pytest-xdist worker, which starts it once."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with slow tests first: `make test` deals whole modules to two workers
     (pytest-xdist, ``--dist loadfile``), so the long ones start at once and the quick ones fill
     in the end."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module.__name__ not in slow)
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        for fixture in set(SHARED_SERVER_MODULES.values()) & set(item.fixturenames):
+            if SHARED_SERVER_MODULES.get(module) != fixture:
+                raise pytest.UsageError(f"{module} uses {fixture}: add it to SHARED_SERVER_MODULES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, with the modules of one ``SHARED_SERVER_MODULES`` fixture as one
+    unit of work."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesSharingServers(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return SHARED_SERVER_MODULES.get(module, module)
+
+    return ModulesSharingServers(config, log)
 
 
 @pytest.fixture(scope="session")
