@@ -381,7 +381,7 @@ def test_local_mode_trains_what_one_worker_trains_keeps_checkpoints_alike_and_re
     assert kept[0] == kept[1] <= 2, "the best and the latest"
 
     again = jobs.train(config, name="local").summary
-    assert again.checkpoint == here.checkpoint
+    assert again.checkpoint == here.checkpoint and again.pairs_trained == here.pairs_trained
     assert "loss" not in mlflow.get_run(again.run_id).data.metrics, "nothing trained again"
 
     # A run that fails after its third step resumes from the checkpoint of its second.

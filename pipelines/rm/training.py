@@ -742,7 +742,8 @@ def train_reward_model(
         reported, last = result.best_checkpoints, result.checkpoint
     checkpoint, metrics = _select(reported, last, training.select, bool(n_val))
     state_folder = Path(checkpoint.path)
-    final = result.metrics or {}
+    # A finished run re-run in local mode reports nothing: its last checkpoint's metrics.
+    final = result.metrics or next(m for c, m in reported if c.path == last.path)
     log.info(
         f"[train] {name}: {int(final.get('step', 0))} steps done; model from step "
         f"{int(metrics['step'])} ({training.select})"
