@@ -40,6 +40,14 @@ from pipelines.ingest.synthetic import CorpusSpec, write_corpus
 from tests.conftest import local_stores, scripted_judge, table_rows
 
 WORKER = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
+# The GCS declares a silent node dead after 3 missed health checks 1 s apart (Ray's defaults:
+# 5 checks 3 s apart, 15 s); tasks and objects of the lost node wait for that verdict. What
+# is tested (retries, restarts, merges) does not depend on how soon it comes.
+FAILURE_DETECTION = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 2000,
+    "health_check_failure_threshold": 3,
+}
 
 
 class NodeLoss(ExecutionCallback):
@@ -116,7 +124,10 @@ def config(work: Path, name: str, judge_url: str) -> SynprefConfig:
 
 def main(work: Path, model: str, judge_url: str) -> None:
     files = write_corpus(CorpusSpec(pairs=3000, seed=3), work / "corpus", shards=3)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "_system_config": FAILURE_DETECTION},
+    )
     for _ in range(3):
         cluster.add_node(**WORKER)
     cluster.wait_for_nodes()
