@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray.data
 import ray.train
 import ray.train.torch
@@ -52,7 +53,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.jobs import JobSummary, TableVersion
 from pipelines.core.lake import Lake
 from pipelines.core.model_paths import resolve_model
-from pipelines.rm.data import tokenized_pairs, training_selection
+from pipelines.rm.data import TrainingSelection, tokenized_pairs, training_selection
 from pipelines.rm.launch import EveryRowDataConfig, WorkerSetup, in_read_order, train_loop
 from pipelines.rm.local_checkpoints import LocalCheckpoints
 from pipelines.rm.losses import pairwise_loss
@@ -268,13 +269,7 @@ class _Worker:
         with checkpoint.as_directory() as directory:
             folder = Path(directory)
             state = TrainState.load(folder)
-            if not (folder / OPTIMIZER_FILE).exists():  # the final checkpoint: nothing to train
-                if state.epoch < self.config.epochs:
-                    raise RuntimeError(
-                        f"this run finished after {state.epoch} epoch(s) and its final "
-                        "checkpoint keeps no optimizer state: train under a new name to train "
-                        f"{self.config.epochs} epochs"
-                    )
+            if not (folder / OPTIMIZER_FILE).exists():  # final: the driver refuses more epochs
                 return state
             weights: dict[str, torch.Tensor] = {}
             for file in sorted((folder / MODEL_DIR).glob("*.safetensors")):
@@ -657,6 +652,26 @@ def register(summary: TrainSummary, register_as: str | None) -> TrainSummary:
     )
 
 
+@dataclass(frozen=True)
+class RunCheckpoints:
+    """A Ray Train run's kept checkpoints with the metrics reported with each (in report
+    order), and its last checkpoint with its metrics (kept even when it ranks below ``kept``)."""
+
+    kept: list[tuple[ray.train.Checkpoint, dict[str, Any]]]
+    last: ray.train.Checkpoint | None
+    last_metrics: dict[str, Any]
+
+    @classmethod
+    def of_local_run(cls, local: LocalCheckpoints) -> RunCheckpoints:
+        kept, last = local.reported(), local.latest()
+        metrics = next((m for c, m in kept if last and c.path == last.path), {})
+        return cls(kept, last, metrics)
+
+    @classmethod
+    def of_result(cls, result: ray.train.Result) -> RunCheckpoints:
+        return cls(result.best_checkpoints, result.checkpoint, result.metrics or {})
+
+
 def train_reward_model(
     lake: Lake,
     training: TrainingConfig,
@@ -688,62 +703,23 @@ def train_reward_model(
         f"{selection.table} v{selection.version}; {steps} steps of {training.global_batch} pairs "
         f"{where}"
     )
-    local_batch = math.ceil(training.global_batch / max(training.workers, 1))
-    datasets = {"train": tokenized_pairs(lake, selection, selection.train, training, local_batch)}
-    if n_val:
-        # Gold sets are small and read at every validation: tokenise them once.
-        validation = tokenized_pairs(lake, selection, selection.validation, training)
-        datasets["validation"] = validation.materialize()
     storage = training.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     by_accuracy = bool(n_val) and training.select == "best"
     score = "val_accuracy" if by_accuracy else "step"
     local = None
-    if not training.workers:  # local mode: no data config splits the training set
+    if not training.workers:
         local = LocalCheckpoints(Path(storage, name), training.keep_checkpoints, score)
-        train = datasets["train"]
-        datasets["train"] = in_read_order(train, train.context.execution_options)
-    setup = WorkerSetup(training, steps, tracking_uri, run_id, bool(n_val), local)
-    resources = {"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {})
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={"setup": setup},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=training.workers,
-            use_gpu=training.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=training.keep_checkpoints,
-                # Kept: the best by validation accuracy, or the latest for ``select: last``.
-                checkpoint_score_attribute=score,
-                checkpoint_score_order="max",
-            ),
-        ),
-        datasets=datasets,
-        dataset_config=EveryRowDataConfig(),
-    )
-    threads = torch.get_num_threads()  # local mode sets this process's threads
-    with _ProgressLines(tracking_uri, run_id, name, steps, training.epochs):
-        try:
-            result = trainer.fit()
-        finally:
-            torch.set_num_threads(threads)
-    if result.error is not None:
-        raise result.error
-    if local:
-        reported, last = local.reported(), local.latest()
+    run = _checkpoints(f"{storage}/{name}", local)
+    if _finished(run, training.epochs):
+        log.info(f"[train] {name} finished before: nothing to train")
     else:
-        reported, last = result.best_checkpoints, result.checkpoint
-    checkpoint, metrics = _select(reported, last, training.select, bool(n_val))
+        setup = WorkerSetup(training, steps, tracking_uri, run_id, bool(n_val), local)
+        run = _fit(lake, selection, setup, storage, name, score)
+    checkpoint, metrics = _select(run, training.select, bool(n_val))
     state_folder = Path(checkpoint.path)
-    # A finished run re-run in local mode reports nothing: its last checkpoint's metrics.
-    final = result.metrics or next(m for c, m in reported if c.path == last.path)
+    final = run.last_metrics  # the last report is the end of the last epoch
     log.info(
         f"[train] {name}: {int(final.get('step', 0))} steps done; model from step "
         f"{int(metrics['step'])} ({training.select})"
@@ -768,6 +744,89 @@ def train_reward_model(
         model_folder=str(state_folder / MODEL_DIR),
         sets=[str(ref) for ref in selection.sets],
     )
+
+
+def _fit(
+    lake: Lake,
+    selection: TrainingSelection,
+    setup: WorkerSetup,
+    storage: str,
+    name: str,
+    score: str,
+) -> RunCheckpoints:
+    """Run (or resume) the Ray Train run ``name`` under ``storage``, keeping checkpoints by
+    ``score``."""
+    training = setup.training
+    local_batch = math.ceil(training.global_batch / max(training.workers, 1))
+    datasets = {"train": tokenized_pairs(lake, selection, selection.train, training, local_batch)}
+    if setup.has_validation:
+        # Gold sets are small and read at every validation: tokenise them once.
+        validation = tokenized_pairs(lake, selection, selection.validation, training)
+        datasets["validation"] = validation.materialize()
+    if setup.local_checkpoints:  # local mode: no data config splits the training set
+        train = datasets["train"]
+        datasets["train"] = in_read_order(train, train.context.execution_options)
+    resources = {"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {})
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={"setup": setup},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=training.workers,
+            use_gpu=training.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=training.keep_checkpoints,
+                # Kept: the best by validation accuracy, or the latest for ``select: last``.
+                checkpoint_score_attribute=score,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=EveryRowDataConfig(),
+    )
+    threads = torch.get_num_threads()  # local mode sets this process's threads
+    with _ProgressLines(setup.tracking_uri, setup.run_id, name, setup.total_steps, training.epochs):
+        try:
+            result = trainer.fit()
+        finally:
+            torch.set_num_threads(threads)
+    if result.error is not None:
+        raise result.error
+    if setup.local_checkpoints:
+        return RunCheckpoints.of_local_run(setup.local_checkpoints)
+    return RunCheckpoints.of_result(result)
+
+
+def _checkpoints(run_folder: str, local: LocalCheckpoints | None) -> RunCheckpoints:
+    """The checkpoints of the run in ``run_folder`` so far (none before its first report)."""
+    if local:
+        return RunCheckpoints.of_local_run(local)
+    try:
+        return RunCheckpoints.of_result(ray.train.Result.from_path(run_folder))
+    except RuntimeError:  # no such run, or one that never reported
+        return RunCheckpoints([], None, {})
+
+
+def _finished(run: RunCheckpoints, epochs: int) -> bool:
+    """Whether the run's last checkpoint is its final one, which keeps no optimizer state:
+    then there is nothing to train, and more epochs than it trained are an error."""
+    if run.last is None:
+        return False
+    optimizer = run.last.filesystem.get_file_info(f"{run.last.path}/{OPTIMIZER_FILE}")
+    if optimizer.type != pafs.FileType.NotFound:
+        return False
+    trained = int(run.last_metrics["epoch"])
+    if trained < epochs:
+        raise ConfigError(
+            f"this run finished after {trained} epoch(s) and its final checkpoint keeps no "
+            f"optimizer state: train under a new name to train {epochs} epochs"
+        )
+    return True
 
 
 class _ProgressLines:
@@ -822,14 +881,11 @@ class _ProgressLines:
 
 
 def _select(
-    reported: list[tuple[ray.train.Checkpoint, dict[str, Any]]],
-    last: ray.train.Checkpoint,
-    select: str,
-    has_validation: bool,
+    run: RunCheckpoints, select: str, has_validation: bool
 ) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
-    """The checkpoint to keep of those ``reported`` (in report order, with their metrics): the
-    ``last``, or the best validation accuracy (the later wins a tie)."""
+    """The checkpoint to keep: the ``last``, or the kept one of the best validation accuracy
+    (the later wins a tie)."""
     if select == "last" or not has_validation:
-        return last, next(m for c, m in reported if c.path == last.path)
-    ranked = enumerate(reported)
+        return run.last, run.last_metrics
+    ranked = enumerate(run.kept)
     return max(ranked, key=lambda icm: (icm[1][1]["val_accuracy"], icm[0]))[1]
