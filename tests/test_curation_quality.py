@@ -36,6 +36,7 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
         bootstrap_rounds=200,
         rmbench=False,
         best_rm_folds=2,  # each fold of D_wild scored by an RM that never trained on it
+        learning_rates=(1e-6, 2e-4),  # chosen on D_gold by the noisy RM of the first seed
     )
     summary = curation_quality.run(experiment, work=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -55,6 +56,9 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
     assert best_models == {"minilm-seed3-s2-best-rm-0", "minilm-seed3-s2-best-rm-1"}
 
     minilm = summary["minilm"]
+    tried = minilm["learning_rate_gold_accuracy"]
+    assert set(tried) == {1e-6, 2e-4} and minilm["learning_rate"] == max(tried, key=tried.get)
+    assert seed["learning_rate"] == minilm["learning_rate"]
     detection = minilm["flip_detection"]
     outcomes = sum(detection[f"{o}_pairs"][0] for o in ("recycled", "discarded"))
     assert outcomes + sum(d["outcome"] == "kept" for d in seed["stage2"]) == 120
@@ -74,5 +78,7 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
         filter_string="tags.mlflow.runName = 'curation-quality'",
         output_format="list",
     )
+    runs = mlflow.search_runs(experiment_names=[curation_quality.EXPERIMENT], output_format="list")
+    assert {"minilm-seed3-lr1e-06", "minilm-seed3-lr0.0002"} <= {r.info.run_name for r in runs}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"report.md", "test_accuracy.png", "flip_detection_roc.png"} <= artifacts
