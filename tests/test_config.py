@@ -133,6 +133,8 @@ def test_synpref_config_shows_each_field_with_its_documentation():
 
     out = CliRunner().invoke(cli, ["config"], catch_exceptions=False).output
     assert "# Word n-gram size of the shingles.\ndedup.minhash.ngram: 3" in out
+    assert "\ntraining.workers: 2  # operational\n" in out, "a loop resumes across it"
+    assert "\ntraining.learning_rate: 0.0002\n" in out
     assert "judging.judges[0].name:" in out
     assert 'demo.extra_inputs: {"hh-rlhf-harmless"' in out
 

@@ -5,13 +5,14 @@ an undo falls back, sets are versioned, and training reads a set's flips."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pyarrow as pa
 import pytest
 from deltalake.exceptions import DeltaError
 
 from pipelines import jobs
-from pipelines.core.config import LoopConfig, TrainingDataConfig, load_config
+from pipelines.core.config import LoopConfig, SynprefConfig, TrainingDataConfig, load_config
 from pipelines.core.errors import ConfigError, SelectionError
 from pipelines.core.model_paths import resolve_model
 from pipelines.ingest.job import IngestRequest
@@ -26,7 +27,7 @@ from pipelines.labels.events import (
     undo,
 )
 from pipelines.labels.sets import SetRef, read_set, write_set
-from pipelines.loop.driver import _check_unchanged, plan, run_loop
+from pipelines.loop.driver import _check_unchanged, _recipe, plan, run_loop
 from pipelines.loop.pools import keys_predicate
 from pipelines.loop.state import LoopState
 from pipelines.loop.steps import retrieval_k
@@ -201,13 +202,48 @@ def test_loop_config_and_state_errors_are_clear(config, lake):
         "s2/judge",
         "s2/decide",
     ]
-    # A loop started before a config key existed resumes when that key is at its default.
+    # A loop started before a config key existed resumes when that key is at its default (and
+    # one started before recipes were recorded has its loop section checked).
     older = config.loop.model_dump()
     del older["best_rm_folds"]
-    _check_unchanged(older, config.loop)
+    _check_unchanged({"loop": older}, config)
     with pytest.raises(ConfigError, match="started with other values of loop.best_rm_folds"):
-        _check_unchanged(older, config.loop.model_copy(update={"best_rm_folds": 3}))
+        _check_unchanged({"loop": older}, changed(config, "loop", best_rm_folds=3))
     start = {"run_id": "x", "loop": config.loop.model_dump() | {"iterations": 5}}
     LoopState(lake, config.loop.name).commit("start", start, None)
     with pytest.raises(ConfigError, match="started with other values of loop.iterations"):
         run_loop(config)
+
+
+def test_a_loop_resumes_only_with_the_recipe_it_started_with(config):
+    """Its committed steps trained, scored and judged with the recipe it started with; the
+    resources may change (docs/loop.md, Resuming)."""
+    started = {"recipe": _recipe(config)}
+    judge = config.judging.judges[0]
+    operational = [
+        changed(config, "training", workers=0, cpus_per_worker=1.5, storage_path="elsewhere"),
+        changed(config, "scoring", actors=3, batch_tokens=4096),
+        changed(config, "judging", judges=[judge.model_copy(update={"concurrency": 2})]),
+        changed(config, "training", data=TrainingDataConfig(where="source = 'x'")),  # per step
+    ]
+    for resumable in operational:
+        _check_unchanged(started, resumable)
+    other_model = judge.model_copy(update={"model": "another-judge"})
+    refused = {
+        "training.learning_rate": changed(config, "training", learning_rate=1e-5),
+        "scoring.max_length": changed(config, "scoring", max_length=64),
+        "judging.judges.0.model": changed(config, "judging", judges=[other_model]),
+        "judging.judges.1.model": changed(config, "judging", judges=[judge, other_model]),
+    }
+    for key, resumed in refused.items():
+        with pytest.raises(ConfigError, match=rf"started with other values of .*{key}"):
+            _check_unchanged(started, resumed)
+    gguf = changed(config, "training", backbone_kwargs={"gguf_file": "model.gguf"})
+    with pytest.raises(ConfigError, match=r"training\.backbone_kwargs\.gguf_file"):
+        _check_unchanged(started, gguf)
+
+
+def changed(config: SynprefConfig, section: str, **values: Any) -> SynprefConfig:
+    """``config`` with ``values`` set in ``section``."""
+    update = getattr(config, section).model_copy(update=values)
+    return config.model_copy(update={section: update})

