@@ -30,8 +30,10 @@ $(LS_STAMP): requirements-labelstudio.lock
 labelstudio: $(LS_STAMP)
 
 # Two pytest workers, one per core, each with its own local Ray; whole modules to a worker, so
-# that a module's fixtures (a trained loop, a server) are built once.
-test: $(STAMP) $(LS_STAMP)
+# that a module's fixtures (a trained loop, a server) are built once. The two venvs build side
+# by side: pip mostly waits on downloads and disk.
+test:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) $(LS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
