@@ -245,7 +245,8 @@ def seed_config(
         work,
         folder,
         training=training,
-        scoring={"max_length": experiment.max_length},
+        # Two one-thread scorers use both cores (docs/performance.md, Batch scoring).
+        scoring={"max_length": experiment.max_length, "actors": 2, "num_cpus": 0.5},
         loop=loop,
     )
 
