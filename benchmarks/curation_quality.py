@@ -260,7 +260,8 @@ def choose_learning_rate(
     candidates = experiment.learning_rates or LEARNING_RATES[backbone]
     if len(candidates) == 1:
         return candidates[0], {}
-    seed, folder = experiment.seeds[0], work / backbone / "learning-rate"
+    seed = experiment.seeds[0]
+    folder = work / backbone / f"learning-rate-seed{seed}"  # its own flips: a lake of its own
     config = functools.partial(seed_config, work, folder, experiment, backbone, seed)
     ingest_sources(config(candidates[0]), folder, splits, experiment, seed)
     data = TrainingDataConfig(where="source = 'hh-wild'", validation_where="source = 'hh-gold'")
