@@ -90,8 +90,8 @@ HELP = {
     "seeds": "one run of every condition per seed (default 0 1 2)",
     "backbones": "minilm (encoder) and/or smollm2 (decoder, GGUF) (default both)",
     "epochs": "training epochs of every condition (default 1)",
-    "learning_rates": "candidate learning rates, the best on D_gold is used (default per "
-    "backbone: minilm 2e-4, smollm2 3e-5 and 1e-4)",
+    "learning_rates": "candidate learning rates for every backbone given, the best on D_gold "
+    "is used (default per backbone: minilm 2e-4, smollm2 3e-5 and 1e-4)",
     "recycle": "Stage 2 flips the pairs both RMs contradict (--no-recycle: discards them)",
     "rmbench": "also evaluate every model on RM-Bench chat",
 }

@@ -12,7 +12,13 @@ import pytest
 from deltalake.exceptions import DeltaError
 
 from pipelines import jobs
-from pipelines.core.config import LoopConfig, SynprefConfig, TrainingDataConfig, load_config
+from pipelines.core.config import (
+    LoopConfig,
+    SynprefConfig,
+    TrainingDataConfig,
+    load_config,
+    recipe,
+)
 from pipelines.core.errors import ConfigError, SelectionError
 from pipelines.core.model_paths import resolve_model
 from pipelines.ingest.job import IngestRequest
@@ -238,6 +244,9 @@ def test_a_loop_resumes_only_with_the_recipe_it_started_with(config):
     for key, resumed in refused.items():
         with pytest.raises(ConfigError, match=rf"started with other values of .*{key}"):
             _check_unchanged(started, resumed)
+    removed = {"recipe": {"loop": recipe(config.loop) | {"a_key_since_removed": 1}}}
+    with pytest.raises(ConfigError, match="started with a config this version cannot read"):
+        _check_unchanged(removed, config)
     gguf = changed(config, "training", backbone_kwargs={"gguf_file": "model.gguf"})
     with pytest.raises(ConfigError, match=r"training\.backbone_kwargs\.gguf_file"):
         _check_unchanged(started, gguf)
