@@ -37,6 +37,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 import typing
@@ -286,6 +287,36 @@ def ingest_sources(
         jobs.ingest(config, IngestRequest(paths=[str(path)], source=source))
 
 
+SEED_RESULT = "result.json"
+NOT_IN_A_SEED = ("seeds", "backbones", "learning_rates", "bootstrap_rounds")
+"""Parameters a seed's result does not depend on (the rest must match to reuse it)."""
+
+
+def seed_recipe(experiment: Experiment, learning_rate: float) -> dict[str, Any]:
+    recipe = {k: v for k, v in dataclasses.asdict(experiment).items() if k not in NOT_IN_A_SEED}
+    return recipe | {"learning_rate": learning_rate}
+
+
+def finished_seed(
+    work: Path, experiment: Experiment, backbone: str, seed: int, learning_rate: float
+) -> dict[str, Any] | None:
+    """A seed's result written by an earlier run with the same recipe, if any: a seed of
+    SmolLM2 takes over an hour here, so seeds may be run apart (another session, another
+    machine: copy ``<backbone>/seed<N>/result.json`` into the work folder) and reported
+    together."""
+    path = work / backbone / f"seed{seed}" / SEED_RESULT
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["recipe"] != seed_recipe(experiment, learning_rate):
+        raise SystemExit(
+            f"{path} was made with {saved['recipe']}, not "
+            f"{seed_recipe(experiment, learning_rate)}: move it away to run that seed again"
+        )
+    print(f"[curation-quality] {backbone} seed {seed}: the result in {path}", flush=True)
+    return saved["result"]
+
+
 def run_seed(
     work: Path,
     splits: dict[str, pa.Table],
@@ -295,7 +326,7 @@ def run_seed(
     learning_rate: float,
 ) -> dict[str, Any]:
     """The loop and the five conditions of one seed: test correctness per condition, the
-    loop's Stage 2 decisions, and the cost."""
+    loop's Stage 2 decisions, and the cost; written to the seed's ``result.json``."""
     folder = work / backbone / f"seed{seed}"
     config = seed_config(work, folder, experiment, backbone, seed, learning_rate)
     ingest_sources(config, folder, splits, experiment, seed)
@@ -324,7 +355,9 @@ def run_seed(
     for condition in CONDITIONS:
         model = models[condition]
         results[condition] = model | _evaluate(config, model, experiment.rmbench)
-    return {
+        # Relative to the work folder: the result stays true where it is copied to.
+        results[condition]["model_folder"] = os.path.relpath(model["model_folder"], work)
+    result = {
         "backbone": backbone,
         "seed": seed,
         "learning_rate": learning_rate,
@@ -334,6 +367,9 @@ def run_seed(
         "judgments": _judgments(lake),
         "loop_text": looped.text(),
     }
+    record = {"recipe": seed_recipe(experiment, learning_rate), "result": result}
+    (folder / SEED_RESULT).write_text(json.dumps(record))
+    return result
 
 
 def _loop_model(state: LoopState, step: str) -> dict[str, Any]:
@@ -660,10 +696,13 @@ def run(experiment: Experiment, work: Path | None = None) -> dict[str, Any]:
         for backbone in experiment.backbones:
             rate, rates[backbone] = choose_learning_rate(work, splits, experiment, backbone)
             for seed in experiment.seeds:
-                name = f"{backbone} seed {seed}"
-                with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True):
-                    seeds.append(run_seed(work, splits, experiment, backbone, seed, rate))
-                print(f"[curation-quality] {backbone} seed {seed} done", flush=True)
+                result = finished_seed(work, experiment, backbone, seed, rate)
+                if result is None:
+                    name = f"{backbone} seed {seed}"
+                    with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True):
+                        result = run_seed(work, splits, experiment, backbone, seed, rate)
+                    print(f"[curation-quality] {backbone} seed {seed} done", flush=True)
+                seeds.append(result)
         summary = summarise(seeds, experiment, rates)
         report = markdown(summary, experiment, time.perf_counter() - started)
         (work / "report.md").write_text(report)

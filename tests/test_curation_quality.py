@@ -4,6 +4,7 @@ report in docs/curation_quality.md is the full run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -82,3 +83,19 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
     assert {"minilm-seed3-lr1e-06", "minilm-seed3-lr0.0002"} <= {r.info.run_name for r in runs}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"report.md", "test_accuracy.png", "flip_detection_roc.png"} <= artifacts
+
+    # A finished seed is reported again from its result.json, nothing trained (seeds can run
+    # apart); another recipe is refused.
+    def seed_runs() -> list[str]:
+        runs = mlflow.search_runs(
+            experiment_names=[curation_quality.EXPERIMENT], output_format="list"
+        )
+        return sorted(r.info.run_name for r in runs if r.info.run_name.startswith("minilm-seed3"))
+
+    before, chosen = seed_runs(), (minilm["learning_rate"],)
+    again = curation_quality.run(dataclasses.replace(experiment, learning_rates=chosen), tmp_path)
+    assert again["minilm"]["conditions"] == minilm["conditions"] and seed_runs() == before
+    assert seed["conditions"]["curated"]["model_folder"].startswith("minilm/seed3/")
+    other = dataclasses.replace(experiment, learning_rates=chosen, flip_fraction=0.5)
+    with pytest.raises(SystemExit, match="seed3/result.json was made with"):
+        curation_quality.run(other, tmp_path)
