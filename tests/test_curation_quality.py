@@ -90,7 +90,8 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
         runs = mlflow.search_runs(
             experiment_names=[curation_quality.EXPERIMENT], output_format="list"
         )
-        return sorted(r.info.run_name for r in runs if r.info.run_name.startswith("minilm-seed3"))
+        seed_and_jobs = ("minilm seed 3", "minilm-seed3")  # the seed's run, its loop and trainings
+        return sorted(r.info.run_name for r in runs if r.info.run_name.startswith(seed_and_jobs))
 
     before, chosen = seed_runs(), (minilm["learning_rate"],)
     again = curation_quality.run(dataclasses.replace(experiment, learning_rates=chosen), tmp_path)
