@@ -307,11 +307,11 @@ def finished_seed(
     path = work / backbone / f"seed{seed}" / SEED_RESULT
     if not path.exists():
         return None
-    saved = json.loads(path.read_text())
-    if saved["recipe"] != seed_recipe(experiment, learning_rate):
+    saved, wanted = json.loads(path.read_text()), seed_recipe(experiment, learning_rate)
+    if saved["recipe"] != wanted:
         raise SystemExit(
-            f"{path} was made with {saved['recipe']}, not "
-            f"{seed_recipe(experiment, learning_rate)}: move it away to run that seed again"
+            f"{path} was made with {saved['recipe']}, not {wanted}: move it away to run that "
+            "seed again"
         )
     print(f"[curation-quality] {backbone} seed {seed}: the result in {path}", flush=True)
     return saved["result"]
@@ -368,7 +368,9 @@ def run_seed(
         "loop_text": looped.text(),
     }
     record = {"recipe": seed_recipe(experiment, learning_rate), "result": result}
-    (folder / SEED_RESULT).write_text(json.dumps(record))
+    written = folder / f"{SEED_RESULT}.partial"  # a crash mid-write leaves no result behind
+    written.write_text(json.dumps(record))
+    written.replace(folder / SEED_RESULT)
     return result
 
 
