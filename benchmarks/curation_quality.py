@@ -307,14 +307,22 @@ def finished_seed(
     path = work / backbone / f"seed{seed}" / SEED_RESULT
     if not path.exists():
         return None
-    saved, wanted = json.loads(path.read_text()), seed_recipe(experiment, learning_rate)
-    if saved["recipe"] != wanted:
+    try:
+        saved = json.loads(path.read_text())
+        saved_recipe, result = saved["recipe"], saved["result"]
+    except (ValueError, TypeError, KeyError) as error:
         raise SystemExit(
-            f"{path} was made with {saved['recipe']}, not {wanted}: move it away to run that "
+            f"{path} is not a seed's result ({type(error).__name__}: {error}): move it away to "
+            "run that seed again"
+        ) from None
+    wanted = seed_recipe(experiment, learning_rate)
+    if saved_recipe != wanted:
+        raise SystemExit(
+            f"{path} was made with {saved_recipe}, not {wanted}: move it away to run that "
             "seed again"
         )
     print(f"[curation-quality] {backbone} seed {seed}: the result in {path}", flush=True)
-    return saved["result"]
+    return result
 
 
 def run_seed(

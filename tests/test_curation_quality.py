@@ -100,3 +100,14 @@ def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cl
     other = dataclasses.replace(experiment, learning_rates=chosen, flip_fraction=0.5)
     with pytest.raises(SystemExit, match="seed3/result.json was made with"):
         curation_quality.run(other, tmp_path)
+
+
+@pytest.mark.parametrize("content", ["{", "[1, 2]", '{"recipe": {}}'])
+def test_a_seed_result_that_cannot_be_read_is_refused_with_its_path(tmp_path, content):
+    written = tmp_path / "smollm2" / "seed0" / curation_quality.SEED_RESULT
+    written.parent.mkdir(parents=True)
+    written.write_text(content)
+    experiment = curation_quality.Experiment()
+    with pytest.raises(SystemExit, match=r"seed0/result.json is not a seed's result \("):
+        curation_quality.finished_seed(tmp_path, experiment, "smollm2", 0, 3e-5)
+    assert curation_quality.finished_seed(tmp_path, experiment, "smollm2", 1, 3e-5) is None
