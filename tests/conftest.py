@@ -291,12 +291,15 @@ def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def decoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random Llama reward model with SmolLM2's tokenizer and chat template."""
+    """A tiny random Llama reward model with SmolLM2's tokenizer and chat template (from the
+    GGUF's dequantized folder, which the SmolLM2 tests use too: building the tokenizer from the
+    GGUF itself takes 9 s of CPU each time)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from pipelines.core.model_paths import dequantized
+
+    tokenizer = AutoTokenizer.from_pretrained(dequantized(smollm2_gguf()))
     folder = tmp_path_factory.mktemp("tiny-llama-rm")
     torch.manual_seed(0)
     config = LlamaConfig(
