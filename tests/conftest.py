@@ -292,8 +292,8 @@ def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def decoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama reward model with SmolLM2's tokenizer and chat template (from the
-    GGUF's dequantized folder, which the SmolLM2 tests use too: building the tokenizer from the
-    GGUF itself takes 9 s of CPU each time)."""
+    GGUF's dequantized folder, which the SmolLM2 tests use too: building it from the GGUF file
+    takes 3.5 s alone, 0.3 s from the folder)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
