@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,18 +253,24 @@ def test_gold_retrieval_ranks_by_similarity_and_never_returns_the_pair_itself():
 
 @pytest.mark.slow
 def test_a_gguf_is_dequantized_once_into_a_folder_that_loads_the_same_model(tmp_path):
-    """A GGUF (the default SmolLM2's) is converted once; the folder gives the logits and the
-    chat prompts transformers gets from the GGUF itself."""
+    """A GGUF (the default SmolLM2's) is converted once, whatever path it is found at (each
+    clone's venv holds it at a new one); the folder gives the logits and the chat prompts
+    transformers gets from the GGUF itself."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    folder = Path(resolve_llm(str(gguf), cache=tmp_path))
+    cache = tmp_path / "cache"
+    folder = Path(resolve_llm(str(gguf), cache=cache))
     weights = folder / "model.safetensors"
     written = weights.stat().st_mtime_ns
-    assert resolve_llm(DEFAULT_JUDGE_MODEL, cache=tmp_path) == str(folder)
+    assert resolve_llm(DEFAULT_JUDGE_MODEL, cache=cache) == str(folder)
+    copied = tmp_path / "another-venv" / gguf.name
+    copied.parent.mkdir()
+    shutil.copyfile(gguf, copied)
+    assert resolve_llm(str(copied), cache=cache) == str(folder)
     assert weights.stat().st_mtime_ns == written, "converted once"
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name], "no staging folder left"
+    assert [p.name for p in cache.iterdir()] == [folder.name], "no staging folder left"
 
     source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
     ids = torch.tensor([[1, 504, 3717, 314, 260, 1492, 30]])
@@ -281,7 +288,7 @@ def test_a_gguf_is_dequantized_once_into_a_folder_that_loads_the_same_model(tmp_
     assert rendered[0] == rendered[1]
 
     with pytest.raises(ConfigError, match="no such GGUF file"):
-        resolve_llm(str(tmp_path / "missing.gguf"), cache=tmp_path)
+        resolve_llm(str(tmp_path / "missing.gguf"), cache=cache)
     assert (
         resolve_llm("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
     )

@@ -4,6 +4,7 @@ GGUF file stands as the plain HF folder it dequantizes to."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import shutil
 import tempfile
@@ -28,14 +29,18 @@ def dequantized(gguf_file: str | Path, cache: Path | None = None) -> str:
     """The plain fp32 HF folder in ``cache`` (``gguf_cache()`` by default) that the GGUF file
     dequantizes to, written the first time it is asked for on this machine: transformers
     dequantizes a GGUF on every load (about 17 s for SmolLM2-135M), and every training worker,
-    tokenizer actor and judge actor loads it again."""
+    tokenizer actor and judge actor loads it again.
+
+    The folder is named by the file's content and the transformers version that dequantizes
+    it, not by its path: every clone and reinstall of a venv holds the same GGUF at a new path,
+    and would otherwise leave another copy (520 MB for SmolLM2-135M) behind. Hashing the file
+    costs about 0.1 s, against a model load of seconds."""
     gguf = Path(gguf_file)
     if not gguf.is_file():
         raise ConfigError(f"model {str(gguf_file)!r}: no such GGUF file")
-    stat = gguf.stat()
-    key = hashlib.blake2b(
-        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=6
-    )
+    with gguf.open("rb") as file:
+        key = hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=6))
+    key.update(importlib.metadata.version("transformers").encode())
     folder = (cache or gguf_cache()) / f"{gguf.stem}-{key.hexdigest()}"
     if not (folder / "config.json").exists():
         _dequantize(gguf, folder)
