@@ -7,13 +7,16 @@ STAMP := $(VENV)/.synpref-installed
 # uv reads no pip configuration: pip's find-links, where a machine keeps a local CPU build of
 # torch, is handed on, as without it torch==2.13.0 from PyPI is the CUDA build.
 UV_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+# Where they hold no torch wheel, uv takes torch from PyTorch's CPU index (`make
+# UV_TORCH_BACKEND=auto`: the build for the machine's CUDA driver).
+UV_TORCH_BACKEND ?= $(if $(wildcard $(addsuffix /torch-*.whl,$(UV_FIND_LINKS))),,cpu)
 UV_VERSION := uv==0.13.9
 # A venv with uv in it (pip stays, for users); $(call uv,VENV) runs that uv on that venv. It
 # compiles the bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, as on this machine,
 # every process would otherwise compile its imports again (5 s more for torch, Ray and MLflow).
 new_venv = $(PYTHON) -m venv $(1) && $(1)/bin/python -m pip install --quiet $(UV_VERSION)
 uv = UV_FIND_LINKS="$(UV_FIND_LINKS)" $(1)/bin/uv pip install --quiet --compile-bytecode \
-	--python $(1)/bin/python
+	$(if $(UV_TORCH_BACKEND),--torch-backend $(UV_TORCH_BACKEND)) --python $(1)/bin/python
 
 .PHONY: demo test test-fast test-vllm labelstudio lint bench bench-quality clean
 

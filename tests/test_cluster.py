@@ -1,9 +1,9 @@
 """The image and the KubeRay manifests, checked against what they name: the Dockerfile installs
-with the lock from the Ray image this package pins; every manifest under cluster/ validates
-against KubeRay's v1 CRD schemas (vendored in cluster/crds/) with unknown fields refused, passes
-the checks KubeRay's operator makes that its CRDs do not (ray-operator/controllers/ray/utils/
-validation.go, v1.7.0), and names images, entry points, flags, files and a Serve application
-that exist. Each check is also shown to fail on a broken manifest. Nothing here can build the
+with the lock from the Ray image this package pins (and `make` takes torch's CPU build); every
+manifest under cluster/ validates against KubeRay's v1 CRD schemas (vendored in cluster/crds/)
+with unknown fields refused, passes the checks KubeRay's operator makes that its CRDs do not
+(ray-operator/controllers/ray/utils/validation.go, v1.7.0), and names images, entry points,
+flags, files and a Serve application that exist. Each check is also shown to fail on a broken manifest. Nothing here can build the
 image or reach a Kubernetes API (docs/operations.md: what is tested where)."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import fnmatch
 import importlib
 import inspect
 import json
+import os
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,37 @@ def test_the_image_is_ray_s_for_our_versions_and_installs_with_the_lock():
     assert "download.pytorch.org/whl/cpu" in docker_arg("TORCH_INDEX"), "no CUDA torch by default"
     for module in re.findall(r"import ([\w., ]+)\"", install)[0].split(","):
         assert importlib.util.find_spec(module.strip()), module
+
+
+def test_make_installs_the_cpu_build_of_torch_where_no_local_wheel_is_found(tmp_path):
+    """`make`'s uv takes torch from pip's find-links where they hold a torch wheel (this
+    machine's CPU build), from PyTorch's CPU index where not: PyPI's is a CUDA build."""
+
+    def install_line(find_links: str) -> str:
+        venv = tmp_path / "venv"
+        plan = subprocess.run(
+            [
+                "make",
+                "-n",
+                f"VENV={venv}",
+                f"UV_FIND_LINKS={find_links}",
+                f"{venv}/.synpref-installed",
+            ],
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if k != "UV_TORCH_BACKEND"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (line,) = [line for line in plan.splitlines() if "-c requirements.lock" in line]
+        return line
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for find_links in ("", str(wheels)):
+        assert "--torch-backend cpu" in install_line(find_links), find_links
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").touch()
+    assert "--torch-backend" not in install_line(str(wheels))
 
 
 def test_the_image_copies_every_package_the_install_needs():
