@@ -3,8 +3,9 @@ with the lock from the Ray image this package pins (and `make` takes torch's CPU
 manifest under cluster/ validates against KubeRay's v1 CRD schemas (vendored in cluster/crds/)
 with unknown fields refused, passes the checks KubeRay's operator makes that its CRDs do not
 (ray-operator/controllers/ray/utils/validation.go, v1.7.0), and names images, entry points,
-flags, files and a Serve application that exist. Each check is also shown to fail on a broken manifest. Nothing here can build the
-image or reach a Kubernetes API (docs/operations.md: what is tested where)."""
+flags, files and a Serve application that exist. Each check is also shown to fail on a broken
+manifest. Nothing here can build the image or reach a Kubernetes API (docs/operations.md: what
+is tested where)."""
 
 from __future__ import annotations
 
