@@ -71,7 +71,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"
+	$(call uv,$(VENV)) -c requirements.lock -e ".[bench]"
 	$(BIN)/python benchmarks/ingest_bench.py
 	$(BIN)/python benchmarks/dedup_bench.py
 	$(BIN)/python benchmarks/minhash_bench.py
