@@ -592,7 +592,8 @@ def markdown(summary: dict[str, Any], experiment: Experiment, seconds: float) ->
         f"Splits: {experiment.test} test / {experiment.gold} gold / {experiment.train} train "
         f"pairs; {experiment.flip_fraction:.0%} of the training labels flipped; max_length "
         f"{experiment.max_length}, {experiment.epochs} epoch(s); Stage 2 judge budget "
-        f"{experiment.judge_budget}. Whole run {seconds / 60:.0f} min.",
+        f"{experiment.judge_budget}. This run {seconds / 60:.0f} min (seeds finished before are "
+        "read from their results, not run again).",
     ]
     for backbone, result in summary.items():
         seeds = ", ".join(str(s) for s in result["seeds"])
