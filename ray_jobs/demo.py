@@ -6,7 +6,8 @@ from ray_jobs.job import config_only_command, main
 
 command = config_only_command(
     "demo",
-    "Run the main job on the embedded defaults: generate, ingest, dedup, decontaminate.",
+    "Run the main job on the embedded defaults: generate, ingest, dedup, decontaminate, then "
+    "a short loop with a simulated annotator.",
 )
 
 if __name__ == "__main__":

@@ -450,7 +450,8 @@ class JudgeConfig(LLMConfig):
     """How the judge is named in tables and reports (its cache identity is model, template and
     sampling parameters, not the name)."""
     template: str = "pairwise-v1"
-    """Versioned prompt template (``pipelines.judging.job.TEMPLATES``); its hash is recorded."""
+    """Versioned prompt template (``pipelines.judging.templates.TEMPLATES``); its hash is
+    recorded."""
     verdict: Literal["logprobs", "structured"] = "logprobs"
     """``logprobs``: the answer is prefilled up to the choice and the probabilities of the
     choice tokens decide (needs an engine that returns logprobs and continues a prefilled
