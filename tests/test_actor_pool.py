@@ -108,7 +108,8 @@ def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake, tmp_path)
         return run_stage("test", dataset, Doubler, args, pool, OUTPUT, merge, len(todo))
 
     everything = wanted(list(range(60)))
-    with pytest.raises(Exception, match="crash on item 55"):
+    # Ray Data hands the actor's error on as a task error of the user's code.
+    with pytest.raises(ray.exceptions.RayTaskError, match="RuntimeError: crash on item 55"):
         stage(everything, fail_on=55)
     kept = lake.read(OUTPUT.name) if lake.exists(OUTPUT.name) else OUTPUT.schema.empty_table()
     assert kept.num_rows >= 10, "blocks finished before the crash were merged"

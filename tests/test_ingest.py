@@ -166,6 +166,15 @@ def test_a_malformed_json_file_and_undetectable_formats_are_reported(config, lak
         ingest(config, [tmp_path / "missing.jsonl"], "odd")
     with pytest.raises(ValueError, match="source name"):
         IngestRequest(paths=["x"], source="bad name; drop")
+    with pytest.raises(FormatError, match="no input paths given"):
+        IngestRequest(paths=[], source="odd")
+    (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(FormatError, match="pairs.csv: unsupported file type; expected"):
+        ingest(config, [tmp_path / "pairs.csv"], "odd")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not records")
+    with pytest.raises(FileNotFoundError, match="no record files .* in .*notes"):
+        ingest(config, [tmp_path / "notes"], "odd")
 
 
 def test_invalid_utf8_lines_are_quarantined_not_fatal(config, lake, tmp_path):

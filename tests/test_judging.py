@@ -23,7 +23,7 @@ import pytest
 import ray
 
 from pipelines import jobs
-from pipelines.attributes.job import ATTRIBUTE_FIELDS, Attributes, parse_attributes
+from pipelines.attributes.job import ATTRIBUTE_FIELDS, parse_attributes
 from pipelines.core.config import DEFAULT_JUDGE_MODEL, JudgeConfig, LLMConfig
 from pipelines.core.errors import ConfigError
 from pipelines.ingest.job import IngestRequest
@@ -47,7 +47,6 @@ from pipelines.llm.backends import (
     resolve_llm,
 )
 from pipelines.llm.retrieval import SimilarityIndex
-from storage_schemas import TASK_CATEGORIES
 from tests.conftest import (
     HH_HARMLESS,
     JUDGEBENCH,
@@ -624,6 +623,15 @@ def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
         load_config(None, {"judging": {"gold": {"where": "TRUE", "set": "loop/gold"}}})
     with pytest.raises(ConfigError, match="judge names must be unique"):
         load_config(None, {"judging": {"judges": [{"name": "a"}, {"name": "a"}]}})
+    config.judging.judges = [JudgeConfig(template="pairwise-v9")]
+    with pytest.raises(ConfigError, match="unknown template 'pairwise-v9'; known: pairwise-v1"):
+        jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
+    config.judging.judges = [JudgeConfig(backend="openai", model="m")]
+    with pytest.raises(ConfigError, match=r"the openai backend needs base_url \(model m\)"):
+        jobs.judge(config, where=HH_SHORT, limit=1).as_dict()
+    config.judging.annotator_template = "attributes-v9"
+    with pytest.raises(ConfigError, match="unknown attributes template 'attributes-v9'"):
+        jobs.annotate(config, where=HH_SHORT, limit=1).as_dict()
 
 
 # ------------------------------------------------------------------ attributes
@@ -667,14 +675,14 @@ def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     assert first["annotated"] == first["selected"] == lake.count("pairs", where=where) >= 2
     rows = lake.read("attributes").to_pylist()
     assert len(rows) == first["selected"]
-    for row in rows:
-        assert 1 <= row["attempts"] <= 2
-        if row["valid"]:
-            Attributes.model_validate({k: row[k] for k in ATTRIBUTE_FIELDS})
-        else:
-            assert row["invalid_reason"].split(":")[0] in {"unparseable", "schema"}
-            assert row["task_category"] is None or row["task_category"] in TASK_CATEGORIES
-    assert first["invalid"] == sum(not r["valid"] for r in rows)
+    # Greedy SmolLM2-135M writes prose, not the 5-tuple's JSON (valid answers are the parser
+    # test's above): each row is recorded invalid with its reason after its one retry, nothing
+    # half-filled.
+    outcomes = {(r["valid"], r["attempts"], r["invalid_reason"]) for r in rows}
+    assert outcomes == {(False, 2, "unparseable: no JSON object in the answer")}, outcomes
+    assert all(r[k] is None for r in rows for k in ATTRIBUTE_FIELDS)
+    assert all(r["output"].strip() for r in rows), "the answer is kept for a person to read"
+    assert first["invalid"] == len(rows)
 
     version = lake.version("attributes")
     again = jobs.annotate(config, where=where).as_dict()

@@ -94,9 +94,9 @@ def test_recording_a_decision_twice_adds_nothing_and_an_undo_falls_back(lake):
         undo(lake, "nope", "lead", "typo", None)
     # The table refuses an event that is neither a label nor an undo, or of an unknown origin.
     rows = event_rows([event("p9", None, "human")], None)
-    with pytest.raises(DeltaError):
+    with pytest.raises(DeltaError, match="1 rows failed validation"):
         lake.append(LABEL_EVENTS, rows)
-    with pytest.raises(DeltaError):
+    with pytest.raises(DeltaError, match="1 rows failed validation"):
         lake.append(LABEL_EVENTS, event_rows([event("p9", "keep", "oracle")], None))
 
 
@@ -110,6 +110,10 @@ def test_sets_are_versioned_and_writing_one_leaves_the_others(lake):
             "event_id": pa.array([None, None, None], pa.string()),
         }
     )
+    with pytest.raises(SelectionError, match="no curated set exists yet"):
+        read_set(lake, SetRef("loop/gold"))
+    with pytest.raises(SelectionError, match="'loop gold!' is not a set name"):
+        write_set(lake, "loop gold!", members)
     first = write_set(lake, "loop/gold", members)
     other = write_set(lake, "loop/train", members.slice(0, 1))
     second = write_set(lake, "loop/gold", members.slice(1))

@@ -6,6 +6,7 @@ undisturbed run."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,12 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+NODE_LOSS = re.compile(
+    r"ActorDied|ActorUnavailable|NodeDied|ObjectLost|ObjectReconstructionFailed|OwnerDied|"
+    r"WorkerCrashed|node .* (dead|died|removed)",
+    re.IGNORECASE,
+)
 
 
 def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(
@@ -28,4 +35,7 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(
     assert set(outcomes) == {"ingest", "dedup", "score", "judge"}
     for job, outcome in outcomes.items():
         assert outcome["removed_while_running"], f"{job} ended before the node went: {outcomes}"
+        # A job may fail where Ray cannot recover, but only for the node it lost, not a bug.
+        if not outcome["completed"]:
+            assert NODE_LOSS.search(outcome["error"]), f"{job} failed otherwise: {outcome}"
         assert outcome["equal"], f"{job}: tables differ from the undisturbed run: {outcomes}"

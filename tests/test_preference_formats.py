@@ -220,8 +220,14 @@ def test_a_missing_mapping_path_is_a_row_error_and_a_bad_mapping_a_usage_error()
         parse_mapping(["prompt=q"])
     with pytest.raises(FormatError, match="target must be one of"):
         parse_mapping(["answer=a", "chosen=b", "rejected=c"])
+    with pytest.raises(FormatError, match="history=... or prompt=..., not both"):
+        parse_mapping(["history=h", "prompt=p", "chosen=c", "rejected=r"])
+    with pytest.raises(FormatError, match="'chosen': expected TARGET=FIELD.PATH"):
+        parse_mapping(["chosen", "rejected=r"])
     with pytest.raises(FormatError, match="unknown format"):
         convert({}, "csv", LIMITS)
+    with pytest.raises(FormatError, match="format 'mapping' needs field paths"):
+        convert({"q": "x"}, "mapping", LIMITS)
 
 
 def test_resolve_path_handles_dots_indices_and_wildcards():

@@ -353,19 +353,26 @@ def test_server_problems_are_review_errors_that_say_what_to_check(
 
 
 def test_a_file_that_is_not_a_label_studio_export_is_named(config, lake, tmp_path):
-    cases = {
-        "not-json": "{",
-        "an-object": '{"tasks": []}',
-        "strings": '["a task"]',
-        "foreign-task": '[{"id": 1, "data": {"text": "hi"}, "annotations": []}]',
-        "bad-order": '[{"data": {"source": "hh", "pair_id": "p", "order": "AC"}}]',
-        "no-annotation-id": '[{"data": {"source": "hh", "pair_id": "p", "order": "AB"},'
-        ' "annotations": [{"result": []}]}]',
+    task = '[{"data": {"source": "hh", "pair_id": "p", "order": "AB"}, "annotations": [%s]}]'
+    cases = {  # name: (file text, what the error says after the file's name)
+        "not-json": ("{", "is not a Label Studio JSON export: "),
+        "an-object": ('{"tasks": []}', "expected a list of tasks, found a dict"),
+        "strings": ('["a task"]', "task 0: not a Label Studio task"),
+        "foreign-task": (
+            '[{"id": 1, "data": {"text": "hi"}, "annotations": []}]',
+            "task 0: data has no valid source, pair_id, order",
+        ),
+        "bad-order": (
+            '[{"data": {"source": "hh", "pair_id": "p", "order": "AC"}}]',
+            "task 0: data has no valid order",
+        ),
+        "no-annotation-id": (task % '{"result": []}', "task 0: an annotation without an id"),
+        "no-annotator": (task % '{"id": 7, "result": []}', "task 0, annotation 7: no completed_by"),
     }
-    for name, text in cases.items():
+    for name, (text, says) in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(text)
-        with pytest.raises(FormatError, match=re.escape(str(path))):
+        with pytest.raises(FormatError, match=re.escape(str(path)) + ".*" + re.escape(says)):
             pull_annotations(lake, config, "run", from_file=path)
 
 

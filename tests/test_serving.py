@@ -4,6 +4,7 @@ request gets a 4xx with a message, and a bounded load test completes without err
 import asyncio
 import os
 
+import click
 import httpx
 import pytest
 import schemathesis
@@ -251,5 +252,11 @@ def test_model_specs_are_parsed_with_clear_errors():
         "rm": "/models/rm",
         "other": "/models/other/",
     }
-    with pytest.raises(Exception, match="given twice"):
+    with pytest.raises(click.BadParameter, match="model name 'a' given twice"):
         parse_models(("a=/x", "a=/y"))
+    for spec in ("=/x", "rm="):
+        with pytest.raises(click.BadParameter, match=f"'{spec}': expected NAME=PATH"):
+            parse_models((spec,))
+    config = load_config(None)
+    with pytest.raises(ValueError, match="serve at least one model"):
+        reward_app({}, config.scoring, config.serving)

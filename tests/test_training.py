@@ -24,6 +24,7 @@ from pipelines import jobs
 from pipelines.core.actor_pool import in_blocks_of
 from pipelines.core.batching import length_batches
 from pipelines.core.config import ConfigError, load_config
+from pipelines.core.errors import SelectionError
 from pipelines.core.model_paths import dequantized
 from pipelines.ingest.job import IngestRequest
 from pipelines.rm import data
@@ -226,6 +227,12 @@ def test_a_small_set_tokenised_by_the_driver_equals_the_actor_pipeline(
         dataset = tokenized_pairs(hh_lake, selection, selection.train, training, 16)
         return list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
 
+    weighted = training.model_copy(deep=True)
+    weighted.data.weight_column = "no_such_column"
+    with pytest.raises(
+        SelectionError, match=r"table pairs has no column\(s\) \['no_such_column'\]"
+    ):
+        tokenized_pairs(hh_lake, plain, plain.train, weighted, 16)
     here = tokenized(selection)
     assert [b.num_rows for b in here[:-1]] == [16] * (len(here) - 1) and here[-1].num_rows <= 16
     assert [b.to_pydict() for b in tokenized(selection)] == [b.to_pydict() for b in here]
