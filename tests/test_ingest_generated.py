@@ -37,32 +37,35 @@ def good_row(draw: st.DrawFn) -> dict:
     return {"prompt": draw(text), "chosen": draw(text), "rejected": draw(text)}
 
 
+REASON_OF_KIND = {
+    "missing": "missing_field",
+    "wrong_role": "invalid_role",
+    "blank_turn": "empty_content",
+    "identical": "identical_responses",
+    "oversize": "oversize",
+    "invalid_utf8": "malformed_json",
+    "lone_surrogate": "malformed_json",
+    "nan": "malformed_json",
+    "duplicate_key": "malformed_json",
+    "not_an_object": "not_an_object",
+    "malformed": "malformed_json",
+}
+"""What each way of going wrong is quarantined as (the others depend on the record)."""
+
+
 @st.composite
-def json_row(draw: st.DrawFn) -> bytes:
-    """One JSON-lines record: a good pair, or one of the ways a record goes wrong."""
+def json_row(draw: st.DrawFn) -> tuple[bytes, str]:
+    """One JSON-lines record, a good pair or one of the ways a record goes wrong, and what it
+    must become: ``pair`` or its quarantine reason."""
     row = good_row(draw)
-    kind = draw(
-        st.sampled_from(
-            [
-                "good",
-                "wrong_type",
-                "missing",
-                "wrong_role",
-                "blank_turn",
-                "identical",
-                "oversize",
-                "deep",
-                "invalid_utf8",
-                "lone_surrogate",
-                "nan",
-                "duplicate_key",
-                "not_an_object",
-                "malformed",
-            ]
-        )
-    )
+    kind = draw(st.sampled_from(["good", "wrong_type", "deep", *REASON_OF_KIND]))
+    # Equal responses are drawn often; such a pair states no preference.
+    same = row["chosen"] == row["rejected"]
+    expected = REASON_OF_KIND.get(kind, "identical_responses" if same else "pair")
     if kind == "wrong_type":
         row["chosen"] = draw(st.one_of(st.integers(), st.booleans(), st.lists(st.integers())))
+        # A list is read as messages, each missing its role and content.
+        expected = "missing_field" if isinstance(row["chosen"], list) else "non_string_content"
     elif kind == "missing":
         del row[draw(st.sampled_from(sorted(row)))]
     elif kind == "wrong_role":
@@ -77,6 +80,7 @@ def json_row(draw: st.DrawFn) -> bytes:
     if kind == "deep":
         levels = draw(st.sampled_from([100, 1_000, 5_000]))
         data = data[:-1] + b', "extra": ' + b'{"x": ' * levels + b"1" + b"}" * levels + b"}"
+        expected = "malformed_json" if levels == 5_000 else expected  # too deep for the parsers
     elif kind == "invalid_utf8":
         data = data[:-1] + b', "extra": "\xff\xfe"}'
     elif kind == "lone_surrogate":
@@ -89,14 +93,15 @@ def json_row(draw: st.DrawFn) -> bytes:
         data = draw(st.sampled_from([b"[1, 2]", b'"text"', b"null", b"3"]))
     elif kind == "malformed":
         data = data[: draw(st.integers(1, max(1, len(data) - 1)))]
-    return data
+    return data, expected
 
 
 @st.composite
-def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, int, int]:
-    """(name, bytes, records written, blank lines between them) of a JSON-lines file, maybe
-    gzipped, with a BOM, CRLF line ends, blank lines and a last line without its newline."""
-    rows = draw(st.lists(json_row(), min_size=1, max_size=12))
+def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, list[str], int]:
+    """(name, bytes, what each record must become, blank lines between them) of a JSON-lines
+    file, maybe gzipped, with a BOM, CRLF line ends, blank lines and a last line without its
+    newline."""
+    rows, expected = zip(*draw(st.lists(json_row(), min_size=1, max_size=12)), strict=True)
     ending = draw(st.sampled_from([b"\n", b"\r\n"]))
     lines, blanks = [], 0
     for i, row in enumerate(rows):
@@ -108,8 +113,8 @@ def jsonl_file(draw: st.DrawFn) -> tuple[str, bytes, int, int]:
     if draw(st.booleans()):
         data = b"\xef\xbb\xbf" + data
     if draw(st.booleans()):
-        return "records.jsonl.gz", gzip.compress(data), len(rows), blanks
-    return "records.jsonl", data, len(rows), blanks
+        return "records.jsonl.gz", gzip.compress(data), list(expected), blanks
+    return "records.jsonl", data, list(expected), blanks
 
 
 Records = list[tuple[int, str, str | None]]
@@ -138,10 +143,14 @@ def staged(
     return records, rows
 
 
-def assert_accounted(records: Records, rows: pa.Table) -> None:
+def assert_accounted(records: Records, rows: pa.Table, expected: list[str] | None = None) -> None:
     """Every record read is at least one staged row, and every staged row is a pair or has a
-    known reason and a detail."""
+    known reason and a detail; with ``expected`` (per record), the reason of each."""
     assert {r[0] for r in records} == set(rows["source_row"].to_pylist())
+    if expected is not None:
+        wanted = {record[0]: reason for record, reason in zip(records, expected, strict=True)}
+        became = {r["source_row"]: r["reason"] or r["kind"] for r in rows.to_pylist()}
+        assert became == wanted
     for row in rows.to_pylist():
         if row["kind"] == "pair":
             assert row["pair_id"] and row["chosen"].strip() and row["rejected"].strip()
@@ -160,13 +169,13 @@ FUZZ = settings(
 @FUZZ
 @given(file=jsonl_file())
 def test_every_jsonl_record_is_a_pair_or_quarantined_with_a_reason(tmp_path, file):
-    name, data, written, blanks = file
+    name, data, expected, blanks = file
     path = tmp_path / name
     path.write_bytes(data)
     records, rows = staged(path)
-    assert len(records) == written, "one record per non-blank line, the BOM is no record"
+    assert len(records) == len(expected), "one record per non-blank line, the BOM is no record"
     assert blank_lines(records_table(str(path), records)) == blanks, "each blank line counted"
-    assert_accounted(records, rows)
+    assert_accounted(records, rows, expected)
 
 
 @FUZZ
@@ -187,14 +196,14 @@ def test_a_file_cut_short_keeps_what_came_before_and_names_itself(tmp_path, file
 @FUZZ
 @given(rows=st.lists(json_row(), min_size=1, max_size=12), bom=st.booleans())
 def test_every_element_of_a_json_array_is_a_pair_or_quarantined(tmp_path, rows, bom):
-    parseable = [r for r in rows if _parses(r)]
-    data = b"[" + b", ".join(parseable) + b"]"
+    parseable = [(data, reason) for data, reason in rows if _parses(data)]
+    data = b"[" + b", ".join(data for data, _ in parseable) + b"]"
     path = tmp_path / "records.json"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
     records, staged_rows = staged(path)
     file_error = len(records) == 1 and records[0][2] is not None
     assert len(records) == len(parseable) or file_error, "the elements, or one file error"
-    assert_accounted(records, staged_rows)
+    assert_accounted(records, staged_rows, None if file_error else [r for _, r in parseable])
 
 
 @FUZZ
