@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
 import pytest
 import ray
 from click.testing import CliRunner, Result
@@ -24,6 +26,7 @@ from pipelines.core.config import JudgeConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import set_local_cluster_env
 from ray_jobs.cli import cli
+from storage_schemas import PAIRS
 
 # The local cluster's settings (OpenMP threads that sleep when idle, among others) for this
 # process and all it starts (Ray, model servers), set before anything loads torch.
@@ -181,6 +184,34 @@ def local_stores(folder: Path) -> dict[str, dict[str, str]]:
             "artifact_location": str(folder / "mlartifacts"),
         },
     }
+
+
+def pairs_rows(ids, chosen="good", source="s") -> pa.Table:
+    """Corpus pairs ``ids`` as rows of the pairs table, written by hand (no ingest)."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "pair_id": f"{i:032x}",
+                "source": source,
+                "source_kind": "corpus",
+                "history": [{"role": "user", "content": f"question {i}"}],
+                "chosen": f"{chosen} {i}",
+                "rejected": f"bad {i}",
+                "source_file": "f.jsonl",
+                "source_row": i,
+                "source_item": 0,
+                "source_meta": None,
+                "history_turns": 1,
+                "history_chars": 10,
+                "chosen_chars": 6,
+                "rejected_chars": 5,
+                "ingest_run_id": "run",
+                "ingested_at": datetime(2026, 1, 1, tzinfo=UTC),
+            }
+            for i in ids
+        ],
+        schema=PAIRS.schema,
+    )
 
 
 @pytest.fixture(scope="session")

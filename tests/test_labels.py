@@ -34,12 +34,12 @@ from pipelines.labels.events import (
 )
 from pipelines.labels.sets import SetRef, read_set, write_set
 from pipelines.loop.driver import _check_unchanged, _recipe, plan, run_loop
-from pipelines.loop.pools import keys_predicate
+from pipelines.loop.pools import keys_predicate, loop_pairs
 from pipelines.loop.state import LoopState
 from pipelines.loop.steps import retrieval_k
 from pipelines.rm.data import PairTokenizer, row_keys, training_selection
-from storage_schemas import LABEL_EVENTS
-from tests.conftest import HH_HARMLESS, shared_data
+from storage_schemas import LABEL_EVENTS, PAIRS
+from tests.conftest import HH_HARMLESS, pairs_rows, shared_data
 
 
 def event(pair: str, label: str | None, origin: str, who: str = "a", decision: str = "d", **more):
@@ -223,6 +223,12 @@ def test_loop_config_and_state_errors_are_clear(config, lake):
     LoopState(lake, config.loop.name).commit("start", start, None)
     with pytest.raises(ConfigError, match="started with other values of loop.iterations"):
         run_loop(config)
+    lake.insert_new(PAIRS, pairs_rows(range(3)))
+    version = lake.version("pairs")
+    with pytest.raises(SelectionError, match="loop.curated_only needs the curation_status table"):
+        loop_pairs(lake, LoopConfig(curated_only=True), version)
+    with pytest.raises(SelectionError, match=r"the loop has no pairs \(loop.where .pair_id < '0'"):
+        loop_pairs(lake, LoopConfig(curated_only=False, where="pair_id < '0'"), version)
 
 
 def test_a_loop_resumes_only_with_the_recipe_it_started_with(config):

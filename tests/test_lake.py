@@ -1,7 +1,6 @@
 """The Delta access layer: creation from specs, idempotent writes, retries, time travel, S3."""
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -14,35 +13,7 @@ from pipelines.core.errors import SelectionError
 from pipelines.core.lake import Lake
 from pipelines.core.selection import select_pair_keys
 from storage_schemas import PAIRS, QUARANTINE, SCHEMA_VERSION, TABLES, TableSpec, table_spec
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def pairs_rows(ids, chosen="good", source="s") -> pa.Table:
-    return pa.Table.from_pylist(
-        [
-            {
-                "pair_id": f"{i:032x}",
-                "source": source,
-                "source_kind": "corpus",
-                "history": [{"role": "user", "content": f"question {i}"}],
-                "chosen": f"{chosen} {i}",
-                "rejected": f"bad {i}",
-                "source_file": "f.jsonl",
-                "source_row": i,
-                "source_item": 0,
-                "source_meta": None,
-                "history_turns": 1,
-                "history_chars": 10,
-                "chosen_chars": 6,
-                "rejected_chars": 5,
-                "ingest_run_id": "run",
-                "ingested_at": NOW,
-            }
-            for i in ids
-        ],
-        schema=PAIRS.schema,
-    )
+from tests.conftest import pairs_rows
 
 
 def test_tables_are_created_from_their_spec(lake: Lake):
