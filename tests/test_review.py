@@ -15,7 +15,7 @@ import pytest
 
 from pipelines import jobs
 from pipelines.core.config import ReviewConfig
-from pipelines.core.errors import FormatError
+from pipelines.core.errors import FormatError, SelectionError
 from pipelines.core.lake import Lake
 from pipelines.core.selection import select_pair_keys
 from pipelines.ingest.job import IngestRequest
@@ -28,8 +28,8 @@ from pipelines.labels.review import (
     push_pairs,
     shown_order,
 )
-from storage_schemas import ATTRIBUTES, VERDICTS
-from tests.conftest import HH_HARMLESS, free_port, shared_data
+from storage_schemas import ATTRIBUTES, PAIRS, VERDICTS
+from tests.conftest import HH_HARMLESS, free_port, pairs_rows, shared_data
 from tests.labelstudio import answer, sign_up
 
 SECOND = "second@example.com"
@@ -374,6 +374,17 @@ def test_a_file_that_is_not_a_label_studio_export_is_named(config, lake, tmp_pat
         path.write_text(text)
         with pytest.raises(FormatError, match=re.escape(str(path)) + ".*" + re.escape(says)):
             pull_annotations(lake, config, "run", from_file=path)
+
+
+def test_pairs_to_review_that_are_not_in_the_lake_are_refused(config, lake, tmp_path):
+    lake.insert_new(PAIRS, pairs_rows(range(2)))
+    keys = pa.table({"source": ["s", "s"], "pair_id": [f"{0:032x}", "gone"]})
+    version = lake.version("pairs")
+    with pytest.raises(
+        SelectionError, match=f"1 of the 2 pairs to review are not in pairs@{version}"
+    ):
+        push_pairs(lake, config.review, keys, "run", to_file=tmp_path / "tasks.json")
+    assert not (tmp_path / "tasks.json").exists()
 
 
 def test_the_shown_order_is_a_fixed_coin_flip_per_pair_and_seed():
