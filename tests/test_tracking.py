@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from pipelines.core.config import JudgeConfig, load_config
@@ -155,3 +156,6 @@ def test_a_logged_reward_model_ships_the_library_it_loads_with(config, encoder_r
         "pipelines/rm/model.py",
         "pipelines/core/text.py",
     } <= shipped
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    with pytest.raises(ValueError, match="reward model input needs a 'messages' column"):
+        loaded.predict(pd.DataFrame({"text": ["How do I bake bread?"]}))
