@@ -142,7 +142,7 @@ def test_a_job_killed_at_any_point_reruns_to_the_uninterrupted_tables(
     where = point.split(":")[0]
     if where == "inside" and not reached.get("realtime", True):
         # Without real-time priority the watcher may see the file only after the commit: the
-        # re-run is still checked, and the warning says which point was not.
+        # re-run is still checked, and a warning says that the kill missed the merge.
         where = reached["point"]
         if where != "inside":
             message = f"{job}: the kill landed {where} the merge (no real-time priority)"
