@@ -131,12 +131,37 @@ SHARED_SERVER_MODULES = {
 test` gives the modules of one fixture to one pytest-xdist worker, which starts it once."""
 
 
+LONGEST_MODULES = (
+    "test_journey",
+    "test_loop",
+    "test_judging",
+    "test_training",
+    "test_multinode",
+    "test_crash_points",
+    "test_submit",
+    "test_curation_quality",
+    "test_serving",
+    "test_evaluation",
+)
+"""The modules that take over a minute in `make test`, longest first (docs/performance.md: The
+test suite)."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests first: `make test` deals whole modules to two workers
-    (pytest-xdist, ``--dist loadfile``), so the long ones start at once and the quick ones fill
-    in the end."""
+    """The longest modules first, then the other modules with slow tests: `make test` deals
+    whole modules to two workers (pytest-xdist, ``--dist loadfile``), so the long ones start
+    early and the quick ones even out the end (a 3-minute module dealt last left one core
+    idle for a minute)."""
+    if missing := [m for m in LONGEST_MODULES if not (REPO / "tests" / f"{m}.py").exists()]:
+        raise pytest.UsageError(f"LONGEST_MODULES names modules that do not exist: {missing}")
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
+
+    def rank(item: pytest.Item) -> tuple[int, bool]:
+        name = item.module.__name__.removeprefix("tests.")
+        longest = LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+        return longest, item.module.__name__ not in slow
+
+    items.sort(key=rank)
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         for fixture in set(SHARED_SERVER_MODULES.values()) & set(item.fixturenames):

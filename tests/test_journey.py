@@ -79,17 +79,17 @@ def test_the_journey_from_raw_pairs_to_a_served_reward_model(config, ray_cluster
     scored = synpref("score", "--model", folder, "--where", GOLD)
     assert scored["accuracy"] == pytest.approx(accuracy), "scoring reads what training read"
 
-    judgebench_sample = first_items(shared_data(JUDGEBENCH), tmp_path / "judgebench", 60)
+    judgebench_sample = first_items(shared_data(JUDGEBENCH), tmp_path / "judgebench", 30)
     judgebench = synpref("eval", "judgebench", "--data", str(judgebench_sample), "--model", folder)
-    assert judgebench["items"] == 60 and 0 < judgebench["metrics"]["accuracy"] < 100
+    assert judgebench["items"] == 30 and 0 < judgebench["metrics"]["accuracy"] < 100
     tags = mlflow.get_run(judgebench["run_id"]).data.tags
     assert (
         tags["synpref.registered_model"]
         == f"models:/synpref-reward-model/{trained['registered_version']}"
     )
-    chat = first_items(shared_data(RM_BENCH) / "chat_filtered.json", tmp_path / "rmbench", 30)
+    chat = first_items(shared_data(RM_BENCH) / "chat_filtered.json", tmp_path / "rmbench", 15)
     rmbench = synpref("eval", "rmbench", "--data", str(chat), "--model", folder)
-    assert rmbench["items"] == 30
+    assert rmbench["items"] == 15
 
     _serve_query_and_stop(folder, tmp_path)
 

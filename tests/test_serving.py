@@ -226,8 +226,10 @@ def test_concurrent_requests_for_two_models_each_get_their_own_models_rewards(ap
 
 @pytest.mark.slow
 def test_bounded_load_completes_without_errors(api):
-    """2,000 requests from 32 concurrent clients; dynamic batching merges them."""
+    """640 requests from 32 concurrent clients (20 each, so every client waits in the queue behind
+    the others many times); dynamic batching merges them."""
     url, _ = api
+    requests = 640
 
     async def run() -> list[int]:
         limits = httpx.Limits(max_connections=32)
@@ -241,10 +243,10 @@ def test_bounded_load_completes_without_errors(api):
                 async with gate:
                     return (await client.post("/v1/score", json=body)).status_code
 
-            return await asyncio.gather(*(one(i) for i in range(2000)))
+            return await asyncio.gather(*(one(i) for i in range(requests)))
 
     statuses = asyncio.run(run())
-    assert statuses.count(200) == 2000
+    assert statuses.count(200) == requests
 
 
 def test_model_specs_are_parsed_with_clear_errors():
