@@ -133,18 +133,20 @@ test` gives the modules of one fixture to one pytest-xdist worker, which starts 
 
 LONGEST_MODULES = (
     "test_journey",
-    "test_loop",
     "test_judging",
+    "test_loop",
     "test_training",
     "test_multinode",
     "test_crash_points",
     "test_submit",
     "test_curation_quality",
-    "test_serving",
     "test_evaluation",
+    "test_tracking_server",
+    "test_scoring",
+    "test_serving",
 )
-"""The modules that take over a minute in `make test`, longest first (docs/performance.md: The
-test suite)."""
+"""The modules that take over 45 s in `make test`, longest first (docs/performance.md: The test
+suite)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
