@@ -1,6 +1,7 @@
 """The incremental actor-pool stage shared by judging, attributes and scoring, tested directly
 (no LLM, no CLI): what counts as missing, the CPU guard, block-wise merges and a crash."""
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,11 @@ def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake, tmp_path)
     # Ray Data hands the actor's error on as a task error of the user's code.
     with pytest.raises(ray.exceptions.RayTaskError, match="RuntimeError: crash on item 55"):
         stage(everything, fail_on=55)
+    # Ray Data lets a failed stage's actors go by dropping its references to them, but the
+    # error's traceback holds some in a reference cycle: until the cycle collector runs they
+    # keep their CPUs, and a later stage in this process can wait for CPUs forever.
+    gc.collect()
+    _wait_for_every_cpu()
     kept = lake.read(OUTPUT.name) if lake.exists(OUTPUT.name) else OUTPUT.schema.empty_table()
     assert kept.num_rows >= 10, "blocks finished before the crash were merged"
     assert 55 not in kept["item"].to_pylist()
@@ -122,6 +128,13 @@ def test_blocks_are_merged_as_they_finish_and_a_crash_keeps_them(lake, tmp_path)
     table = lake.read(OUTPUT.name)
     assert sorted(table["item"].to_pylist()) == list(range(60)), "nothing lost, nothing twice"
     assert result.version == lake.version(OUTPUT.name)
+
+
+def _wait_for_every_cpu(seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()}"
+        time.sleep(0.2)
 
 
 @pytest.mark.usefixtures("ray_cluster")
