@@ -182,6 +182,7 @@ def test_selection_holds_out_validation_and_rejects_bad_inputs(config, hh_lake):
         ("where", "pair_id < '00'", "selection is empty"),
         ("table", "no_such_table", "does not exist"),
         ("curated_only", True, "needs the curation_status table"),
+        ("validation_where", FEW, r"selection is empty .*: all \d+ selected pairs validate"),
     ]:
         bad = data.model_copy(update={option: value})
         with pytest.raises(ValueError, match=message):

@@ -129,8 +129,12 @@ def training_selection(lake: Lake, data: TrainingDataConfig) -> TrainingSelectio
         held_out = _held_out(selected, data.validation_fraction)
         validation, train = selected.filter(held_out), selected.filter(pc.invert(held_out))
     if train.num_rows == 0:
+        scope = ", ".join([f"where {data.where!r}", *(f"set {ref}" for ref in sets)])
+        # A selection inside its validation set (a loop's curated set of gold pairs only) is
+        # emptied by the hold-out, not by the predicate: say so.
+        held_out = selected.num_rows and f": all {selected.num_rows:,} selected pairs validate"
         raise SelectionError(
-            f"the training selection is empty ({data.table} v{version}, where {data.where!r})"
+            f"the training selection is empty ({data.table} v{version}, {scope}){held_out or ''}"
         )
     return TrainingSelection(
         data.table,
