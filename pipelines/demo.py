@@ -22,6 +22,11 @@ from pipelines.ingest.synthetic import CorpusSpec, benchmark_prompts, write_corp
 log = logging.getLogger(__name__)
 
 DEMO_SOURCE = "synthetic-demo"
+DEMO_HUMAN_SOURCE = "synthetic-human"
+"""Without the configured human-labelled sources (HH beside the checkout), the first of the
+synthetic corpus's ``DEMO_SHARDS`` files plays one, so that Stage 2 still has D_wild pairs and
+the final models a curated set besides D_gold to train on."""
+DEMO_SHARDS = 4
 
 
 @dataclass
@@ -43,7 +48,7 @@ class DemoSummary(JobSummary):
 
     def text(self) -> str:
         lines = [step.summary.text() for step in self.steps]
-        lines += [f"skipped (not found): {p}" for p in self.skipped_inputs]
+        lines += [f"skipped (not found): {_shown(p)}" for p in self.skipped_inputs]
         lines += ["", f"lake {self.lake}:", f"  {'table':<20}{'version':>8}{'rows':>14}"]
         lines += [f"  {t.name:<20}{t.version:>8}{t.rows:>14,}" for t in self.tables]
         lines += ["", "Where to look:", *WHERE_TO_LOOK]
@@ -68,29 +73,37 @@ def run_demo(ctx: JobContext) -> DemoSummary:
     skipped = [p for paths in demo.extra_inputs.values() for p in paths if not Path(p).exists()]
     prompts = _first_benchmark_prompts(found.get("rm-bench", []))
     spec = CorpusSpec(pairs=demo.pairs, seed=demo.seed, contamination_rate=0.01 if prompts else 0)
-    files = write_corpus(spec, Path(demo.workdir), benchmark_prompts=prompts)
+    files = [str(f) for f in write_corpus(spec, demo.workdir, DEMO_SHARDS, prompts)]
     log.info(f"[demo] generated {demo.pairs:,} synthetic pairs (+ planted rows) in {demo.workdir}")
-    sources = {DEMO_SOURCE: [str(f) for f in files]} | {n: p for n, p in found.items() if p}
+    humans_here = bool(set(config.loop.human_sources) & {n for n, p in found.items() if p})
+    synthetic = (
+        {DEMO_SOURCE: files}
+        if humans_here
+        else {DEMO_HUMAN_SOURCE: files[:1], DEMO_SOURCE: files[1:]}
+    )
+    sources = synthetic | {n: p for n, p in found.items() if p}
     steps: list[JobResult[Any]] = [
         jobs.ingest(config, IngestRequest(paths=paths, source=source))
         for source, paths in sources.items()
     ]
     steps += [jobs.dedup(config), jobs.decontaminate(config)]
     if demo.loop:
-        steps.append(jobs.loop(_loop_config(config, set(sources))))
+        steps.append(jobs.loop(_loop_config(config, humans_here)))
     return DemoSummary(config.lake.root, steps, skipped, ctx.lake.tables())
 
 
-def _loop_config(config: SynprefConfig, sources: set[str]) -> SynprefConfig:
-    """The loop as configured, with the synthetic corpus as the human-labelled source when none
-    of the configured ones was ingested, only the benchmarks whose data is here, and reward
-    models of ``demo.max_length`` tokens."""
+def _loop_config(config: SynprefConfig, humans_here: bool) -> SynprefConfig:
+    """The loop as configured, with a quarter of the synthetic corpus as the human-labelled
+    source when none of the configured ones is here, only the benchmarks whose data is here,
+    and reward models of ``demo.max_length`` tokens."""
     loop = config.loop
-    if not set(loop.human_sources) & sources:
-        log.info(f"[demo] no {loop.human_sources} pairs: {DEMO_SOURCE} plays the human source")
-        loop = loop.model_copy(
-            update={"human_sources": [DEMO_SOURCE], "seed_set": f"source = '{DEMO_SOURCE}'"}
+    if not humans_here:
+        log.info(
+            f"[demo] no {loop.human_sources} data: {DEMO_HUMAN_SOURCE} (a quarter of the "
+            f"synthetic corpus) plays the human-labelled source, {DEMO_SOURCE} is D_wild"
         )
+        seed_set = f"source = '{DEMO_HUMAN_SOURCE}'"
+        loop = loop.model_copy(update={"human_sources": [DEMO_HUMAN_SOURCE], "seed_set": seed_set})
     present = {name: path for name, path in loop.benchmarks.items() if Path(path).exists()}
     for name in loop.benchmarks.keys() - present.keys():
         log.info(f"[demo] benchmark {name}: {loop.benchmarks[name]} not found, left out")
@@ -98,6 +111,12 @@ def _loop_config(config: SynprefConfig, sources: set[str]) -> SynprefConfig:
     scoring = config.scoring.model_copy(update={"max_length": config.demo.max_length})
     update = {"loop": loop.model_copy(update={"benchmarks": present})}
     return config.model_copy(update=update | {"training": training, "scoring": scoring})
+
+
+def _shown(path: str) -> str:
+    """A relative path with the folder it was looked for from (configs/local.yaml's datasets
+    are found from a checkout's folder only)."""
+    return path if Path(path).is_absolute() else f"{path} (from {Path.cwd()})"
 
 
 def _first_benchmark_prompts(paths: list[str]) -> list[str]:

@@ -101,9 +101,9 @@ def test_demo_runs_the_main_job(run, config, monkeypatch, tmp_path):
     monkeypatch.setenv("SYNPREF_LOOP__FINAL", "false")
     monkeypatch.setenv("SYNPREF_TRAINING__STORAGE_PATH", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("SYNPREF_DEMO__WORKDIR", str(tmp_path / "demo"))
+    # A newcomer's machine without ../shared: the configured HH is not found.
     monkeypatch.setenv(
-        "SYNPREF_DEMO__EXTRA_INPUTS",
-        json.dumps({"hh": [str(HH_HARMLESS)], "gone": ["/nonexistent/x.jsonl"]}),
+        "SYNPREF_DEMO__EXTRA_INPUTS", json.dumps({"hh-rlhf-harmless": ["/nonexistent/x.jsonl"]})
     )
     text = run("demo").stdout
     assert "lake " in text and "MLflow:" in text
@@ -112,9 +112,10 @@ def test_demo_runs_the_main_job(run, config, monkeypatch, tmp_path):
     result = json.loads(run("demo", "--json").stdout)
     *ingests, dedup, decontamination, loop = result["steps"]
     assert loop["status"] == "finished" and loop["steps_run"] == [], "the loop is done"
-    # No HH under its configured name: the synthetic corpus played the human-labelled source.
+    # A quarter of the synthetic corpus played the human-labelled source, the rest is D_wild.
     assert loop["pools"]["D_gold"] > 0 and loop["pools"]["D_wild"] > 0
     sources = {i["source"]: i for i in ingests}
+    assert set(sources) == {"synthetic-human", "synthetic-demo"}
     assert sources["synthetic-demo"]["pairs_inserted"] == 0, "a second demo adds nothing"
     assert all(i["balanced"] for i in ingests)
     assert all(step["run_id"] for step in result["steps"]), "every step is an MLflow run"

@@ -628,8 +628,9 @@ class DemoConfig(_Section):
     """More sources to ingest, ``{source name: [paths]}``; missing paths are skipped with a note."""
     loop: bool = True
     """Run the loop (the ``loop`` section; configs/local.yaml sets a short one on the demo
-    data) after hygiene. Without its human sources in the lake, the synthetic corpus plays the
-    human-labelled source; benchmarks whose data is missing are left out."""
+    data) after hygiene. Without the data of its human sources, a quarter of the synthetic
+    corpus plays the human-labelled source and the rest is D_wild; benchmarks whose data is
+    missing are left out."""
     max_length: int = Field(default=128, ge=8)
     """Tokens per conversation for the demo loop's reward models (short: it runs on a laptop)."""
 
