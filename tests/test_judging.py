@@ -669,7 +669,7 @@ def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
 @pytest.mark.slow
 def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
     ingest_real(config)
-    config.judging.annotator = LLMConfig(max_tokens=160, max_retries=1, num_cpus=0.5)
+    config.judging.annotator = LLMConfig(max_tokens=64, max_retries=1, num_cpus=0.5)
     where = f"{HH_SHORT} AND pair_id < '02'"
     first = jobs.annotate(config, where=where).as_dict()
     assert first["annotated"] == first["selected"] == lake.count("pairs", where=where) >= 2

@@ -87,17 +87,19 @@ def loop_config(folder: Path, judge_url: str) -> dict:
         **local_stores(folder),
         "training": {
             # Ray Train's local mode (its workers: test_training.py, test_journey.py): no
-            # worker processes to start, the same model in every run, two torch threads.
+            # worker processes to start, the same model in every run, two torch threads. 32
+            # tokens: what is tested is what the loop decides and records, not what its models
+            # learn.
             "workers": 0,
             "cpus_per_worker": 1.5,
-            "max_length": 64,
+            "max_length": 32,
             "global_batch": 16,
             "learning_rate": 1e-3,
             "validate_every": 1000,
             "checkpoint_every": 1000,
             "storage_path": str(folder / "checkpoints"),
         },
-        "scoring": {"max_length": 64},
+        "scoring": {"max_length": 32},
         "judging": {"judges": [scripted_judge(judge_url, few_shot=2).model_dump()]},
         "loop": {
             "human_sources": ["hh-verified"],
