@@ -66,9 +66,10 @@ def on_pool(
 ) -> ray.data.Dataset:
     """``dataset`` mapped through ``actor(*actor_args)`` on ``pool``'s actors (Arrow batches).
 
-    An actor whose node dies is started again elsewhere and the batches it held are sent again
-    (``max_restarts``/``max_task_retries`` -1: Ray Data's defaults, stated here because the
-    node-loss test relies on them; every actor's work is idempotent)."""
+    An actor whose node dies is started again elsewhere and the batches it held are sent again:
+    Ray Data's actor pools default to ``max_restarts``/``max_task_retries`` -1, which the
+    node-loss test relies on (every actor's work is idempotent). They are not passed here: Ray
+    2.60 deprecates ``map_batches``' other remote arguments, and 2.64 removes them."""
     return dataset.map_batches(
         actor,
         fn_constructor_args=actor_args,
@@ -77,8 +78,6 @@ def on_pool(
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
-        max_restarts=-1,
-        max_task_retries=-1,
     )
 
 
