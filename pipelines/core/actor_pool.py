@@ -96,7 +96,9 @@ def in_blocks_of(dataset: ray.data.Dataset, rows: int, num_cpus: float) -> ray.d
 
 
 REQUEST_BLOCK_CPUS = 0.25
-"""CPUs per task that cuts a stage's requests into blocks (the actors hold the rest)."""
+"""CPUs per task that reads a stage's pairs and cuts them into request blocks (the actors hold
+the rest). A whole CPU would wait for ever where the actors leave less than one on every node:
+two 0.5-CPU actors on two 1-CPU nodes, the third node lost, hung the node-loss test."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ def run_on_pairs(
         return run_in_process(name, rows, actor, actor_args, merge, keys.num_rows)
     pool_name, config = pool
     check_cpus({pool_name: config})
-    dataset = lake.dataset(PAIRS.name, version, columns, keys=None if every_pair else keys)
+    wanted = None if every_pair else keys
+    dataset = lake.dataset(PAIRS.name, version, columns, keys=wanted, read_cpus=REQUEST_BLOCK_CPUS)
     return run_stage(name, dataset, actor, actor_args, config, output, merge, keys.num_rows)
 
 

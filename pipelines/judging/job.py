@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from pipelines.attributes.job import annotator_key, valid_attributes
 from pipelines.core import reporting
 from pipelines.core.actor_pool import (
+    REQUEST_BLOCK_CPUS,
     StageResult,
     check_cpus,
     missing_rows,
@@ -386,13 +387,12 @@ def _judge(
     if judge.few_shot:
         pools["gold retrieval"] = RETRIEVAL_POOL
     check_cpus(pools)
-    dataset = lake.dataset(PAIRS.name, pairs_version, columns, keys=pairs).map_batches(
-        request_rows, batch_format="pyarrow", fn_kwargs={"missing": missing}
-    )
+    light = {"batch_format": "pyarrow", "num_cpus": REQUEST_BLOCK_CPUS}
+    dataset = lake.dataset(
+        PAIRS.name, pairs_version, columns, keys=pairs, read_cpus=REQUEST_BLOCK_CPUS
+    ).map_batches(request_rows, fn_kwargs={"missing": missing}, **light)
     if judge.show_attributes:
-        dataset = dataset.map_batches(
-            attach_attributes, batch_format="pyarrow", fn_kwargs={"values": attributes}
-        )
+        dataset = dataset.map_batches(attach_attributes, fn_kwargs={"values": attributes}, **light)
     if judge.few_shot:
         dataset = dataset.map_batches(
             NearestGold,
