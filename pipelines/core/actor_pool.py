@@ -97,8 +97,9 @@ def in_blocks_of(dataset: ray.data.Dataset, rows: int, num_cpus: float) -> ray.d
 
 REQUEST_BLOCK_CPUS = 0.25
 """CPUs per task that reads a stage's pairs and cuts them into request blocks (the actors hold
-the rest). A whole CPU would wait for ever where the actors leave less than one on every node:
-two 0.5-CPU actors on two 1-CPU nodes, the third node lost, hung the node-loss test."""
+the rest). A whole CPU would wait for ever where the actors leave less than one on every node
+(two 0.5-CPU actors on two 1-CPU nodes, the third lost): the likely cause of one hang of the
+node-loss test (docs/reliability.md)."""
 
 
 @dataclass(frozen=True)
