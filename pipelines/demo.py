@@ -70,18 +70,19 @@ def run_demo(ctx: JobContext) -> DemoSummary:
     config = ctx.config
     demo = config.demo
     found = {n: [p for p in paths if Path(p).exists()] for n, paths in demo.extra_inputs.items()}
+    found = {name: paths for name, paths in found.items() if paths}
     skipped = [p for paths in demo.extra_inputs.values() for p in paths if not Path(p).exists()]
     prompts = _first_benchmark_prompts(found.get("rm-bench", []))
     spec = CorpusSpec(pairs=demo.pairs, seed=demo.seed, contamination_rate=0.01 if prompts else 0)
     files = [str(f) for f in write_corpus(spec, demo.workdir, DEMO_SHARDS, prompts)]
     log.info(f"[demo] generated {demo.pairs:,} synthetic pairs (+ planted rows) in {demo.workdir}")
-    humans_here = bool(set(config.loop.human_sources) & {n for n, p in found.items() if p})
+    humans_here = bool(set(config.loop.human_sources) & found.keys())
     synthetic = (
         {DEMO_SOURCE: files}
         if humans_here
         else {DEMO_HUMAN_SOURCE: files[:1], DEMO_SOURCE: files[1:]}
     )
-    sources = synthetic | {n: p for n, p in found.items() if p}
+    sources = synthetic | found
     steps: list[JobResult[Any]] = [
         jobs.ingest(config, IngestRequest(paths=paths, source=source))
         for source, paths in sources.items()

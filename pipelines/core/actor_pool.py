@@ -152,6 +152,14 @@ def run_stage(
     return StageResult(rows, version)
 
 
+def stage_pairs(
+    lake: Lake, version: int, columns: list[str], keys: pa.Table | None
+) -> ray.data.Dataset:
+    """``columns`` of ``pairs`` at ``version`` (only the pairs ``keys``, when given) for a stage,
+    read by tasks of ``REQUEST_BLOCK_CPUS``, the share its actor pools leave."""
+    return lake.dataset(PAIRS.name, version, columns, keys=keys, read_cpus=REQUEST_BLOCK_CPUS)
+
+
 def run_on_pairs(
     name: str,
     lake: Lake,
@@ -174,8 +182,7 @@ def run_on_pairs(
         return run_in_process(name, rows, actor, actor_args, merge, keys.num_rows)
     pool_name, config = pool
     check_cpus({pool_name: config})
-    wanted = None if every_pair else keys
-    dataset = lake.dataset(PAIRS.name, version, columns, keys=wanted, read_cpus=REQUEST_BLOCK_CPUS)
+    dataset = stage_pairs(lake, version, columns, None if every_pair else keys)
     return run_stage(name, dataset, actor, actor_args, config, output, merge, keys.num_rows)
 
 

@@ -50,6 +50,7 @@ from pipelines.core.actor_pool import (
     missing_rows,
     run_in_process,
     run_stage,
+    stage_pairs,
 )
 from pipelines.core.config import ActorPoolConfig, GoldConfig, JudgingConfig
 from pipelines.core.errors import ConfigError
@@ -388,9 +389,9 @@ def _judge(
         pools["gold retrieval"] = RETRIEVAL_POOL
     check_cpus(pools)
     light = {"batch_format": "pyarrow", "num_cpus": REQUEST_BLOCK_CPUS}
-    dataset = lake.dataset(
-        PAIRS.name, pairs_version, columns, keys=pairs, read_cpus=REQUEST_BLOCK_CPUS
-    ).map_batches(request_rows, fn_kwargs={"missing": missing}, **light)
+    dataset = stage_pairs(lake, pairs_version, columns, pairs).map_batches(
+        request_rows, fn_kwargs={"missing": missing}, **light
+    )
     if judge.show_attributes:
         dataset = dataset.map_batches(attach_attributes, fn_kwargs={"values": attributes}, **light)
     if judge.few_shot:
