@@ -1,15 +1,18 @@
 """A worker node lost in the middle of a job, on a multi-node cluster of this machine
-(``ray.cluster_utils.Cluster``: a head with no CPUs and three 1-CPU workers with small object
-stores). Run by tests/test_multinode.py as a process of its own, since a driver joins one
+(``ray.cluster_utils.Cluster``: a head with no CPUs and two, then three, 1-CPU workers with
+small object stores). Run by tests/test_multinode.py as a process of its own, since a driver joins one
 cluster only:
 
     python -m tests.multinode_faults WORK_DIR MODEL_FOLDER JUDGE_URL
 
 Each job (ingest, dedup, scoring with a real model, judging on the scripted server) runs once
-undisturbed into one lake, then into a second lake while a worker node is removed with its
-processes killed (no graceful drain) part way through the job's Ray stage; the job goes on
-with the two nodes left (a fresh node joins only after it, as KubeRay's autoscaler would
-replace the pod, for the next job). A job that fails is run again. Writes to
+undisturbed into one lake, on two worker nodes: the layout a node loss leaves, where each
+pool of two 0.5-CPU actors holds half of every node's CPU and a whole-CPU task could never be
+scheduled (such a task hung a judge job once). A third node joins; then each job runs into a
+second lake while a worker node is removed with its processes killed (no graceful drain) part
+way through the job's Ray stage; the job goes on with the two nodes left (a fresh node joins
+only after it, as KubeRay's autoscaler would replace the pod, for the next job). A job that
+fails is run again. Writes to
 WORK_DIR/outcomes.json (stdout carries Ray's own lines too), per job: whether the node went while the job's stage ran, whether the job completed
 despite it (or the error it failed with), and whether the second lake's tables equal the first's
 (run ids, times and versions left out).
@@ -17,12 +20,14 @@ despite it (or the error it failed with), and whether the second lake's tables e
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -78,6 +83,23 @@ class NodeLoss(ExecutionCallback):
         NodeLoss.removed = {"running_tasks": running, "seconds_in": seconds}
 
 
+STEP_SECONDS = 300
+"""Each job alone takes 3-10 s here, 3x that in the suite: one still running after this has
+hung, and the driver ends with every thread's stack instead of waiting for the test's timeout."""
+
+
+@contextlib.contextmanager
+def deadline(what: str) -> Iterator[None]:
+    """Say what runs now; end this process with every thread's stack if it outlasts
+    ``STEP_SECONDS``."""
+    print(f"[multinode] {what}", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback_later(STEP_SECONDS, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def disturbed(job: Callable[[], Any]) -> dict[str, Any]:
     """Run ``job`` with a node lost in the middle of its Ray stage, on the nodes left (its
     actor pools fit on two nodes); run it again if it failed. Then a new node joins (in this
@@ -128,7 +150,7 @@ def main(work: Path, model: str, judge_url: str) -> None:
         initialize_head=True,
         head_node_args={"num_cpus": 0, "_system_config": FAILURE_DETECTION},
     )
-    for _ in range(3):
+    for _ in range(2):
         cluster.add_node(**WORKER)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -145,14 +167,21 @@ def main(work: Path, model: str, judge_url: str) -> None:
         "judge": lambda c: jobs.judge(c, where="pair_id < '04'"),
     }
     calm, rough = config(work, "undisturbed", judge_url), config(work, "disturbed", judge_url)
-    results = {}
+    expected, seconds = {}, {}
     for name, step in steps.items():
         started = time.monotonic()
-        step(calm)
-        seconds = time.monotonic() - started
-        outcome = disturbed(lambda s=step: s(rough))
-        equal = table_rows(Lake(calm.lake.root)) == table_rows(Lake(rough.lake.root))
-        results[name] = outcome | {"equal": equal, "undisturbed_seconds": round(seconds, 1)}
+        with deadline(f"{name} on two nodes"):
+            step(calm)
+        seconds[name] = round(time.monotonic() - started, 1)
+        expected[name] = table_rows(Lake(calm.lake.root))
+    cluster.add_node(**WORKER)
+    cluster.wait_for_nodes()
+    results = {}
+    for name, step in steps.items():
+        with deadline(f"{name}, a node lost"):
+            outcome = disturbed(lambda s=step: s(rough))
+        equal = table_rows(Lake(rough.lake.root)) == expected[name]
+        results[name] = outcome | {"equal": equal, "undisturbed_seconds": seconds[name]}
         print(f"[multinode] {name}: {results[name]}", file=sys.stderr, flush=True)
     (work / "outcomes.json").write_text(json.dumps(results))
     ray.shutdown()
