@@ -195,7 +195,15 @@ def ray_cluster():
     # as on a cluster whose nodes have it (test_secrets.py searches everything for it).
     os.environ.setdefault(JUDGE_KEY_ENV, "sk-judge-b7d24e61")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": a cluster of its own, even where Ray's address file names another (the
+        # multi-node test's, or a dead one left by a killed driver).
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -90,14 +90,25 @@ hung, and the driver ends with every thread's stack instead of waiting for the t
 
 @contextlib.contextmanager
 def deadline(what: str) -> Iterator[None]:
-    """Say what runs now; end this process with every thread's stack if it outlasts
-    ``STEP_SECONDS``."""
+    """Say what runs now; if it outlasts ``STEP_SECONDS``, print every thread's stack, take
+    the cluster down and end this process."""
     print(f"[multinode] {what}", file=sys.stderr, flush=True)
-    faulthandler.dump_traceback_later(STEP_SECONDS, exit=True)
+    timer = threading.Timer(STEP_SECONDS, _hung, (what,))
+    timer.daemon = True
+    timer.start()
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        timer.cancel()
+
+
+def _hung(what: str) -> None:
+    print(f"[multinode] {what}: hung for {STEP_SECONDS} s", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(all_threads=True)
+    # Its processes would die with this one, but the address file Ray keeps for the last
+    # cluster started would send the next plain ray.init() on this machine to a dead head.
+    NodeLoss.cluster.shutdown()
+    os._exit(1)
 
 
 def disturbed(job: Callable[[], Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from deltalake import write_deltalake
 
 from pipelines import jobs
 from pipelines.core.actor_pool import in_blocks_of
@@ -248,6 +249,46 @@ def test_a_small_set_tokenised_by_the_driver_equals_the_actor_pipeline(
         sides = (rows["chosen_ids"][i], rows["rejected_ids"][i])
         as_stored = (unflipped["chosen_ids"][i], unflipped["rejected_ids"][i])
         assert sides == (as_stored[::-1] if key in swapped else as_stored)
+
+
+def test_null_nan_or_negative_weights_of_selected_pairs_are_refused_before_training(
+    config, hh_lake, encoder_rm, tmp_path
+):
+    """Weights and margins come from any numeric column of the training table: a selected
+    pair's bad value is a ``SelectionError`` naming the option, the count and a pair; the same
+    value on a pair outside the selection does not matter."""
+    training = _train_config(config, encoder_rm, tmp_path)
+    pairs = hh_lake.read("pairs", columns=["source", "pair_id", "history", "chosen", "rejected"])
+    pairs = pairs.sort_by("pair_id")
+    n = pairs.num_rows
+    weights = [1.0] * n
+    weights[0], weights[1], weights[-1] = None, float("nan"), -2.0  # ids '00..', then 'ff..'
+    table = pairs.append_column("weight", pa.array(weights, pa.float64()))
+    table = table.append_column("margin", pa.array([None] + [0.5] * (n - 1), pa.float32()))
+    table = table.append_column("label", pa.array(["x"] * n))
+    write_deltalake(hh_lake.uri("weighted"), table)
+    training.data.table, training.data.validation_fraction = "weighted", 0.0
+
+    def check(where: str, **columns: str) -> None:
+        data_config = training.data.model_copy(update={"where": where, **columns})
+        selection = training_selection(hh_lake, data_config)
+        tokenized_pairs(
+            hh_lake, selection, selection.train, training.model_copy(update={"data": data_config})
+        )
+
+    with pytest.raises(
+        SelectionError,
+        match=r"weight_column 'weight': 2 selected pair\(s\) of "
+        r"weighted v0 are null or NaN or negative there \(e\.g\. hh/",
+    ):
+        check(FEW, weight_column="weight")
+    with pytest.raises(SelectionError, match=r"1 selected pair\(s\) .* negative there"):
+        check("pair_id > 'f0'", weight_column="weight")
+    with pytest.raises(SelectionError, match=r"margin_column 'margin': 1 selected .* null or NaN"):
+        check(FEW, margin_column="margin")
+    with pytest.raises(SelectionError, match="margin_column 'label' is string, not a number"):
+        check(FEW, margin_column="label")
+    check("pair_id > '02' AND pair_id < '04'", weight_column="weight", margin_column="margin")
 
 
 def test_bad_backbone_is_a_clear_error(config, hh_lake, tmp_path):

@@ -98,8 +98,8 @@ def in_blocks_of(dataset: ray.data.Dataset, rows: int, num_cpus: float) -> ray.d
 REQUEST_BLOCK_CPUS = 0.25
 """CPUs per task that reads a stage's pairs and cuts them into request blocks (the actors hold
 the rest). A whole CPU would wait for ever where the actors leave less than one on every node
-(two 0.5-CPU actors on two 1-CPU nodes, the third lost): at 1.0 the node-loss test's judge job
-hangs on two such nodes (tests/multinode_faults.py, docs/reliability.md)."""
+(two 0.5-CPU actors on two 1-CPU nodes, the third lost): at 1.0 the node-loss test hung in 2 of
+3 runs, on two such nodes (tests/multinode_faults.py, docs/reliability.md)."""
 
 
 @dataclass(frozen=True)

@@ -268,9 +268,11 @@ class TrainingDataConfig(_Section):
     curated_only: bool = False
     """Keep only pairs whose ``curation_status`` is ``kept`` (after dedup and decontamination)."""
     weight_column: str | None = None
-    """Per-pair loss weight column of ``table`` (default: every pair weighs 1)."""
+    """Per-pair loss weight column of ``table`` (default: every pair weighs 1): numbers of at
+    least 0; a selected pair's null, NaN or negative weight is refused before training."""
     margin_column: str | None = None
-    """Per-pair margin column of ``table`` for the margin loss (default: no margin)."""
+    """Per-pair margin column of ``table`` for the margin loss (default: no margin): numbers;
+    a selected pair's null or NaN margin is refused before training."""
     validation_where: str | None = None
     """SQL predicate selecting the validation (gold) pairs; they are removed from training."""
     validation_fraction: float = Field(default=0.0, ge=0, lt=1)

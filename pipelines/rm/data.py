@@ -227,10 +227,7 @@ class PairTokenizer:
     def _column(batch: pa.Table, name: str | None, default: float) -> pa.Array:
         if name is None:
             return pa.array(np.full(batch.num_rows, default, np.float32))
-        values = batch[name].cast(pa.float32())
-        if values.null_count:
-            raise ValueError(f"column {name!r} has {values.null_count} nulls in the training set")
-        return values.combine_chunks()
+        return batch[name].cast(pa.float32()).combine_chunks()  # checked by _check_values
 
 
 def tokenized_pairs(
@@ -247,6 +244,7 @@ def tokenized_pairs(
     missing = [c for c in [*KEYS, *TEXT_COLUMNS, *extra] if c not in schema.names]
     if missing:
         raise SelectionError(f"training table {selection.table} has no column(s) {missing}")
+    _check_values(lake, selection, keys, training.data, schema)
     columns = [*KEYS, *TEXT_COLUMNS, *extra]
     rows = lake.dataset(selection.table, selection.version, columns, keys=keys, read_cpus=DATA_CPUS)
     flipped = row_keys(selection.flipped["source"], selection.flipped["pair_id"])
@@ -262,6 +260,38 @@ def tokenized_pairs(
     }
     tokenized = rows.map_batches(PairTokenizer, fn_constructor_args=(training, flipped), **options)
     return tokenized if block_rows is None else in_blocks_of(tokenized, block_rows, DATA_CPUS)
+
+
+def _check_values(
+    lake: Lake,
+    selection: TrainingSelection,
+    keys: pa.Table,
+    data: TrainingDataConfig,
+    schema: pa.Schema,
+) -> None:
+    """The selected pairs' weights are numbers of at least 0 and their margins numbers: a null,
+    NaN or negative one is refused here, before a worker starts, not in the middle of a run (a
+    negative weight would train the pair the wrong way round)."""
+    for option, negative_allowed in (("weight_column", False), ("margin_column", True)):
+        column = getattr(data, option)
+        if column is None:
+            continue
+        kind = schema.field(column).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise SelectionError(f"training.data.{option} {column!r} is {kind}, not a number")
+        bad = {"null": f'"{column}" IS NULL'}
+        if pa.types.is_floating(kind):
+            bad["NaN"] = f'isnan("{column}")'
+        if not negative_allowed:
+            bad["negative"] = f'"{column}" < 0'
+        rows = lake.read(selection.table, selection.version, KEYS, " OR ".join(bad.values()))
+        rows = rows.join(keys.select(KEYS), KEYS, join_type="inner")
+        if rows.num_rows:
+            raise SelectionError(
+                f"training.data.{option} {column!r}: {rows.num_rows:,} selected pair(s) of "
+                f"{selection.table} v{selection.version} are {' or '.join(bad)} there (e.g. "
+                f"{rows['source'][0]}/{rows['pair_id'][0]})"
+            )
 
 
 def _tokenized_here(
