@@ -2,10 +2,14 @@
 through the REST API as their clients do, the answers pulled into label_events with agreement
 numbers checked by hand; the file route for vendors; clear errors for bad setups and files."""
 
+import contextlib
 import gzip
+import http.server
 import json
 import re
 import shutil
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
@@ -22,6 +26,7 @@ from pipelines.ingest.job import IngestRequest
 from pipelines.labels import review
 from pipelines.labels.agreement import fleiss
 from pipelines.labels.review import (
+    LabelStudio,
     ReviewError,
     open_tasks,
     pull_annotations,
@@ -343,6 +348,17 @@ def test_server_problems_are_review_errors_that_say_what_to_check(
             Lake(config.lake.root), config.model_copy(update={"review": review}), "run"
         )
 
+    with (
+        LabelStudio(review) as server,
+        pytest.raises(ReviewError, match="GET /api/projects/987654/export failed with 404"),
+    ):
+        server.call("GET", "/api/projects/987654/export")
+    with (
+        _html_server() as not_label_studio,
+        pytest.raises(ReviewError, match="with text/html, not Label Studio's JSON: is review.url"),
+    ):
+        open_tasks(ReviewConfig(url=not_label_studio))
+
     down = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ReviewError, match=re.escape(f"Label Studio at {down} did not answer")):
         open_tasks(ReviewConfig(url=down, timeout_s=5))
@@ -350,6 +366,32 @@ def test_server_problems_are_review_errors_that_say_what_to_check(
     result = run("review", "pull", expect=1)
     assert f"Label Studio at {down} did not answer" in result.output
     assert "Traceback" not in result.output
+
+
+@contextlib.contextmanager
+def _html_server() -> Iterator[str]:
+    """A web server on the loopback that answers every GET with a 200 HTML page (a login page,
+    another app), as a wrong review.url would."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html><body>Sign in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
 
 
 def test_a_file_that_is_not_a_label_studio_export_is_named(config, lake, tmp_path):

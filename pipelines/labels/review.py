@@ -192,7 +192,14 @@ class LabelStudio:
                 f"Label Studio at {self.url}: {method} {path} failed with "
                 f"{response.status_code}: {response.text[:300]}"
             )
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            raise ReviewError(
+                f"{self.url} answered {method} {path} with {kind}, not Label Studio's JSON: is "
+                f"review.url the address of Label Studio? ({response.text[:200]!r})"
+            ) from None
 
     def find_project(self, title: str) -> int | None:
         """The id of the (oldest) project titled exactly ``title``."""
