@@ -1,5 +1,6 @@
 """Reward-model evaluation: each benchmark's own rules, golden numbers, bad inputs, the job."""
 
+import dataclasses
 import json
 
 import mlflow
@@ -16,6 +17,7 @@ from pipelines.rm.evaluation import (
     evaluate,
     file_scores,
     judgebench_correct,
+    judgebench_metrics,
     judgebench_verdicts,
     load_items,
     model_scores,
@@ -81,6 +83,30 @@ def test_rewardbench_strict_accuracy_and_section_weighting():
     assert result.metrics["score"] == pytest.approx((reasoning + 0) / 2)
     constant = {k: ItemScores([1.0], [1.0]) for k in scores}
     assert rewardbench_metrics(items, constant).metrics["score"] == 0
+
+
+def test_judgebench_accuracy_per_category_by_hand():
+    """Sample-weighted accuracy over all items, each category's own, and their plain mean.
+    A tie is a vote each way (B in both orders), so wrong whichever response is better."""
+    jb = [
+        (item("k1", "knowledge"), "A>B", ItemScores([2.0], [1.0])),  # right
+        (item("k2", "knowledge"), "B>A", ItemScores([3.0], [0.0])),  # right
+        (item("k3", "knowledge"), "A>B", ItemScores([0.0], [1.0])),  # wrong
+        (item("m1", "math"), "B>A", ItemScores([2.0], [1.0])),  # right, the better shown as B
+        (item("c1", "coding"), "B>A", ItemScores([1.0], [1.0])),  # a tie: wrong
+        (item("c2", "coding"), "A>B", None),  # published verdicts, B in both orders: wrong
+    ]
+    items = [dataclasses.replace(i, label=label) for i, label, _ in jb]
+    scores = {i.id: s or ItemScores([0.0], [0.0], ["B>A", "B>A"]) for i, _, s in jb}
+    result = judgebench_metrics(items, scores)
+    assert result.categories == [
+        {"category": "coding", "items": 2, "accuracy": 0.0},
+        {"category": "knowledge", "items": 3, "accuracy": pytest.approx(200 / 3)},
+        {"category": "math", "items": 1, "accuracy": 100.0},
+    ]
+    assert result.metrics["accuracy"] == pytest.approx(300 / 6)
+    assert result.metrics["category_mean"] == pytest.approx((0 + 200 / 3 + 100) / 3)
+    assert result.metrics["category.knowledge"] == pytest.approx(200 / 3)
 
 
 def test_best_of_n_needs_the_best_to_beat_every_loser():
