@@ -29,18 +29,23 @@ import yaml
 
 from pipelines import jobs
 from pipelines.core.config import LoopConfig, ReviewConfig, SynprefConfig, load_config
+from pipelines.core.errors import ConfigError, SelectionError
 from pipelines.core.lake import Lake
 from pipelines.ingest.job import IngestRequest
-from pipelines.labels.events import live_events
+from pipelines.labels.events import LabelEvent, live_events, record_events
 from pipelines.labels.sets import SetRef, read_set
 from pipelines.loop.driver import loop_status, plan
-from pipelines.loop.steps import retrieval_k
+from pipelines.loop.stage1 import iteration_sets, seed_review
+from pipelines.loop.state import LoopState
+from pipelines.loop.steps import LoopRun, retrieval_k
+from storage_schemas import PAIRS
 from tests.conftest import (
     HH_HARMLESS,
     REPO,
     RM_BENCH,
     first_items,
     local_stores,
+    pairs_rows,
     scripted_judge,
     shared_data,
 )
@@ -351,3 +356,34 @@ def paused_project(server) -> int:
     ).json()
     found = projects["results"] if isinstance(projects, dict) else projects
     return next(p["id"] for p in found if p["title"] == "loop with people")
+
+
+def test_stage1_says_what_it_lacks(config, lake):
+    """Stage 1's sets, from pairs written by hand: no human-labelled pairs, no gold pair after
+    a review in which people decided nothing, and no training pairs without a seed set, each
+    an error that names what to change."""
+    lake.append(PAIRS, pairs_rows(range(12), source="web"))
+    loop = config.loop.model_copy(
+        update={"human_sources": ["hh"], "curated_only": False, "seed_gold": 4}
+    )
+
+    def run() -> LoopRun:
+        current = config.model_copy(update={"loop": loop})
+        return LoopRun(current, lake, LoopState(lake, loop.name), "run", lake.version("pairs"))
+
+    with pytest.raises(SelectionError, match=r"no unverified pairs: loop.human_sources \['hh'\]"):
+        seed_review(run())
+
+    loop.human_sources = ["web"]
+    sent = seed_review(run())["keys"]
+    unsure = [
+        LabelEvent(source, pair_id, "unsure", "human", "someone", "review-1")
+        for source, pair_id in sent
+    ]
+    record_events(lake, unsure, "run")
+    with pytest.raises(SelectionError, match="no gold pairs: people decided none"):
+        iteration_sets(run(), 0)
+
+    record_events(lake, [LabelEvent(*sent[0], "keep", "human", "someone", "review-2")], "run")
+    with pytest.raises(ConfigError, match="nothing to train on: D_silver is empty.*seed_set"):
+        iteration_sets(run(), 0)
