@@ -1,21 +1,21 @@
 """A worker node lost in the middle of a job, on a multi-node cluster of this machine
 (``ray.cluster_utils.Cluster``: a head with no CPUs and two, then three, 1-CPU workers with
-small object stores). Run by tests/test_multinode.py as a process of its own, since a driver joins one
-cluster only:
+small object stores). Run by tests/test_multinode.py as a process of its own, since a driver
+joins one cluster only:
 
     python -m tests.multinode_faults WORK_DIR MODEL_FOLDER JUDGE_URL
 
 Each job (ingest, dedup, scoring with a real model, judging on the scripted server) runs once
-undisturbed into one lake, on two worker nodes: the layout a node loss leaves, where each
-pool of two 0.5-CPU actors holds half of every node's CPU and a whole-CPU task could never be
+undisturbed into one lake, on two worker nodes: the layout a node loss leaves, where a pool of
+two 0.5-CPU actors usually holds half of each node's CPU and a whole-CPU task could never be
 scheduled (such a task hung a judge job once). A third node joins; then each job runs into a
 second lake while a worker node is removed with its processes killed (no graceful drain) part
 way through the job's Ray stage; the job goes on with the two nodes left (a fresh node joins
 only after it, as KubeRay's autoscaler would replace the pod, for the next job). A job that
-fails is run again. Writes to
-WORK_DIR/outcomes.json (stdout carries Ray's own lines too), per job: whether the node went while the job's stage ran, whether the job completed
-despite it (or the error it failed with), and whether the second lake's tables equal the first's
-(run ids, times and versions left out).
+fails is run again. Writes to WORK_DIR/outcomes.json (stdout carries Ray's own lines too), per
+job: whether the node went while the job's stage ran, whether the job completed despite it (or
+the error it failed with), and whether the second lake's tables equal the first's (run ids,
+times and versions left out).
 """
 
 from __future__ import annotations
