@@ -78,6 +78,7 @@ def on_pool(
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
+        resources=pool.resources or None,
     )
 
 
@@ -98,8 +99,8 @@ def in_blocks_of(dataset: ray.data.Dataset, rows: int, num_cpus: float) -> ray.d
 REQUEST_BLOCK_CPUS = 0.25
 """CPUs per task that reads a stage's pairs and cuts them into request blocks (the actors hold
 the rest). A whole CPU would wait for ever where the actors leave less than one on every node
-(two 0.5-CPU actors on two 1-CPU nodes, the third lost): at 1.0 the node-loss test hung in 2 of
-3 runs, on two such nodes (tests/multinode_faults.py, docs/reliability.md)."""
+(two 0.5-CPU actors on two 1-CPU nodes, the third lost): at 1.0 the node-loss test hangs on two
+such nodes (tests/multinode_faults.py, docs/reliability.md)."""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class ActorPoolConfig(_Section):
     """CPUs per actor; every pool of a job together must leave CPUs for reading the pairs."""
     num_gpus: float = Field(default=0, ge=0, json_schema_extra=OPERATIONAL)
     """GPUs per actor (the model moves to ``cuda`` when > 0; with ``vllm``: tensor_parallel)."""
+    resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=OPERATIONAL)
+    """Custom Ray resources per actor, e.g. ``{judge_slot: 1}`` where only a worker group's
+    nodes declare ``judge_slot`` (``rayStartParams.resources``): keeps the pool on those nodes,
+    or one actor per node."""
     merge_every_s: float = Field(default=30.0, ge=0, json_schema_extra=OPERATIONAL)
     """Finished blocks are merged into the output table at most this often (and at the end):
     a crash loses at most what was computed since. Each merge is a Delta commit."""
