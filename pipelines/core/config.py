@@ -795,7 +795,7 @@ def describe(model: BaseModel, prefix: str = "") -> list[str]:
             for i, item in enumerate(value):
                 lines += [f"{key}[{i}]:", *describe(item, f"{key}[{i}].")]
         elif isinstance(value, dict):
-            lines.append(f"{key}: {json.dumps(masked(value))}")
+            lines.append(f"{key}: {json.dumps(masked(value))}{mark}")
         else:
             lines.append(f"{key}: {json.dumps(value)}{mark}")
     return lines
