@@ -24,7 +24,7 @@ import ray
 
 from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, parse_attributes
-from pipelines.core.config import DEFAULT_JUDGE_MODEL, JudgeConfig, LLMConfig
+from pipelines.core.config import DEFAULT_JUDGE_MODEL, GoldConfig, JudgeConfig, LLMConfig
 from pipelines.core.errors import ConfigError
 from pipelines.ingest.job import IngestRequest
 from pipelines.judging.actor import request_rows
@@ -46,7 +46,7 @@ from pipelines.llm.backends import (
     prompt_limit,
     resolve_llm,
 )
-from pipelines.llm.retrieval import SimilarityIndex
+from pipelines.llm.retrieval import Embedder, SimilarityIndex
 from tests.conftest import (
     HH_HARMLESS,
     JUDGEBENCH,
@@ -245,6 +245,24 @@ def test_gold_retrieval_ranks_by_similarity_and_never_returns_the_pair_itself():
     index = SimilarityIndex([{"pair_id": p} for p in ("g0", "g1", "g2")], vectors)
     assert index.nearest(vectors[:1], 2, exclude=["g0"]) == [[1, 2]]
     assert index.nearest(vectors[2:], 1) == [[2]]
+
+
+def test_an_embedder_embeds_each_text_once_per_process_and_gives_what_it_gave_before():
+    """The loop embeds its gold and pool prompts again in every iteration: the second time
+    comes from the process's memo (the real MiniLM), the same vectors, in the order asked."""
+    model = GoldConfig().embedder
+    texts = ["How do I bake bread?", "Tell me about Paris.", "How do I bake bread?"]
+    first = Embedder(model)(texts)
+    memo = Embedder(model).memo
+    assert first.shape == (3, 384) and np.array_equal(first[0], first[2])
+    assert np.linalg.norm(first, axis=1) == pytest.approx(1.0, abs=1e-5)
+    size = len(memo)
+    again = Embedder(model)(["Tell me about Paris.", "A new question?", *texts])
+    assert len(memo) == size + 1, "only the new text was embedded"
+    assert np.array_equal(again[2:], first) and np.array_equal(again[0], first[1])
+    alone = Embedder(model).model.encode(["A new question?"], normalize_embeddings=True)
+    assert again[1] == pytest.approx(alone[0], abs=1e-5)
+    assert Embedder(model)([]).shape == (0, 384)
 
 
 # ------------------------------------------------------------------ hf backend, whole job

@@ -81,7 +81,7 @@ def hh_sources(tmp_path_factory) -> Path:
     return folder
 
 
-def loop_config(folder: Path, judge_url: str) -> dict:
+def loop_config(folder: Path, judge_url: str, backbone: str) -> dict:
     """The loop's whole configuration (a YAML mapping, so a subprocess can read it). The final
     models are evaluated on RM-Bench chat's first 30 items (the whole file is test_evaluation's)."""
     rmbench = shared_data(RM_BENCH / "chat_filtered.json")
@@ -92,9 +92,10 @@ def loop_config(folder: Path, judge_url: str) -> dict:
         **local_stores(folder),
         "training": {
             # Ray Train's local mode (its workers: test_training.py, test_journey.py): no
-            # worker processes to start, the same model in every run, two torch threads. 32
-            # tokens: what is tested is what the loop decides and records, not what its models
-            # learn.
+            # worker processes to start, the same model in every run, two torch threads. A tiny
+            # decoder reading 32 tokens: what is tested is what the loop decides and records,
+            # not what its models learn (MiniLM on the defaults: test_journey.py).
+            "backbone": backbone,
             "workers": 0,
             "cpus_per_worker": 1.5,
             "max_length": 32,
@@ -119,9 +120,11 @@ def loop_config(folder: Path, judge_url: str) -> dict:
     }
 
 
-def prepared(folder: Path, sources: Path, judge_url: str, **loop: object) -> SynprefConfig:
+def prepared(
+    folder: Path, sources: Path, judge_url: str, backbone: str, **loop: object
+) -> SynprefConfig:
     """A lake with both sources ingested and deduplicated, and the loop's config."""
-    values = loop_config(folder, judge_url)
+    values = loop_config(folder, judge_url, backbone)
     values["loop"] |= loop
     folder.mkdir(exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(values))
@@ -134,9 +137,10 @@ def prepared(folder: Path, sources: Path, judge_url: str, **loop: object) -> Syn
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, hh_sources, scripted_server_url, ray_cluster):
+def finished(tmp_path_factory, hh_sources, scripted_server_url, decoder_rm, ray_cluster):
     """The loop run as a user runs it, from an ingested and deduplicated lake."""
-    config = prepared(tmp_path_factory.mktemp("loop"), hh_sources, scripted_server_url)
+    folder = tmp_path_factory.mktemp("loop")
+    config = prepared(folder, hh_sources, scripted_server_url, decoder_rm)
     return config, jobs.loop(config)
 
 
@@ -270,14 +274,14 @@ def test_the_loop_runs_stage1_stage2_and_the_final_models(finished):
 
 
 def test_a_loop_killed_as_it_trains_resumes_to_what_an_uninterrupted_run_decides(
-    tmp_path, hh_sources, scripted_server_url, finished
+    tmp_path, hh_sources, scripted_server_url, decoder_rm, finished
 ):
     """The driver SIGKILLed while iteration 1 trains; the resumed run redoes that step, then
     each step left, once, and ends with the decisions the uninterrupted loop (``finished``, the
     same configuration) made up to the end of iteration 1. One Stage 1 iteration, no Stage 2
     and no final models: the kill and everything it could change are in that iteration."""
     short = {"iterations": 1, "stage2": False, "final": False}
-    killed = prepared(tmp_path / "killed", hh_sources, scripted_server_url, **short)
+    killed = prepared(tmp_path / "killed", hh_sources, scripted_server_url, decoder_rm, **short)
     committed = _killed_in(killed, tmp_path / "killed", "loop-s1-1-train")
     summary = jobs.loop(killed, resume=True).summary
     assert summary.status == "finished" and summary.steps_done == summary.steps_total

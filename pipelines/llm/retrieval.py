@@ -11,6 +11,8 @@ by cosine, never the query pair itself.
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,30 +26,49 @@ from pipelines.core.model_paths import resolve_model
 from pipelines.core.text import prompt_text
 from storage_schemas import PAIRS
 
+MEMO_TEXTS = 50_000
+"""Embeddings a process keeps, per model (MiniLM's 384 floats: about 80 MB): the loop embeds
+the same gold and pool prompts in every iteration, and each judge job its gold set again."""
+
 
 class Embedder:
-    """A sentence-transformers model (offline MiniLM by default), normalised embeddings."""
+    """A sentence-transformers model (offline MiniLM by default), normalised embeddings; a text
+    embedded before in this process (by any ``Embedder`` of the model) is not embedded again."""
 
     def __init__(self, model: str, batch_size: int = 64) -> None:
-        self.model = _sentence_transformer(resolve_model(model))
+        self.model, self.memo = _sentence_transformer(resolve_model(model))
         self.batch_size = batch_size
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        return self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        ).astype(np.float32)
+        keys = [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts]
+        found = {k: self.memo[k] for k in keys if k in self.memo}
+        for k in found:
+            self.memo.move_to_end(k)
+        new = {k: t for k, t in zip(keys, texts, strict=True) if k not in found}
+        if new:
+            vectors = self.model.encode(
+                list(new.values()),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
+            found.update(zip(new, vectors, strict=True))
+            self.memo.update(zip(new, vectors, strict=True))
+            while len(self.memo) > MEMO_TEXTS:
+                self.memo.popitem(last=False)
+        if not keys:
+            return np.empty((0, self.model.get_sentence_embedding_dimension()), np.float32)
+        return np.stack([found[k] for k in keys])
 
 
 @functools.lru_cache(maxsize=2)
-def _sentence_transformer(path: str) -> Any:
-    """Loaded once per process: a judge job builds its gold index and, for a small set, finds
-    each pair's examples in the same process, and the loop's driver judges every iteration."""
+def _sentence_transformer(path: str) -> tuple[Any, OrderedDict[bytes, np.ndarray]]:
+    """The model, loaded once per process (a judge job builds its gold index and, for a small
+    set, finds each pair's examples in the same process; the loop's driver judges every
+    iteration), and its memo of embeddings by text digest, least recently used first."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(path, device="cpu")
+    return SentenceTransformer(path, device="cpu"), OrderedDict()
 
 
 @dataclass(frozen=True)
