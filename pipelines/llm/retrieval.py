@@ -57,7 +57,7 @@ class Embedder:
             while len(self.memo) > MEMO_TEXTS:
                 self.memo.popitem(last=False)
         if not keys:
-            return np.empty((0, self.model.get_sentence_embedding_dimension()), np.float32)
+            return np.empty((0, self.model.get_embedding_dimension()), np.float32)
         return np.stack([found[k] for k in keys])
 
 
