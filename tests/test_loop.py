@@ -93,7 +93,7 @@ def loop_config(folder: Path, judge_url: str, backbone: str) -> dict:
         "training": {
             # Ray Train's local mode (its workers: test_training.py, test_journey.py): no
             # worker processes to start, the same model in every run, two torch threads. A tiny
-            # decoder reading 32 tokens: what is tested is what the loop decides and records,
+            # encoder reading 32 tokens: what is tested is what the loop decides and records,
             # not what its models learn (MiniLM on the defaults: test_journey.py).
             "backbone": backbone,
             "workers": 0,
@@ -137,10 +137,10 @@ def prepared(
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, hh_sources, scripted_server_url, decoder_rm, ray_cluster):
+def finished(tmp_path_factory, hh_sources, scripted_server_url, tiny_encoder_rm, ray_cluster):
     """The loop run as a user runs it, from an ingested and deduplicated lake."""
     folder = tmp_path_factory.mktemp("loop")
-    config = prepared(folder, hh_sources, scripted_server_url, decoder_rm)
+    config = prepared(folder, hh_sources, scripted_server_url, tiny_encoder_rm)
     return config, jobs.loop(config)
 
 
@@ -274,14 +274,16 @@ def test_the_loop_runs_stage1_stage2_and_the_final_models(finished):
 
 
 def test_a_loop_killed_as_it_trains_resumes_to_what_an_uninterrupted_run_decides(
-    tmp_path, hh_sources, scripted_server_url, decoder_rm, finished
+    tmp_path, hh_sources, scripted_server_url, tiny_encoder_rm, finished
 ):
     """The driver SIGKILLed while iteration 1 trains; the resumed run redoes that step, then
     each step left, once, and ends with the decisions the uninterrupted loop (``finished``, the
     same configuration) made up to the end of iteration 1. One Stage 1 iteration, no Stage 2
     and no final models: the kill and everything it could change are in that iteration."""
     short = {"iterations": 1, "stage2": False, "final": False}
-    killed = prepared(tmp_path / "killed", hh_sources, scripted_server_url, decoder_rm, **short)
+    killed = prepared(
+        tmp_path / "killed", hh_sources, scripted_server_url, tiny_encoder_rm, **short
+    )
     committed = _killed_in(killed, tmp_path / "killed", "loop-s1-1-train")
     summary = jobs.loop(killed, resume=True).summary
     assert summary.status == "finished" and summary.steps_done == summary.steps_total

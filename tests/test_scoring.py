@@ -8,22 +8,20 @@ import numpy as np
 import pytest
 
 from pipelines import jobs
-from pipelines.ingest.job import IngestRequest
 from pipelines.rm.model import RewardModel, encode, pair_conversations, sigmoid
-from tests.conftest import HH_HARMLESS, shared_data
+from tests.conftest import HH_HARMLESS
 
 FEW = "pair_id < '0c'"  # about 1/20 of HH's pairs (ids are hex digests)
 MORE = "pair_id < '18'"
 
 
 def test_scoring_is_incremental_idempotent_and_matches_the_model(
-    config, lake, ray_cluster, encoder_rm, caplog
+    config, ingested, lake, ray_cluster, encoder_rm, caplog
 ):
     """A set scored on the actor pool, then the rest of a wider one in this process (a small
     set): every score is the model's own."""
     caplog.set_level(logging.INFO, logger="pipelines")
-    hh = shared_data(HH_HARMLESS)
-    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
+    ingested(config, hh=HH_HARMLESS)
     config.scoring.max_length = 128
     config.scoring.on_driver_max = 0  # the actor pool
     first = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
@@ -62,9 +60,8 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
     }
 
 
-def test_a_second_model_scores_the_same_pairs_separately(config, lake, ray_cluster):
-    hh = shared_data(HH_HARMLESS)
-    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
+def test_a_second_model_scores_the_same_pairs_separately(config, ingested, lake, ray_cluster):
+    ingested(config, hh=HH_HARMLESS)
     result = jobs.score(config, "heuristic:length", where=FEW).as_dict()
     assert result["scored"] == lake.count("pairs", where=FEW)
     rows = lake.read("rm_scores", columns=["r_chosen", "model_name"]).to_pylist()
@@ -72,9 +69,8 @@ def test_a_second_model_scores_the_same_pairs_separately(config, lake, ray_clust
     assert all(r["r_chosen"] >= 1 for r in rows), "the length of a non-empty response"
 
 
-def test_bad_selection_is_a_clear_error(config, lake, ray_cluster):
-    hh = shared_data(HH_HARMLESS)
-    jobs.ingest(config, IngestRequest(paths=[str(hh)], source="hh")).as_dict()
+def test_bad_selection_is_a_clear_error(config, ingested, lake, ray_cluster):
+    ingested(config, hh=HH_HARMLESS)
     with pytest.raises(ValueError, match="not a SQL predicate on pairs"):
         jobs.score(config, "heuristic:length", where="no_such_column = 1").as_dict()
     config.scoring.actors = 2  # 2 x 1 CPU on the 2-CPU test cluster: reads would starve

@@ -27,7 +27,6 @@ from pipelines.core.batching import length_batches
 from pipelines.core.config import ConfigError, load_config
 from pipelines.core.errors import SelectionError
 from pipelines.core.model_paths import dequantized
-from pipelines.ingest.job import IngestRequest
 from pipelines.rm import data
 from pipelines.rm import training as training_module
 from pipelines.rm.data import row_keys, tokenized_pairs, training_selection
@@ -40,7 +39,7 @@ from pipelines.rm.model import (
     without_dropout,
 )
 from pipelines.rm.training import OPTIMIZER_FILE, SEEN_FILE, TrainState, length_grouped_steps
-from tests.conftest import HH_HARMLESS, shared_data, smollm2_gguf
+from tests.conftest import HH_HARMLESS, smollm2_gguf
 
 FEW = "pair_id < '10'"  # about 1/16 of HH's 2,312 pairs (ids are hex digests)
 
@@ -157,8 +156,8 @@ def test_training_without_dropout_is_deterministic(encoder_rm):
 
 
 @pytest.fixture
-def hh_lake(config, lake, ray_cluster):
-    jobs.ingest(config, IngestRequest(paths=[str(shared_data(HH_HARMLESS))], source="hh")).as_dict()
+def hh_lake(config, lake, ingested):
+    ingested(config, hh=HH_HARMLESS)
     return lake
 
 
