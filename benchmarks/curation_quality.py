@@ -544,11 +544,13 @@ def summarise(
         observed = float(np.mean(correct["curated"]) - both)
         low, high = np.percentile(boot["curated"] - midpoint, [2.5, 97.5])
         differences["curated-midpoint(noisy, clean)"] = (observed, float(low), float(high))
+        # Where clean is no better than noisy (here or in a resample) there is no gap to close.
         gap = np.mean(correct["clean"]) - np.mean(correct["noisy"])
-        closed = (np.mean(correct["curated"]) - np.mean(correct["noisy"])) / gap
+        closed = (
+            (np.mean(correct["curated"]) - np.mean(correct["noisy"])) / gap if gap > 0 else math.nan
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             boot_closed = (boot["curated"] - boot["noisy"]) / (boot["clean"] - boot["noisy"])
-        # A resample where clean is no better than noisy has no gap to close.
         with_gap = boot_closed[boot["clean"] > boot["noisy"]]
         low, high = np.percentile(with_gap, [2.5, 97.5]) if with_gap.size else (math.nan,) * 2
         detection = [flip_detection(s["stage2"]) for s in mine]

@@ -21,12 +21,17 @@ import curation_quality
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def test_every_injected_flip_is_kept_recycled_or_discarded_once(tmp_path, ray_cluster, monkeypatch):
+def test_every_injected_flip_is_kept_recycled_or_discarded_once(
+    tmp_path, ray_cluster, monkeypatch, tiny_encoder_rm
+):
     shared_data(HH_HARMLESS)
     # Ray Train's local mode with two threads (SYNPREF_* settings apply to every config the
-    # benchmark loads): its seven trainings start no worker processes.
+    # benchmark loads): its seven trainings start no worker processes. The "minilm" arm's
+    # backbone is a tiny BERT with MiniLM's tokenizer: what is tested is the accounting, and
+    # MiniLM's forward and backward passes were most of this test's CPU.
     monkeypatch.setenv("SYNPREF_TRAINING__WORKERS", "0")
     monkeypatch.setenv("SYNPREF_TRAINING__CPUS_PER_WORKER", "1.5")
+    monkeypatch.setenv("SYNPREF_TRAINING__BACKBONE", tiny_encoder_rm)
     experiment = curation_quality.Experiment(
         test=40,
         gold=40,

@@ -16,26 +16,27 @@ MORE = "pair_id < '18'"
 
 
 def test_scoring_is_incremental_idempotent_and_matches_the_model(
-    config, ingested, lake, ray_cluster, encoder_rm, caplog
+    config, ingested, lake, ray_cluster, tiny_encoder_rm, caplog
 ):
     """A set scored on the actor pool, then the rest of a wider one in this process (a small
-    set): every score is the model's own."""
+    set): every score is the model's own (a tiny encoder's; MiniLM's: test_journey.py and
+    test_evaluation.py)."""
     caplog.set_level(logging.INFO, logger="pipelines")
     ingested(config, hh=HH_HARMLESS)
     config.scoring.max_length = 128
     config.scoring.on_driver_max = 0  # the actor pool
-    first = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
+    first = jobs.score(config, tiny_encoder_rm, model_name="tiny-rm", where=FEW).as_dict()
     selected = lake.count("pairs", where=FEW)
     assert first["scored"] == first["selected"] == selected > 50
     assert lake.count("rm_scores") == selected
     assert "computed in this process" not in caplog.text
 
-    again = jobs.score(config, encoder_rm, model_name="minilm-rm", where=FEW).as_dict()
+    again = jobs.score(config, tiny_encoder_rm, model_name="tiny-rm", where=FEW).as_dict()
     assert (again["scored"], again["already_scored"]) == (0, selected)
     assert again["rm_scores_version"] is None, "nothing new: no commit"
 
     config.scoring.on_driver_max = 1024
-    wider = jobs.score(config, encoder_rm, model_name="minilm-rm", where=MORE).as_dict()
+    wider = jobs.score(config, tiny_encoder_rm, model_name="tiny-rm", where=MORE).as_dict()
     assert "[score] a small set: computed in this process" in caplog.text
     assert wider["already_scored"] == selected
     assert lake.count("rm_scores") == wider["selected"] == selected + wider["scored"]
@@ -46,7 +47,7 @@ def test_scoring_is_incremental_idempotent_and_matches_the_model(
     r_r = np.array([r["r_rejected"] for r in rows])
     assert np.allclose([r["p"] for r in rows], sigmoid(r_c - r_r))
     pairs = lake.read("pairs", where=MORE).sort_by("pair_id")
-    direct = RewardModel(encoder_rm, max_length=128).score(
+    direct = RewardModel(tiny_encoder_rm, max_length=128).score(
         pair_conversations(*(pairs[c].to_pylist() for c in ("history", "chosen", "rejected")))
     )
     assert [r["pair_id"] for r in rows] == pairs["pair_id"].to_pylist()

@@ -398,12 +398,13 @@ def test_fsdp_without_gpus_is_a_config_error():
 
 
 def test_local_mode_trains_what_one_worker_trains_keeps_checkpoints_alike_and_resumes(
-    config, hh_lake, encoder_rm, tmp_path, monkeypatch
+    config, hh_lake, tiny_encoder_rm, tmp_path, monkeypatch
 ):
     """``workers: 0`` (Ray Train's local mode, in this process) gives the model one Ray Train
     worker with as many threads gives; its checkpoints are kept and pruned alike; a run that
-    failed mid-way resumes from its last checkpoint, and a finished one trains nothing."""
-    training = _train_config(config, encoder_rm, tmp_path)
+    failed mid-way resumes from its last checkpoint, and a finished one trains nothing. (A
+    tiny encoder: MiniLM on the defaults is test_journey.py's.)"""
+    training = _train_config(config, tiny_encoder_rm, tmp_path)
     training.data.where = "pair_id < '04'"  # about 35 pairs: 4 steps of 8
     training.max_length, training.global_batch = 64, 8
     training.checkpoint_every = training.validate_every = 2
