@@ -119,13 +119,14 @@ def tracking_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def _config(folder: Path, tracking: dict, workers: int) -> SynprefConfig:
+def _config(folder: Path, tracking: dict, workers: int, backbone: str) -> SynprefConfig:
     return load_config(
         None,
         {
             "lake": {"root": str(folder / "lake")},
             "tracking": tracking,
             "training": {
+                "backbone": backbone,
                 "workers": workers,
                 "cpus_per_worker": 1.5,
                 "max_length": 32,
@@ -177,7 +178,7 @@ def _record(tracking_uri: str, runs: dict[str, str]) -> dict[str, dict]:
 
 
 def test_jobs_log_to_a_tracking_server_as_they_do_to_sqlite(
-    tracking_server, s3_endpoint, ray_cluster, tmp_path, monkeypatch
+    tracking_server, s3_endpoint, ray_cluster, tmp_path, monkeypatch, tiny_encoder_rm
 ):
     with gzip.open(shared_data(HH_HARMLESS), "rt") as source:
         hh_lines = source.read().splitlines()[:400]
@@ -186,12 +187,13 @@ def test_jobs_log_to_a_tracking_server_as_they_do_to_sqlite(
     rmbench = first_items(shared_data(RM_BENCH / "chat_filtered.json"), tmp_path / "rmb", 10)
 
     # A Ray Train worker logs its steps to the server over HTTP; the sqlite run trains in
-    # local mode (workers 0), whose run must read back the same too.
-    served = _config(tmp_path / "server", {"uri": tracking_server}, workers=1)
+    # local mode (workers 0), whose run must read back the same too. A tiny encoder: what is
+    # tested is what MLflow records, not what the model learns.
+    served = _config(tmp_path / "server", {"uri": tracking_server}, 1, tiny_encoder_rm)
     server_runs, trained = _run_jobs(served, hh, rmbench)
     sqlite_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     sqlite = {"uri": sqlite_uri, "artifact_location": str(tmp_path / "art")}
-    local = _config(tmp_path / "sqlite", sqlite, workers=0)
+    local = _config(tmp_path / "sqlite", sqlite, 0, tiny_encoder_rm)
     sqlite_runs, _ = _run_jobs(local, hh, rmbench)
 
     on_server, on_sqlite = _record(tracking_server, server_runs), _record(sqlite_uri, sqlite_runs)
