@@ -53,7 +53,8 @@ class Embedder:
                 show_progress_bar=False,
             ).astype(np.float32)
             found.update(zip(new, vectors, strict=True))
-            self.memo.update(zip(new, vectors, strict=True))
+            # Rows copied: a view would keep its whole batch alive after the row is evicted.
+            self.memo.update(zip(new, (v.copy() for v in vectors), strict=True))
             while len(self.memo) > MEMO_TEXTS:
                 self.memo.popitem(last=False)
         if not keys:
